@@ -1,0 +1,91 @@
+"""Fixtures: private dbus-daemons (session- and system-type) and the real wqd."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import pytest_asyncio
+
+from support import Client, start_bus, start_wqd
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+def _failed(request) -> bool:
+    rep = getattr(request.node, "rep_call", None)
+    return rep is None or rep.failed
+
+
+@pytest.fixture
+def session_bus(tmp_path):
+    if not shutil.which("dbus-daemon"):
+        pytest.skip("dbus-daemon is not installed")
+    bus = start_bus(tmp_path / "session-bus", "session")
+    yield bus
+    bus.stop()
+
+
+@pytest.fixture
+def system_bus(tmp_path):
+    """A system-type bus with the default deny policy and the shipped wqd policy."""
+    if not shutil.which("dbus-daemon"):
+        pytest.skip("dbus-daemon is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("a system-type bus with clients as other uids needs root")
+    bus = start_bus(tmp_path / "system-bus", "system")
+    yield bus
+    bus.stop()
+
+
+PROC_KEYS_CONFIG = """
+[keys]
+backend = "proc-keys"
+poll_interval = 0.05
+"""
+
+
+@pytest_asyncio.fixture
+async def wqd_factory(tmp_path, request):
+    started = []
+
+    async def start(bus, config: str = PROC_KEYS_CONFIG, name: str = "wqd", **kw):
+        wqd = await start_wqd(bus.address, tmp_path / name, config, **kw)
+        started.append(wqd)
+        return wqd
+
+    yield start
+    for wqd in started:
+        code = wqd.stop()
+        if _failed(request) or code not in (0, -15):
+            print(f"--- wqd log ({wqd.log}) exit {code} ---\n{wqd.log_text()}")
+
+
+@pytest_asyncio.fixture
+async def wqd(session_bus, wqd_factory):
+    return await wqd_factory(session_bus)
+
+
+@pytest_asyncio.fixture
+async def client_factory():
+    clients = []
+
+    async def connect(address: str) -> Client:
+        c = await Client.connect(address)
+        clients.append(c)
+        return c
+
+    yield connect
+    for c in clients:
+        c.close()
+
+
+@pytest_asyncio.fixture
+async def client(wqd, client_factory):
+    return await client_factory(wqd.address)

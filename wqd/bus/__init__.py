@@ -1,0 +1,1 @@
+"""The D-Bus adapter: the only layer that imports dbus-fast."""

@@ -1,0 +1,111 @@
+"""A dbus-fast connection with flow control.
+
+dbus-fast's writer gives up the whole connection when the socket is full
+(``sock.send`` raises ``BlockingIOError`` and the bus is finalised), and it offers
+no way to see how much is waiting. wqd sends bursts of signals, so it replaces the
+writer with one that treats ``EAGAIN`` as "wait until writable" and reports its
+backlog; the emitter pauses at a high-water mark (see ``wqd.bus.emitter``).
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import socket
+
+from dbus_fast import BusType
+from dbus_fast.aio import MessageBus
+from dbus_fast.aio.message_bus import _MessageWriter
+
+log = logging.getLogger(__name__)
+
+
+class FlowControlledWriter(_MessageWriter):
+    def __init__(self, bus: MessageBus) -> None:
+        super().__init__(bus)
+        self.armed = False
+
+    @property
+    def backlog(self) -> int:
+        """Messages not yet fully handed to the kernel."""
+        return len(self.messages) + (self.buf is not None)
+
+    def _arm(self) -> None:
+        if not self.armed:
+            self.loop.add_writer(self.fd, self.write_callback)
+            self.armed = True
+
+    def write_callback(self, remove_writer: bool = True) -> None:
+        sock = self.sock
+        try:
+            while True:
+                if self.buf is None:
+                    if not self.messages:
+                        if self.armed:
+                            self.loop.remove_writer(self.fd)
+                            self.armed = False
+                        return
+                    buf, unix_fds, fut = self.messages.popleft()
+                    self.unix_fds = unix_fds
+                    self.buf = memoryview(buf)
+                    self.offset = 0
+                    self.fut = fut
+                try:
+                    if self.unix_fds and self.negotiate_unix_fd:
+                        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self.unix_fds))]
+                        self.offset += sock.sendmsg([self.buf[self.offset:]], anc)
+                        self.unix_fds = None
+                    else:
+                        self.offset += sock.send(self.buf[self.offset:])
+                except (BlockingIOError, InterruptedError):
+                    self._arm()
+                    return
+                if self.offset < len(self.buf):
+                    self._arm()
+                    return
+                self.buf = None
+                fut, self.fut = self.fut, None
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+        except Exception as exc:
+            fut, self.fut = self.fut, None
+            if fut is not None and not fut.done():
+                if self.bus._user_disconnect:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(exc)
+            self.bus._finalize(exc)
+
+    def schedule_write(self, msg=None, future=None) -> None:
+        if msg is not None:
+            self.buffer_message(msg, future)
+        if self.bus.unique_name and not self.armed:
+            self.write_callback()
+
+
+class FlowControlledBus(MessageBus):
+    """``MessageBus`` whose writer never raises ``BlockingIOError`` and shows its backlog."""
+
+    async def connect(self) -> FlowControlledBus:
+        await super().connect()
+        old = self._writer
+        new = FlowControlledWriter(self)
+        new.messages.extend(old.messages)
+        new.buf, new.offset, new.fut, new.unix_fds = old.buf, old.offset, old.fut, old.unix_fds
+        self._loop.remove_writer(self._fd)
+        self._writer = new
+        if new.backlog:
+            new.write_callback()
+        return self
+
+    @property
+    def backlog(self) -> int:
+        return self._writer.backlog if self._writer is not None else 0
+
+
+async def connect(address: str | None = None, system: bool = False) -> FlowControlledBus:
+    if address:
+        bus = FlowControlledBus(bus_address=address)
+    else:
+        bus = FlowControlledBus(bus_type=BusType.SYSTEM if system else BusType.SESSION)
+    return await bus.connect()

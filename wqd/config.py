@@ -1,0 +1,112 @@
+"""Configuration: TOML, ``--config FILE`` (default /etc/wqd/wqd.conf, optional).
+
+::
+
+    [daemon]
+    queue_length = 1024            # events queued per subscriber before Lost
+    subscriptions_per_peer = 4096
+    subscriptions_total = 65536
+
+    [keys]
+    backend = "auto"               # auto | watch_queue | proc-keys | replay
+    poll_interval = 1.0            # proc-keys, seconds
+    queue_pages = 4                # watch_queue: notification pipe size in pages
+    replay_path = ""               # replay: file or FIFO of kernel-format records
+
+    [policy]
+    plugins = ["unix"]
+    timeout = 5.0                  # seconds a plugin may take to decide a Watch
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_PATH = "/etc/wqd/wqd.conf"
+
+
+class ConfigError(Exception):
+    """A configuration problem, with the file (and where known, the line)."""
+
+
+@dataclass
+class Config:
+    queue_length: int = 1024
+    subscriptions_per_peer: int = 4096
+    subscriptions_total: int = 65536
+    keys_backend: str = "auto"
+    keys_poll_interval: float = 1.0
+    keys_queue_pages: int = 4
+    keys_replay_path: str = ""
+    policy_plugins: list[str] = field(default_factory=lambda: ["unix"])
+    policy_timeout: float = 5.0
+    raw: dict = field(default_factory=dict)
+    path: str | None = None
+
+
+# (section, key) -> (attribute, type, check, what the check wants)
+_SCHEMA = {
+    ("daemon", "queue_length"): ("queue_length", int, lambda v: 2 <= v <= 1_000_000, "2..1000000"),
+    ("daemon", "subscriptions_per_peer"): ("subscriptions_per_peer", int, lambda v: v >= 1, ">= 1"),
+    ("daemon", "subscriptions_total"): ("subscriptions_total", int, lambda v: v >= 1, ">= 1"),
+    ("keys", "backend"): ("keys_backend", str, lambda v: v in ("auto", "watch_queue", "proc-keys", "replay"),
+                          "auto, watch_queue, proc-keys or replay"),
+    ("keys", "poll_interval"): ("keys_poll_interval", (int, float), lambda v: 0.01 <= v <= 3600, "0.01..3600"),
+    ("keys", "queue_pages"): ("keys_queue_pages", int, lambda v: 1 <= v <= 16, "1..16"),
+    ("keys", "replay_path"): ("keys_replay_path", str, lambda v: True, "a path"),
+    ("policy", "plugins"): ("policy_plugins", list, lambda v: all(isinstance(x, str) for x in v), "a list of names"),
+    ("policy", "timeout"): ("policy_timeout", (int, float), lambda v: 0 < v <= 600, "0..600"),
+}
+KNOWN_SECTIONS = {"daemon", "keys", "policy", "devices", "mounts", "fs-errors"}
+
+
+def _line_of(text: str, section: str, key: str) -> int | None:
+    current = None
+    for n, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if s.startswith("[") and s.endswith("]"):
+            current = s.strip("[]").strip()
+        elif current == section and s.split("=", 1)[0].strip() == key:
+            return n
+    return None
+
+
+def parse(text: str, path: str = "<config>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    cfg = Config(raw=data, path=path)
+    for section, values in data.items():
+        if section not in KNOWN_SECTIONS or not isinstance(values, dict):
+            raise ConfigError(f"{path}: unknown section [{section}]")
+        for key, value in values.items():
+            entry = _SCHEMA.get((section, key))
+            if entry is None:
+                if section in ("daemon", "keys"):
+                    line = _line_of(text, section, key)
+                    raise ConfigError(f"{path}:{line or '?'}: unknown setting {section}.{key}")
+                continue  # sections owned by other components are checked there
+            attr, typ, check, want = entry
+            if isinstance(value, bool) or not isinstance(value, typ) or not check(value):
+                line = _line_of(text, section, key)
+                raise ConfigError(f"{path}:{line or '?'}: {section}.{key} must be {want}, not {value!r}")
+            setattr(cfg, attr, value)
+    if cfg.keys_backend == "replay" and not cfg.keys_replay_path:
+        raise ConfigError(f"{path}: keys.backend = \"replay\" needs keys.replay_path")
+    return cfg
+
+
+def load(path: str | None) -> Config:
+    """Read *path*; with ``None``, the default file if it exists, else defaults."""
+    if path is None:
+        if not Path(DEFAULT_PATH).exists():
+            return Config()
+        path = DEFAULT_PATH
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    return parse(text, path)

@@ -1,0 +1,163 @@
+"""wqd: wiring. Sources, hub, policy and the bus; signals; readiness."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import sys
+
+from dbus_fast import RequestNameReply
+from dbus_fast.constants import NameFlag
+
+from wqd import __version__, config as configuration
+from wqd.bus import names
+from wqd.bus.connection import connect
+from wqd.bus.service import WatchQueueService
+from wqd.hub import Hub, Limits
+from wqd.policy import UnknownPolicy, load_stack
+from wqd.sources.key_backends import open_backend
+from wqd.sources.keys import KeysSource
+from wqd.sources.unavailable import UnavailableSource
+
+log = logging.getLogger("wqd")
+
+
+def sd_notify(state: str) -> None:
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    try:
+        from systemd import daemon as sd_daemon
+
+        sd_daemon.notify(state)
+    except ImportError:  # pragma: no cover - systemd-python is a dependency
+        log.warning("systemd-python missing: cannot notify %s", state)
+
+
+def open_keys(cfg: configuration.Config):
+    backend = open_backend(cfg.keys_backend, replay_path=cfg.keys_replay_path,
+                           interval=cfg.keys_poll_interval, pages=cfg.keys_queue_pages)
+    return KeysSource(backend, resolve_keys=backend.name != "replay")
+
+
+# source name -> "module:function" taking the Config and returning a Source
+# (raising OSError/ValueError/ImportError when the source cannot run here).
+SOURCE_FACTORIES = {
+    "keys": "wqd.daemon:open_keys",
+    "devices": "wqd.sources.devices:open_source",
+    "mounts": "wqd.sources.mounts:open_source",
+    "fs-errors": "wqd.sources.fs_errors:open_source",
+}
+
+
+def build_sources(cfg: configuration.Config) -> dict:
+    sources = {}
+    for name, ref in SOURCE_FACTORIES.items():
+        module, func = ref.split(":")
+        try:
+            factory = getattr(importlib.import_module(module), func)
+            sources[name] = factory(cfg)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            sources[name] = UnavailableSource(name, "not built into this wqd")
+        except (OSError, ValueError, ImportError) as exc:
+            log.warning("source %s unavailable: %s", name, exc)
+            sources[name] = UnavailableSource(name, str(exc))
+    return sources
+
+
+class Daemon:
+    def __init__(self, cfg: configuration.Config, address: str | None, system: bool) -> None:
+        self.cfg = cfg
+        self.address = address
+        self.system = system
+        self.stopping = asyncio.Event()
+
+    async def run(self) -> int:
+        cfg = self.cfg
+        policy = load_stack(cfg.policy_plugins, cfg.raw.get("policy", {}), cfg.policy_timeout)
+        sources = build_sources(cfg)
+        hub = Hub(sources, policy, Limits(cfg.queue_length, cfg.subscriptions_per_peer, cfg.subscriptions_total))
+        bus = await connect(self.address, self.system)
+        service = WatchQueueService(bus, hub)
+        await service.start()
+        for source in sources.values():
+            await source.start(hub)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        reply = await bus.request_name(names.BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            log.error("cannot own %s on the bus (%s): is another wqd running, or does the bus policy forbid it?",
+                      names.BUS_NAME, reply.name)
+            bus.disconnect()
+            return 1
+        backends = ", ".join(f"{n}={s.backend or 'unavailable'}" for n, s in sources.items())
+        log.info("wqd %s ready on %s as %s; %s", __version__, self.address or ("system bus" if self.system else "session bus"),
+                 names.BUS_NAME, backends)
+        sd_notify(f"READY=1\nSTATUS=serving {backends}")
+        disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
+        stop = asyncio.ensure_future(self.stopping.wait())
+        done, _ = await asyncio.wait([disconnected, stop], return_when=asyncio.FIRST_COMPLETED)
+        if disconnected in done:
+            exc = disconnected.exception()
+            log.error("lost the bus connection%s", f": {exc}" if exc else "")
+            code = 1
+        else:
+            log.info("stopping")
+            sd_notify("STOPPING=1")
+            code = 0
+        for source in sources.values():
+            try:
+                await source.stop()
+            except Exception:
+                log.exception("stopping source %s", source.name)
+        if not disconnected.done():
+            bus.disconnect()
+            disconnected.cancel()
+        stop.cancel()
+        return code
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="wqd", description="Kernel notifications on D-Bus, filtered per peer.")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--system", action="store_true", help="serve on the system bus")
+    where.add_argument("--session", action="store_true", help="serve on the session bus (default)")
+    where.add_argument("--address", metavar="ADDRESS", help="serve on the bus at ADDRESS")
+    p.add_argument("--config", metavar="FILE", help=f"configuration file (default {configuration.DEFAULT_PATH})")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--version", action="version", version=f"wqd {__version__}")
+    return p.parse_args(argv)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="wqd[%(process)d]: %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        cfg = configuration.load(args.config)
+    except configuration.ConfigError as exc:
+        print(f"wqd: {exc}", file=sys.stderr)
+        return 2
+    daemon = Daemon(cfg, args.address, args.system)
+    try:
+        return asyncio.run(daemon.run())
+    except UnknownPolicy as exc:
+        print(f"wqd: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ConnectionError) as exc:
+        print(f"wqd: cannot connect to the bus: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

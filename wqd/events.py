@@ -1,0 +1,167 @@
+"""The events wqd carries from kernel to bus: plain, immutable, I/O-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
+
+# Key change subtypes 0-7 (enum key_notification_subtype,
+# include/uapi/linux/watch_queue.h), in order.
+KEY_CHANGES = (
+    "instantiated",
+    "updated",
+    "linked",
+    "unlinked",
+    "cleared",
+    "revoked",
+    "invalidated",
+    "setattr",
+)
+KEY_CHANGE_SUBTYPE = {name: i for i, name in enumerate(KEY_CHANGES)}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base of everything a source emits. ``route`` picks the subscriptions."""
+
+    source: ClassVar[str] = ""
+    signal: ClassVar[str] = ""
+    signature: ClassVar[str] = ""
+
+    @property
+    def route(self) -> object:
+        raise NotImplementedError
+
+    def body(self) -> list:
+        raise NotImplementedError
+
+    def redact(self, **changes) -> Event:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyChanged(Event):
+    source: ClassVar[str] = "keys"
+    signal: ClassVar[str] = "KeyChanged"
+    signature: ClassVar[str] = "usu"
+
+    key: int
+    change: str
+    aux: int = 0
+
+    @property
+    def route(self) -> int:
+        return self.key
+
+    def body(self) -> list:
+        return [self.key, self.change, self.aux]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRemoved(Event):
+    """The kernel's removal record: the watched key is gone (or the watch was dropped).
+
+    ``key`` is 0 when the record carried no id; then ``tag`` (the watch tag) tells.
+    """
+
+    source: ClassVar[str] = "keys"
+
+    key: int
+    reason: str = "key removed"
+    tag: int = 0
+
+    @property
+    def route(self) -> int:
+        return self.key
+
+
+@dataclass(frozen=True, slots=True)
+class SourceLoss(Event):
+    """A source lost events (kernel loss record, ENOBUFS, FAN_Q_OVERFLOW).
+
+    ``routes`` names the affected routes; ``None`` means every subscription of the
+    source. ``count`` is what the kernel says was lost, or 1 when it does not say.
+    """
+
+    source_name: str
+    count: int = 1
+    routes: frozenset | None = None
+
+    @property
+    def route(self) -> object:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceChanged(Event):
+    source: ClassVar[str] = "devices"
+    signal: ClassVar[str] = "DeviceChanged"
+    signature: ClassVar[str] = "ssa{ss}"
+
+    action: str
+    devpath: str
+    subsystem: str
+    properties: dict[str, str] = field(default_factory=dict, hash=False, compare=True)
+
+    @property
+    def route(self) -> str:
+        return self.subsystem
+
+    def body(self) -> list:
+        return [self.action, self.devpath, self.properties]
+
+
+@dataclass(frozen=True, slots=True)
+class MountChanged(Event):
+    source: ClassVar[str] = "mounts"
+    signal: ClassVar[str] = "MountChanged"
+    signature: ClassVar[str] = "stsa{ss}"
+
+    action: str
+    mount_id: int
+    mount_point: str
+    info: dict[str, str] = field(default_factory=dict, hash=False, compare=True)
+    mnt_ns: int = 0
+
+    @property
+    def route(self) -> int:
+        return self.mnt_ns
+
+    def body(self) -> list:
+        return [self.action, self.mount_id, self.mount_point, self.info]
+
+
+@dataclass(frozen=True, slots=True)
+class FilesystemError(Event):
+    source: ClassVar[str] = "fs-errors"
+    signal: ClassVar[str] = "FilesystemError"
+    signature: ClassVar[str] = "siu"
+
+    mount_point: str
+    error: int
+    count: int
+
+    @property
+    def route(self) -> str:
+        return self.mount_point
+
+    def body(self) -> list:
+        return [self.mount_point, self.error, self.count]
+
+
+@dataclass(frozen=True, slots=True)
+class WatchTarget:
+    """What a ``Watch`` call asks for, resolved by the source for policy to judge.
+
+    ``spec`` is the normalised target string. ``object_id`` identifies the kernel
+    object (key serial, mount namespace inode); ``uid``/``gid``/``perm`` are its
+    owner and permission word where it has them (key perm, device node mode).
+    """
+
+    source: str
+    spec: str
+    object_id: int = 0
+    uid: int | None = None
+    gid: int | None = None
+    perm: int | None = None
+    extra: dict = field(default_factory=dict, hash=False, compare=False)

@@ -1,0 +1,263 @@
+"""Subscriptions, routing and per-subscriber queues.
+
+Data flow: a source emits an ``Event`` -> the hub finds the subscriptions on its
+route -> the source's per-subscription filter -> ``policy.post(peer, event)`` ->
+the subscriber's bounded queue -> the outlet (the bus emitter) drains it.
+
+A full queue drops the event, counts it in ``lost`` and leaves a ``LostMark`` in
+the queue, so the subscriber is told ``Lost(n)`` exactly where the gap is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NoSuchObject, NotSupported
+from wqd.events import Event, KeyRemoved, SourceLoss, WatchTarget
+from wqd.peer import PeerCredentials
+from wqd.policy import PolicyStack
+from wqd.sources import ANY, Source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class LostMark:
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class EndMark:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    queue_length: int = 1024  # events queued per subscriber before loss
+    subscriptions_per_peer: int = 4096
+    subscriptions_total: int = 65536
+    target_length: int = 4096  # bytes
+
+
+@dataclass(eq=False, slots=True)
+class Subscription:
+    number: int
+    owner: PeerCredentials
+    source: str
+    target: WatchTarget
+    options: dict
+    queue: deque = field(default_factory=deque)
+    queued_events: int = 0
+    delivered: int = 0
+    lost: int = 0
+    active: bool = True
+    routes: tuple = ()
+    state: dict = field(default_factory=dict)  # the source's per-subscription data
+
+    @property
+    def peer(self) -> str:
+        return self.owner.unique_name
+
+
+class Outlet(Protocol):
+    def wake(self, sub: Subscription) -> None:
+        """*sub* has something queued."""
+
+    def forget(self, sub: Subscription) -> None:
+        """*sub* is gone: drop its object and queue."""
+
+
+class Hub:
+    def __init__(self, sources: dict[str, Source], policy: PolicyStack, limits: Limits | None = None) -> None:
+        self.sources = sources
+        self.policy = policy
+        self.limits = limits or Limits()
+        self.outlet: Outlet | None = None
+        self.subscriptions: dict[int, Subscription] = {}
+        self._by_route: dict[tuple[str, Hashable], set[Subscription]] = {}
+        self._by_owner: dict[str, set[Subscription]] = {}
+        self._next = 1
+        self._pressured = 0  # subscriptions with a queue at least half full
+        self._relief: list = []
+
+    # -- subscribing ------------------------------------------------------
+
+    async def watch(self, peer: PeerCredentials, source_name: str, spec: str, options: dict) -> Subscription:
+        source = self.sources.get(source_name)
+        if source is None:
+            raise InvalidArgument(f"unknown source {source_name!r}; known: {', '.join(sorted(self.sources))}")
+        if not source.backend:
+            raise NotSupported(f"source {source_name!r} is not available on this system")
+        if len(spec.encode()) > self.limits.target_length:
+            raise InvalidArgument("target is too long")
+        if len(self._by_owner.get(peer.unique_name, ())) >= self.limits.subscriptions_per_peer:
+            raise LimitsExceeded("too many subscriptions for this connection")
+        if len(self.subscriptions) >= self.limits.subscriptions_total:
+            raise LimitsExceeded("too many subscriptions")
+        target = await source.resolve(peer, spec, options)
+        decision = await self.policy.watch(peer, target)
+        if not decision.allowed:
+            log.info("denied %s watch %s %r: %s", peer.unique_name, source_name, spec, decision.reason,
+                     extra={"peer_uid": peer.uid, "peer_pid": peer.pid})
+            raise AccessDenied(decision.reason or "access denied")
+        sub = Subscription(self._next, peer, source_name, target, options)
+        sub.routes = tuple(source.routes(sub))
+        source.attach(sub)  # may raise: nothing registered yet
+        self._next += 1
+        self.subscriptions[sub.number] = sub
+        self._by_owner.setdefault(peer.unique_name, set()).add(sub)
+        for route in sub.routes:
+            self._by_route.setdefault((source_name, route), set()).add(sub)
+        log.info("subscription %d: %s watches %s %r", sub.number, peer.unique_name, source_name, spec,
+                 extra={"peer_uid": peer.uid, "peer_pid": peer.pid})
+        return sub
+
+    def get(self, number: int, peer: str) -> Subscription:
+        sub = self.subscriptions.get(number)
+        if sub is None or not sub.active:
+            raise NoSuchObject("no such subscription")
+        if sub.peer != peer:
+            raise AccessDenied("not the owner of this subscription")
+        return sub
+
+    def owned_by(self, peer: str) -> list[Subscription]:
+        return sorted(self._by_owner.get(peer, ()), key=lambda s: s.number)
+
+    def end(self, sub: Subscription, reason: str | None = None) -> None:
+        """Stop routing to *sub* and release its kernel watch.
+
+        With a *reason* the subscriber is told ``Removed(reason)`` after what is
+        already queued; without one (Close, owner left) the queue is dropped.
+        """
+        if not sub.active:
+            return
+        sub.active = False
+        for route in sub.routes:
+            bucket = self._by_route.get((sub.source, route))
+            if bucket is not None:
+                bucket.discard(sub)
+                if not bucket:
+                    del self._by_route[(sub.source, route)]
+        owned = self._by_owner.get(sub.peer)
+        if owned is not None:
+            owned.discard(sub)
+            if not owned:
+                del self._by_owner[sub.peer]
+        try:
+            self.sources[sub.source].detach(sub)
+        except Exception:
+            log.exception("detaching subscription %d failed", sub.number)
+        log.info("subscription %d ended: %s", sub.number, reason or "closed",
+                 extra={"peer_uid": sub.owner.uid, "peer_pid": sub.owner.pid})
+        if reason is not None and self.outlet is not None:
+            sub.queue.append(EndMark(reason))
+            self.outlet.wake(sub)
+        else:
+            self.forget(sub)
+
+    def forget(self, sub: Subscription) -> None:
+        if sub.queued_events > self.limits.queue_length // 2:
+            self._unpressure()
+        sub.queue.clear()
+        sub.queued_events = 0
+        self.subscriptions.pop(sub.number, None)
+        if self.outlet is not None:
+            self.outlet.forget(sub)
+
+    def drop_owner(self, peer: str) -> int:
+        subs = list(self._by_owner.get(peer, ()))
+        for sub in subs:
+            self.end(sub)
+        return len(subs)
+
+    # -- delivering -------------------------------------------------------
+
+    def subscribers(self, source: str, route: Hashable) -> list[Subscription]:
+        found = self._by_route.get((source, route))
+        any_ = self._by_route.get((source, ANY))
+        if found and any_:
+            return [*found, *any_]
+        return list(found or any_ or ())
+
+    def dispatch(self, event: Event) -> None:
+        """Entry point for sources (synchronous: runs in the fd's reader callback)."""
+        if isinstance(event, SourceLoss):
+            self._loss(event)
+            return
+        if isinstance(event, KeyRemoved):
+            for sub in self.subscribers("keys", event.key):
+                self.end(sub, event.reason)
+            return
+        source = self.sources[event.source]
+        post = self.policy.post
+        for sub in self.subscribers(event.source, event.route):
+            if not source.accepts(sub, event):
+                continue
+            seen = post(sub.owner, event)
+            if seen is not None:
+                self.enqueue(sub, seen)
+
+    def enqueue(self, sub: Subscription, item: Event) -> None:
+        n = sub.queued_events
+        if n >= self.limits.queue_length:
+            self.lose(sub, 1)
+            return
+        sub.queue.append(item)
+        sub.queued_events = n + 1
+        if n + 1 == self.limits.queue_length // 2 + 1:
+            self._pressured += 1
+        if self.outlet is not None:
+            self.outlet.wake(sub)
+
+    def take(self, sub: Subscription):
+        """Pop the next item for the outlet (Event, LostMark or EndMark), counting it."""
+        item = sub.queue.popleft()
+        if isinstance(item, Event):
+            n = sub.queued_events
+            sub.queued_events = n - 1
+            sub.delivered += 1
+            if n == self.limits.queue_length // 2 + 1:
+                self._unpressure()
+        return item
+
+    def _unpressure(self) -> None:
+        self._pressured -= 1
+        if not self._pressured and self._relief:
+            relief, self._relief = self._relief, []
+            loop = asyncio.get_running_loop()
+            for callback in relief:
+                loop.call_soon(callback)
+
+    @property
+    def congested(self) -> bool:
+        return self._pressured > 0
+
+    def on_relief(self, callback) -> None:
+        if self._pressured:
+            self._relief.append(callback)
+        else:
+            callback()
+
+    def lose(self, sub: Subscription, count: int) -> None:
+        sub.lost += count
+        tail = sub.queue[-1] if sub.queue else None
+        if isinstance(tail, LostMark):
+            tail.count += count
+        else:
+            sub.queue.append(LostMark(count))
+            if self.outlet is not None:
+                self.outlet.wake(sub)
+
+    def _loss(self, loss: SourceLoss) -> None:
+        if loss.routes is None:
+            subs = [s for s in self.subscriptions.values() if s.source == loss.source_name and s.active]
+        else:
+            subs = {s for r in loss.routes for s in self.subscribers(loss.source_name, r)}
+        log.warning("source %s lost %d event(s); %d subscriber(s) told", loss.source_name, loss.count, len(subs))
+        for sub in subs:
+            self.lose(sub, loss.count)

@@ -1,0 +1,1 @@
+"""Sans-I/O parsers: bytes in, events out, no file descriptors in sight."""

@@ -1,0 +1,123 @@
+"""Parser for records read from a notification pipe.
+
+Record layout (include/uapi/linux/watch_queue.h)::
+
+    struct watch_notification { u32 type:24; u32 subtype:8; u32 info; }
+    info: bits 0-6 length in bytes, bits 8-15 the watch tag ("ID")
+    struct key_notification { watch_notification watch; u32 key_id; u32 aux; }
+    struct watch_notification_removal { watch_notification watch; u64 id; }
+
+A loss record (META/LOSS) is a bare 8-byte header, carrying no count.
+
+The parser never raises on input: malformed records are counted and skipped, and
+parsing goes on at the next record.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from wqd.events import KEY_CHANGES, Event, KeyChanged, KeyRemoved, SourceLoss
+from wqd.kernel.watch_queue import (
+    WATCH_INFO_ID,
+    WATCH_INFO_ID__SHIFT,
+    WATCH_INFO_LENGTH,
+    WATCH_META_LOSS_NOTIFICATION,
+    WATCH_META_REMOVAL_NOTIFICATION,
+    WATCH_TYPE_KEY_NOTIFY,
+    WATCH_TYPE_META,
+)
+
+HEADER = struct.Struct("=II")
+KEY_BODY = struct.Struct("=II")
+REMOVAL_ID = struct.Struct("=Q")
+HEADER_SIZE = HEADER.size  # 8
+KEY_RECORD_SIZE = HEADER_SIZE + KEY_BODY.size  # 16
+
+
+@dataclass(slots=True)
+class ParserStats:
+    records: int = 0
+    malformed: int = 0
+    unknown: int = 0
+
+
+class WatchQueueParser:
+    """``feed(bytes) -> list[Event]``.
+
+    Bytes may arrive in arbitrary chunks; an incomplete trailing record is kept
+    until the next ``feed``. A notification pipe's ``read()`` always returns whole
+    records, so the source passes ``final=True``: whatever is left over then is a
+    truncated record, counted as malformed and dropped.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self.stats = ParserStats()
+
+    def feed(self, data: bytes, final: bool = False) -> list[Event]:
+        self._buf += data
+        buf = self._buf
+        out: list[Event] = []
+        pos = 0
+        end = len(buf)
+        stats = self.stats
+        while end - pos >= HEADER_SIZE:
+            word, info = HEADER.unpack_from(buf, pos)
+            length = info & WATCH_INFO_LENGTH
+            if length < HEADER_SIZE:
+                # No trustworthy length: skip the header and try the next word pair.
+                stats.malformed += 1
+                pos += HEADER_SIZE
+                continue
+            if end - pos < length:
+                break  # incomplete: wait for more bytes (or drop if final)
+            event = self._decode(word & 0xFFFFFF, word >> 24, info, buf, pos, length)
+            if event is not None:
+                out.append(event)
+            pos += length
+        del buf[:pos]
+        if final and buf:
+            stats.malformed += 1
+            buf.clear()
+        return out
+
+    def _decode(self, wtype: int, subtype: int, info: int, buf: bytearray, pos: int, length: int) -> Event | None:
+        stats = self.stats
+        if wtype == WATCH_TYPE_KEY_NOTIFY:
+            if length < KEY_RECORD_SIZE or subtype >= len(KEY_CHANGES):
+                stats.malformed += 1
+                return None
+            key, aux = KEY_BODY.unpack_from(buf, pos + HEADER_SIZE)
+            stats.records += 1
+            return KeyChanged(key, KEY_CHANGES[subtype], aux)
+        if wtype == WATCH_TYPE_META:
+            tag = (info & WATCH_INFO_ID) >> WATCH_INFO_ID__SHIFT
+            if subtype == WATCH_META_LOSS_NOTIFICATION:
+                stats.records += 1
+                return SourceLoss("keys", 1, None)
+            if subtype == WATCH_META_REMOVAL_NOTIFICATION:
+                key = 0
+                if length >= HEADER_SIZE + REMOVAL_ID.size:
+                    (key,) = REMOVAL_ID.unpack_from(buf, pos + HEADER_SIZE)
+                stats.records += 1
+                return KeyRemoved(key & 0xFFFFFFFF, "key removed", tag)
+            stats.unknown += 1
+            return None
+        stats.unknown += 1
+        return None
+
+
+def encode_key_record(key: int, change: str, aux: int = 0, tag: int = 1) -> bytes:
+    """Build a kernel-format key notification (tests, replay captures, benchmarks)."""
+    subtype = KEY_CHANGES.index(change)
+    return HEADER.pack(WATCH_TYPE_KEY_NOTIFY | subtype << 24, KEY_RECORD_SIZE | tag << 8) + KEY_BODY.pack(key, aux)
+
+
+def encode_loss_record(tag: int = 0) -> bytes:
+    return HEADER.pack(WATCH_TYPE_META | WATCH_META_LOSS_NOTIFICATION << 24, HEADER_SIZE | tag << 8)
+
+
+def encode_removal_record(key: int, tag: int = 1) -> bytes:
+    return HEADER.pack(WATCH_TYPE_META | WATCH_META_REMOVAL_NOTIFICATION << 24, 16 | tag << 8) + REMOVAL_ID.pack(key)
