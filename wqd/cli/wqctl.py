@@ -1,0 +1,212 @@
+"""wqctl: inspect wqd and watch kernel notifications from the command line.
+
+    wqctl [--system | --session | --address ADDR] status
+    wqctl [...] watch SOURCE [TARGET] [--changes a,b] [--actions a,b]
+                [--properties A,B] [--initial] [--json] [--count N]
+
+``watch`` prints one line per signal (``--json``: one JSON object per line) and
+closes the subscription on Ctrl-C. Exit status: 0 on success or Ctrl-C, 1 when the
+daemon refuses (the error name is printed), 2 on usage errors, 3 when the
+subscription was ended by the daemon (``Removed``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import xml.etree.ElementTree as ET
+from importlib import resources
+
+from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from wqd.bus import names
+
+
+class CliError(Exception):
+    def __init__(self, text: str, code: int = 1) -> None:
+        super().__init__(text)
+        self.code = code
+
+
+def signal_args() -> dict[str, list[str]]:
+    """Signal name -> argument names, from the shipped interface XML."""
+    root = ET.fromstring(resources.files("wqd.bus").joinpath("io.wqd.WatchQueue1.xml").read_text())
+    out = {}
+    for sig in root.iter("signal"):
+        out[sig.get("name")] = [a.get("name") for a in sig.findall("arg")]
+    return out
+
+
+async def connect(args) -> MessageBus:
+    if args.address:
+        bus = MessageBus(bus_address=args.address)
+    elif args.system:
+        bus = MessageBus(bus_type=BusType.SYSTEM)
+    else:
+        if not os.environ.get("DBUS_SESSION_BUS_ADDRESS"):
+            raise CliError("no session bus (DBUS_SESSION_BUS_ADDRESS is unset): use --system or --address", 2)
+        bus = MessageBus(bus_type=BusType.SESSION)
+    try:
+        return await bus.connect()
+    except (OSError, ConnectionError) as exc:
+        raise CliError(f"cannot connect to the bus: {exc}") from None
+
+
+async def call(bus, path, iface, member, signature="", body=None) -> list:
+    reply = await bus.call(Message(destination=names.BUS_NAME, path=path, interface=iface, member=member,
+                                   signature=signature, body=body or []))
+    if reply.message_type == MessageType.ERROR:
+        text = reply.body[0] if reply.body else ""
+        name = reply.error_name.removeprefix(names.ERROR_PREFIX)
+        if reply.error_name == "org.freedesktop.DBus.Error.ServiceUnknown":
+            text = "wqd is not running on this bus (io.wqd.WatchQueue1 has no owner)"
+        raise CliError(f"{name}: {text}")
+    return reply.body
+
+
+async def status(bus, args) -> int:
+    props = (await call(bus, names.MANAGER_PATH, names.PROPERTIES_INTERFACE, "GetAll", "s",
+                        [names.MANAGER_INTERFACE]))[0]
+    version = props["Version"].value
+    sources = props["Sources"].value
+    if args.json:
+        print(json.dumps({"version": version, "sources": sources}))
+        return 0
+    print(f"wqd API version {version}")
+    width = max(map(len, sources), default=0)
+    for name in sorted(sources):
+        print(f"  {name:<{width}}  {sources[name] or 'unavailable'}")
+    return 0
+
+
+def _list(value: str | None) -> list[str] | None:
+    return None if value is None else [v for v in value.split(",") if v]
+
+
+def format_line(member: str, arg_names: list[str], body: list) -> str:
+    parts = []
+    for name, value in zip(arg_names, body):
+        if isinstance(value, dict):
+            value = " ".join(f"{k}={v}" for k, v in sorted(value.items()))
+            parts.append(f"{name}={{{value}}}")
+        else:
+            parts.append(f"{name}={value}")
+    return f"{member} " + " ".join(parts)
+
+
+async def watch(bus, args) -> int:
+    options = {}
+    for key, value in (("changes", _list(args.changes)), ("actions", _list(args.actions)),
+                       ("properties", _list(args.properties))):
+        if value is not None:
+            options[key] = Variant("as", value)
+    if args.initial:
+        options["initial"] = Variant("b", True)
+    arg_names = signal_args()
+    queue: asyncio.Queue = asyncio.Queue()
+    path_box: list[str] = []
+    early: list[Message] = []
+
+    def on_message(msg: Message):
+        if msg.message_type == MessageType.SIGNAL and msg.interface == names.SUBSCRIPTION_INTERFACE:
+            if path_box:
+                if msg.path == path_box[0]:
+                    queue.put_nowait(msg)
+            else:
+                early.append(msg)  # a signal racing the Watch reply
+
+    bus.add_message_handler(on_message)
+    (path,) = await call(bus, names.MANAGER_PATH, names.MANAGER_INTERFACE, "Watch", "ssa{sv}",
+                         [args.source, args.target, options])
+    path_box.append(path)
+    for msg in early:
+        if msg.path == path:
+            queue.put_nowait(msg)
+    if not args.json:
+        print(f"# watching {args.source} {args.target!r} ({path}); Ctrl-C to stop", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    seen = 0
+    code = 0
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        while args.count is None or seen < args.count:
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait([getter, stopper], return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                break
+            msg = getter.result()
+            body = list(msg.body)
+            if args.json:
+                record = {"signal": msg.member, "subscription": path}
+                record.update(zip(arg_names.get(msg.member, []), body))
+                print(json.dumps(record), flush=True)
+            else:
+                print(format_line(msg.member, arg_names.get(msg.member, []), body), flush=True)
+            if msg.member == "Removed":
+                code = 3
+                break
+            if msg.member not in ("Lost",):
+                seen += 1
+    finally:
+        stopper.cancel()
+    if code != 3:
+        try:
+            await call(bus, path, names.SUBSCRIPTION_INTERFACE, "Close")
+        except CliError:
+            pass
+    return code
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="wqctl", description="Inspect wqd and watch kernel notifications.")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--system", action="store_true", help="talk to wqd on the system bus")
+    where.add_argument("--session", action="store_true", help="talk to wqd on the session bus (default)")
+    where.add_argument("--address", metavar="ADDRESS", help="talk to wqd on the bus at ADDRESS")
+    sub = p.add_subparsers(dest="command", required=True)
+    st = sub.add_parser("status", help="version, sources and their backends")
+    st.add_argument("--json", action="store_true")
+    w = sub.add_parser("watch", help="print events of one subscription")
+    w.add_argument("source", help="keys, devices, mounts or fs-errors")
+    w.add_argument("target", nargs="?", default="", help="key serial, @u, @us, @p; subsystem; path prefix; mount point")
+    w.add_argument("--changes", help="keys: comma-separated changes to deliver")
+    w.add_argument("--actions", help="devices: comma-separated actions")
+    w.add_argument("--properties", help="devices: comma-separated properties wanted")
+    w.add_argument("--initial", action="store_true", help="devices: first an 'add' for every existing match")
+    w.add_argument("--json", action="store_true", help="one JSON object per line")
+    w.add_argument("--count", type=int, metavar="N", help="exit after N events")
+    return p.parse_args(argv)
+
+
+async def run(args) -> int:
+    bus = await connect(args)
+    try:
+        if args.command == "status":
+            return await status(bus, args)
+        return await watch(bus, args)
+    finally:
+        bus.disconnect()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except CliError as exc:
+        print(f"wqctl: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
