@@ -13,7 +13,7 @@ import sys
 from dbus_fast import RequestNameReply
 from dbus_fast.constants import NameFlag
 
-from wqd import __version__, config as configuration
+from wqd import __version__, config as configuration, journal
 from wqd.bus import names
 from wqd.bus.connection import connect
 from wqd.bus.service import WatchQueueService
@@ -22,19 +22,13 @@ from wqd.policy import UnknownPolicy, load_stack
 from wqd.sources.key_backends import open_backend
 from wqd.sources.keys import KeysSource
 from wqd.sources.unavailable import UnavailableSource
+from wqd.systemd_integration import Watchdog, notify
 
 log = logging.getLogger("wqd")
 
 
 def sd_notify(state: str) -> None:
-    if not os.environ.get("NOTIFY_SOCKET"):
-        return
-    try:
-        from systemd import daemon as sd_daemon
-
-        sd_daemon.notify(state)
-    except ImportError:  # pragma: no cover - systemd-python is a dependency
-        log.warning("systemd-python missing: cannot notify %s", state)
+    notify(state)  # wqd.systemd_integration: a no-op without NOTIFY_SOCKET
 
 
 def open_keys(cfg: configuration.Config):
@@ -98,17 +92,23 @@ class Daemon:
             return 1
         backends = ", ".join(f"{n}={s.backend or 'unavailable'}" for n, s in sources.items())
         log.info("wqd %s ready on %s as %s; %s", __version__, self.address or ("system bus" if self.system else "session bus"),
-                 names.BUS_NAME, backends)
+                 names.BUS_NAME, backends, extra={"MESSAGE_ID": journal.DAEMON_STARTED})
         sd_notify(f"READY=1\nSTATUS=serving {backends}")
+        watchdog = Watchdog.from_environment()
+        if watchdog is not None:
+            watchdog.start()
         disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
         stop = asyncio.ensure_future(self.stopping.wait())
         done, _ = await asyncio.wait([disconnected, stop], return_when=asyncio.FIRST_COMPLETED)
+        if watchdog is not None:
+            watchdog.stop()
         if disconnected in done:
             exc = disconnected.exception()
-            log.error("lost the bus connection%s", f": {exc}" if exc else "")
+            log.error("lost the bus connection%s; stopping", f": {exc}" if exc else "",
+                      extra={"MESSAGE_ID": journal.DAEMON_STOPPED})
             code = 1
         else:
-            log.info("stopping")
+            log.info("stopping", extra={"MESSAGE_ID": journal.DAEMON_STOPPED})
             sd_notify("STOPPING=1")
             code = 0
         for source in sources.values():
@@ -130,25 +130,63 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     where.add_argument("--session", action="store_true", help="serve on the session bus (default)")
     where.add_argument("--address", metavar="ADDRESS", help="serve on the bus at ADDRESS")
     p.add_argument("--config", metavar="FILE", help=f"configuration file (default {configuration.DEFAULT_PATH})")
+    p.add_argument("--check-config", nargs="?", const="", metavar="FILE",
+                   help="validate the configuration (FILE, else --config or the default) and exit")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-target", default="auto", choices=["auto", "journal", "stderr"],
+                   help="auto: the journal when stderr is systemd's journal stream, else stderr")
     p.add_argument("--version", action="version", version=f"wqd {__version__}")
     return p.parse_args(argv)
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="wqd[%(process)d]: %(levelname)s %(name)s: %(message)s")
+def setup_logging(level: str, target: str = "auto") -> str:
+    return journal.setup_logging(level, target)
+
+
+def check_config(path: str | None) -> int:
+    """``wqd --check-config``: 0 if *path* (or the default file) is valid, else 1 with file:line errors."""
+    shown = path or configuration.DEFAULT_PATH
+    if path is None and not os.path.exists(configuration.DEFAULT_PATH):
+        print(f"wqd: {shown}: no such file; the built-in defaults apply")
+        return 0
+    try:
+        cfg = configuration.load(path)
+    except configuration.ConfigError as exc:
+        print(f"wqd: {exc}", file=sys.stderr)
+        return 1
+    try:
+        validate = getattr(configuration, "validate", None)  # deeper checks (policy, rules files), where present
+        if validate is not None:
+            validate(cfg)
+        load_stack(cfg.policy_plugins, cfg.raw.get("policy", {}), cfg.policy_timeout)  # plugins check their config
+    except configuration.ConfigError as exc:
+        print(f"wqd: {exc}", file=sys.stderr)
+        return 1
+    except (UnknownPolicy, ValueError, OSError) as exc:
+        print(f"wqd: {cfg.path or shown}: {exc}", file=sys.stderr)
+        return 1
+    print(f"wqd: {cfg.path or shown}: OK")
+    return 0
+
+
+def bus_address(args: argparse.Namespace) -> str | None:
+    """``--address``; else, without --system/--session, the bus that activated us, if any."""
+    if args.address or args.system or args.session:
+        return args.address
+    return os.environ.get("DBUS_STARTER_ADDRESS") or None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging(args.log_level)
+    if args.check_config is not None:
+        return check_config(args.check_config or args.config)
+    setup_logging(args.log_level, args.log_target)
     try:
         cfg = configuration.load(args.config)
     except configuration.ConfigError as exc:
         print(f"wqd: {exc}", file=sys.stderr)
         return 2
-    daemon = Daemon(cfg, args.address, args.system)
+    daemon = Daemon(cfg, bus_address(args), args.system)
     try:
         return asyncio.run(daemon.run())
     except UnknownPolicy as exc:

@@ -17,6 +17,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from wqd import journal
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NoSuchObject, NotSupported
 from wqd.events import Event, KeyRemoved, SourceLoss, WatchTarget
 from wqd.peer import PeerCredentials
@@ -103,7 +104,7 @@ class Hub:
         decision = await self.policy.watch(peer, target)
         if not decision.allowed:
             log.info("denied %s watch %s %r: %s", peer.unique_name, source_name, spec, decision.reason,
-                     extra={"peer_uid": peer.uid, "peer_pid": peer.pid})
+                     extra={"MESSAGE_ID": journal.POLICY_DENIED, "peer_uid": peer.uid, "peer_pid": peer.pid})
             raise AccessDenied(decision.reason or "access denied")
         sub = Subscription(self._next, peer, source_name, target, options)
         sub.routes = tuple(source.routes(sub))
@@ -114,7 +115,7 @@ class Hub:
         for route in sub.routes:
             self._by_route.setdefault((source_name, route), set()).add(sub)
         log.info("subscription %d: %s watches %s %r", sub.number, peer.unique_name, source_name, spec,
-                 extra={"peer_uid": peer.uid, "peer_pid": peer.pid})
+                 extra={"MESSAGE_ID": journal.SUBSCRIPTION_CREATED, "peer_uid": peer.uid, "peer_pid": peer.pid})
         return sub
 
     def get(self, number: int, peer: str) -> Subscription:
@@ -153,7 +154,7 @@ class Hub:
         except Exception:
             log.exception("detaching subscription %d failed", sub.number)
         log.info("subscription %d ended: %s", sub.number, reason or "closed",
-                 extra={"peer_uid": sub.owner.uid, "peer_pid": sub.owner.pid})
+                 extra={"MESSAGE_ID": journal.SUBSCRIPTION_ENDED, "peer_uid": sub.owner.uid, "peer_pid": sub.owner.pid})
         if reason is not None and self.outlet is not None:
             sub.queue.append(EndMark(reason))
             self.outlet.wake(sub)
@@ -258,6 +259,7 @@ class Hub:
             subs = [s for s in self.subscriptions.values() if s.source == loss.source_name and s.active]
         else:
             subs = {s for r in loss.routes for s in self.subscribers(loss.source_name, r)}
-        log.warning("source %s lost %d event(s); %d subscriber(s) told", loss.source_name, loss.count, len(subs))
+        log.warning("source %s lost %d event(s); %d subscriber(s) told", loss.source_name, loss.count, len(subs),
+                    extra={"MESSAGE_ID": journal.EVENTS_LOST})
         for sub in subs:
             self.lose(sub, loss.count)
