@@ -1,0 +1,354 @@
+"""What every benchmark needs: a private bus, the real daemon, clients, a baseline sender.
+
+Everything is real: a system-type ``dbus-daemon`` with the shipped policy (from
+``tests/support.py``), the daemon as a subprocess with the ``replay`` keys backend
+fed through a FIFO, and dbus-fast clients in this process. The baseline sender
+(``bench.raw_emitter``) is a separate process too, so wqd and its baseline stand
+in the same place: sender process -> bus daemon -> this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+import support  # noqa: E402  (tests/support.py: private buses; shared with the test suite)
+
+from wqd.parse.watch_queue import encode_key_record  # noqa: E402
+
+BUS_NAME = support.BUS_NAME
+MANAGER = support.MANAGER
+IFACE = support.IFACE
+SUB_IFACE = support.SUB_IFACE
+PYTHON = sys.executable
+DBUS = "org.freedesktop.DBus"
+
+
+def replay_config(fifo: Path, extra: str = "") -> str:
+    return f'[keys]\nbackend = "replay"\nreplay_path = "{fifo}"\n{textwrap.dedent(extra)}'
+
+
+def key_records(serial: int, count: int) -> bytes:
+    """*count* kernel-format ``linked`` records for key *serial* (aux = sequence number)."""
+    return b"".join(encode_key_record(serial, "linked", i + 1) for i in range(count))
+
+
+class Rig:
+    """A private system-type bus in *directory*; daemons and clients on it; cleanup on exit."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.bus: support.PrivateBus | None = None
+        self.daemons: list[Daemon] = []
+        self.clients: list[MessageBus] = []
+        self.procs: list[subprocess.Popen] = []
+
+    @property
+    def address(self) -> str:
+        return self.bus.address
+
+    async def __aenter__(self) -> Rig:
+        self.bus = support.start_bus(self.dir / "bus", "system")
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for c in self.clients:
+            c.disconnect()
+        for p in self.procs:
+            stop_process(p)
+        for d in self.daemons:
+            d.stop()
+        if self.bus is not None:
+            self.bus.stop()
+
+    def fifo(self, name: str = "replay.fifo") -> Path:
+        path = self.dir / name
+        if not path.exists():
+            os.mkfifo(path)
+        return path
+
+    async def connect(self) -> MessageBus:
+        bus = await MessageBus(bus_address=self.address).connect()
+        self.clients.append(bus)
+        return bus
+
+    async def start_wqd(self, config: str = "", name: str = "wqd", log_level: str = "warning") -> Daemon:
+        """Start the daemon; returns once it owns its name (``ready_s``: exec -> owned)."""
+        directory = self.dir / name
+        directory.mkdir(parents=True, exist_ok=True)
+        conf = directory / "wqd.conf"
+        conf.write_text(config)
+        log = directory / "wqd.log"
+        watcher = await MessageBus(bus_address=self.address).connect()
+        try:
+            owned = asyncio.get_running_loop().create_future()
+
+            def on_owner(msg: Message):
+                if msg.member == "NameOwnerChanged" and msg.body[0] == BUS_NAME and msg.body[2]:
+                    if not owned.done():
+                        owned.set_result(time.perf_counter())
+
+            watcher.add_message_handler(on_owner)
+            await call(watcher, DBUS, "/org/freedesktop/DBus", DBUS, "AddMatch", "s",
+                       [f"type='signal',member='NameOwnerChanged',arg0='{BUS_NAME}'"])
+            with log.open("w") as log_file:
+                t0 = time.perf_counter()
+                proc = subprocess.Popen(
+                    [PYTHON, "-m", "wqd.daemon", "--address", self.address, "--config", str(conf),
+                     "--log-level", log_level],
+                    stdout=subprocess.DEVNULL, stderr=log_file, cwd=REPO,
+                )
+            daemon = Daemon(proc, log)
+            self.daemons.append(daemon)
+            exited = asyncio.ensure_future(asyncio.to_thread(proc.wait))
+            done, _ = await asyncio.wait([owned, exited], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            if owned not in done:
+                exited.cancel()
+                daemon.stop()
+                raise RuntimeError(f"wqd did not come up:\n{daemon.log_text()}")
+            daemon.ready_s = owned.result() - t0
+            daemon.exited = exited
+            return daemon
+        finally:
+            watcher.disconnect()
+
+    async def start_raw_emitter(self) -> RawEmitter:
+        proc = subprocess.Popen([PYTHON, "-m", "bench.raw_emitter", self.address], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, cwd=REPO)
+        self.procs.append(proc)
+        emitter = RawEmitter(proc)
+        ready = await emitter.read()
+        emitter.unique_name = ready["name"]
+        return emitter
+
+
+def stop_process(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for f in (proc.stdin, proc.stdout, proc.stderr):
+        if f is not None:
+            f.close()
+    return proc.returncode
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen
+    log: Path
+    ready_s: float = 0.0
+    exited: asyncio.Future | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text()
+        except OSError:
+            return ""
+
+    def stop(self) -> int:
+        code = stop_process(self.proc)
+        if self.exited is not None:
+            self.exited.cancel()
+        return code
+
+    def status(self) -> dict[str, int]:
+        """Wakeup and memory counters summed over the daemon's threads (/proc/PID/task/*/status)."""
+        out = {"voluntary_ctxt_switches": 0, "nonvoluntary_ctxt_switches": 0}
+        base = Path(f"/proc/{self.pid}")
+        for task in (base / "task").iterdir():
+            for line in (task / "status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in out:
+                    out[key] += int(value)
+        for line in (base / "status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key == "VmRSS":
+                out["rss_bytes"] = int(value.split()[0]) * 1024
+        return out
+
+
+@dataclass
+class RawEmitter:
+    """The baseline: a plain dbus-fast connection in its own process (bench/raw_emitter.py)."""
+
+    proc: subprocess.Popen
+    unique_name: str = ""
+
+    async def read(self) -> dict:
+        line = await asyncio.to_thread(self.proc.stdout.readline)
+        if not line:
+            raise RuntimeError("the raw emitter exited")
+        return json.loads(line)
+
+    def send(self, dests: list[tuple[str, str]], count: int) -> None:
+        """Start sending *count* rounds of one KeyChanged to each of *dests* ((unique name, path))."""
+        self.proc.stdin.write(json.dumps({"dests": dests, "count": count}) + "\n")
+        self.proc.stdin.flush()
+
+
+async def call(bus: MessageBus, dest: str, path: str, iface: str | None, member: str, signature: str = "",
+               body: list | None = None) -> Message:
+    return await bus.call(Message(destination=dest, path=path, interface=iface, member=member,
+                                  signature=signature, body=body or []))
+
+
+async def watch(bus: MessageBus, source: str, target: str, options: dict | None = None) -> str:
+    reply = await call(bus, BUS_NAME, MANAGER, IFACE, "Watch", "ssa{sv}", [source, target, options or {}])
+    if reply.message_type == MessageType.ERROR:
+        raise RuntimeError(f"Watch({source!r}, {target!r}) failed: {reply.error_name}: {reply.body}")
+    return reply.body[0]
+
+
+async def get_property(bus: MessageBus, path: str, iface: str, prop: str):
+    reply = await call(bus, BUS_NAME, path, "org.freedesktop.DBus.Properties", "Get", "ss", [iface, prop])
+    if reply.message_type == MessageType.ERROR:
+        raise RuntimeError(f"Get {prop} failed: {reply.error_name}: {reply.body}")
+    return reply.body[0].value
+
+
+@dataclass
+class Tally:
+    """Counts signals of *member* arriving on any number of connections."""
+
+    member: str = "KeyChanged"
+    count: int = 0
+    lost: int = 0
+    target: int = 0
+    done: asyncio.Future | None = None
+    first_at: float = 0.0
+    last_at: float = 0.0
+    times: list | None = None  # per-signal arrival times, when wanted
+
+    def attach(self, bus: MessageBus) -> None:
+        bus.add_message_handler(self._on_message)
+
+    def expect(self, n: int) -> asyncio.Future:
+        self.count = self.lost = 0
+        self.target = n
+        self.first_at = self.last_at = 0.0
+        self.done = asyncio.get_running_loop().create_future()
+        return self.done
+
+    def _on_message(self, msg: Message):
+        if msg.message_type != MessageType.SIGNAL:
+            return None
+        member = msg.member
+        if member == self.member:
+            now = time.perf_counter()
+            if not self.count:
+                self.first_at = now
+            self.count += 1
+            self.last_at = now
+            if self.times is not None:
+                self.times.append((now, msg))
+        elif member == "Lost":
+            self.lost += msg.body[0]
+        else:
+            return None
+        if self.count + self.lost >= self.target and self.done is not None and not self.done.done():
+            self.done.set_result(self.last_at)
+        return None
+
+
+async def write_all(path: Path, data: bytes) -> None:
+    """Write *data* into a FIFO without blocking the loop."""
+    loop = asyncio.get_running_loop()
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(fd, view[:65536])
+                view = view[n:]
+            except BlockingIOError:
+                writable = loop.create_future()
+                loop.add_writer(fd, lambda: writable.done() or writable.set_result(None))
+                try:
+                    await writable
+                finally:
+                    loop.remove_writer(fd)
+    finally:
+        os.close(fd)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of *values*."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
+    return ordered[rank - 1]
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    if not n:
+        return float("nan")
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+@dataclass
+class Result:
+    """What one benchmark module returns: its JSON keys, details, and series for the plots."""
+
+    values: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+    series: dict = field(default_factory=dict)
+
+
+async def measure_rate(tally: Tally, expected: int, start, timeout: float = 300.0) -> dict:
+    """Run *start()* (sync or async) and wait for *expected* signals; signals/s from start to the last one."""
+    done = tally.expect(expected)
+    t0 = time.perf_counter()
+    started = start()
+    if asyncio.iscoroutine(started):
+        await started
+    try:
+        t1 = await asyncio.wait_for(done, timeout)
+    except asyncio.TimeoutError:
+        raise RuntimeError(f"only {tally.count} of {expected} signals arrived ({tally.lost} lost)") from None
+    return {"signals": tally.count, "lost": tally.lost, "seconds": t1 - t0, "rate": tally.count / (t1 - t0)}
+
+
+async def compare_throughput(raw: RawEmitter, dests: list[tuple[str, str]], rounds_per_event: int,
+                             records: bytes, fifo: Path, tally: Tally, rounds: int) -> dict:
+    """Interleaved rounds: the raw emitter, then wqd fed by the FIFO; medians and their ratio.
+
+    Each round delivers ``len(dests) * rounds_per_event`` signals either way.
+    """
+    expected = len(dests) * rounds_per_event
+    raw_runs, wqd_runs = [], []
+    for _ in range(rounds):
+        raw_runs.append(await measure_rate(tally, expected, lambda: raw.send(dests, rounds_per_event)))
+        await raw.read()
+        wqd_runs.append(await measure_rate(tally, expected, lambda: write_all(fifo, records)))
+    raw_rate = median([r["rate"] for r in raw_runs])
+    wqd_rate = median([r["rate"] for r in wqd_runs])
+    return {
+        "raw_rate": raw_rate, "wqd_rate": wqd_rate, "ratio": wqd_rate / raw_rate,
+        "raw_runs": raw_runs, "wqd_runs": wqd_runs, "signals_per_round": expected,
+        "wqd_lost": sum(r["lost"] for r in wqd_runs),
+    }
