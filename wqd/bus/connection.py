@@ -5,11 +5,14 @@ dbus-fast's writer gives up the whole connection when the socket is full
 no way to see how much is waiting. wqd sends bursts of signals, so it replaces the
 writer with one that treats ``EAGAIN`` as "wait until writable" and reports its
 backlog; the emitter pauses at a high-water mark (see ``wqd.bus.emitter``).
+Queued messages go out several per ``sendmsg()``, and the emitter can queue
+pre-marshalled signals (``queue``/``flush``, ``wqd.bus.signals``).
 """
 
 from __future__ import annotations
 
 import array
+import asyncio
 import logging
 import socket
 
@@ -19,11 +22,16 @@ from dbus_fast.aio.message_bus import _MessageWriter
 
 log = logging.getLogger(__name__)
 
+BATCH_MESSAGES = 64  # messages per sendmsg() at most
+BATCH_BYTES = 65536
+
 
 class FlowControlledWriter(_MessageWriter):
     def __init__(self, bus: MessageBus) -> None:
         super().__init__(bus)
         self.armed = False
+        self._waiter: asyncio.Future | None = None
+        self._waiter_mark = 0
 
     @property
     def backlog(self) -> int:
@@ -44,7 +52,14 @@ class FlowControlledWriter(_MessageWriter):
                         if self.armed:
                             self.loop.remove_writer(self.fd)
                             self.armed = False
+                        self._relieve()
                         return
+                    if len(self.messages) > 1 and not self.messages[0][1]:
+                        if not self._send_batch(sock):
+                            self._arm()
+                            self._relieve()
+                            return
+                        continue
                     buf, unix_fds, fut = self.messages.popleft()
                     self.unix_fds = unix_fds
                     self.buf = memoryview(buf)
@@ -59,9 +74,11 @@ class FlowControlledWriter(_MessageWriter):
                         self.offset += sock.send(self.buf[self.offset:])
                 except (BlockingIOError, InterruptedError):
                     self._arm()
+                    self._relieve()
                     return
                 if self.offset < len(self.buf):
                     self._arm()
+                    self._relieve()
                     return
                 self.buf = None
                 fut, self.fut = self.fut, None
@@ -74,7 +91,65 @@ class FlowControlledWriter(_MessageWriter):
                     fut.set_result(None)
                 else:
                     fut.set_exception(exc)
+            waiter, self._waiter = self._waiter, None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
             self.bus._finalize(exc)
+
+    def _send_batch(self, sock) -> bool:
+        """Hand queued messages without fds to the kernel in one ``sendmsg``.
+
+        One system call (and one wakeup of the bus daemon) per batch instead of
+        per message. Returns False when the socket is full; a message written in
+        part becomes the current buffer.
+        """
+        messages = self.messages
+        batch = []
+        size = 0
+        while messages and len(batch) < BATCH_MESSAGES and size < BATCH_BYTES and not messages[0][1]:
+            item = messages.popleft()
+            batch.append(item)
+            size += len(item[0])
+        try:
+            sent = sock.sendmsg([item[0] for item in batch])
+        except (BlockingIOError, InterruptedError):
+            messages.extendleft(reversed(batch))
+            return False
+        for i, (buf, _fds, fut) in enumerate(batch):
+            if sent < len(buf):
+                self.buf, self.offset, self.fut, self.unix_fds = memoryview(buf), sent, fut, None
+                messages.extendleft(reversed(batch[i + 1:]))
+                return False
+            sent -= len(buf)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        return True
+
+    def queue(self, buf: bytes | bytearray, fut: asyncio.Future | None = None) -> None:
+        """Queue an already marshalled message (no fds); ``flush()`` writes what is queued."""
+        self.messages.append((buf, None, fut))
+
+    def flush(self) -> None:
+        if self.bus.unique_name and not self.armed:
+            self.write_callback()
+
+    def wait_backlog(self, mark: int) -> asyncio.Future:
+        """A future that is done once the backlog is at most *mark* (or the connection failed)."""
+        fut = self.loop.create_future()
+        if self.backlog <= mark:
+            fut.set_result(None)
+        else:
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.cancel()
+            self._waiter, self._waiter_mark = fut, mark
+        return fut
+
+    def _relieve(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and self.backlog <= self._waiter_mark:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def schedule_write(self, msg=None, future=None) -> None:
         if msg is not None:

@@ -5,6 +5,10 @@ cannot starve the others; a batch at a time, so method calls are answered during
 a storm; and it pauses while the connection's writer backlog is above a
 high-water mark, so a burst never turns into unbounded buffering or
 ``BlockingIOError``.
+
+Signals are marshalled by ``wqd.bus.signals``: each subscription's header once
+per member, each event's body once however many subscribers get it; a batch is
+queued on the writer and flushed together (several messages per ``sendmsg``).
 """
 
 from __future__ import annotations
@@ -13,9 +17,8 @@ import asyncio
 import logging
 from collections import deque
 
-from dbus_fast import Message, MessageType
-
 from wqd.bus.names import SUBSCRIPTION_INTERFACE, subscription_path
+from wqd.bus.signals import encode, marshal_body, signal_header
 from wqd.events import Event
 from wqd.hub import EndMark, Hub, LostMark, Subscription
 
@@ -34,7 +37,7 @@ class SignalEmitter:
         self._queued: set[Subscription] = set()
         self._scheduled = False
         self._waiting: asyncio.Task | None = None
-        self._last: asyncio.Future | None = None
+        self._headers: dict[Subscription, dict[str, bytes]] = {}  # marshalled once per member
         hub.outlet = self
 
     def wake(self, sub: Subscription) -> None:
@@ -46,6 +49,7 @@ class SignalEmitter:
             self.loop.call_soon(self._drain)
 
     def forget(self, sub: Subscription) -> None:
+        self._headers.pop(sub, None)
         if sub in self._queued:
             self._queued.discard(sub)
             try:
@@ -59,12 +63,22 @@ class SignalEmitter:
         writer = bus._writer
         if writer is None:
             return
+        try:
+            self._drain_into(bus, writer)
+        finally:
+            writer.flush()
+
+    def _drain_into(self, bus, writer) -> None:
         ready, hub, take = self._ready, self.hub, self.hub.take
+        queue, next_serial, headers = writer.queue, bus.next_serial, self._headers
+        bodies: dict[int, tuple] = {}  # id(event) -> (event, body): one marshalling per event
         sent = 0
         while ready:
             if writer.backlog >= HIGH_WATER:
-                self._waiting = self.loop.create_task(self._wait_writer())
-                return
+                writer.flush()
+                if writer.backlog >= HIGH_WATER:
+                    self._waiting = self.loop.create_task(self._wait_writer())
+                    return
             if sent >= BATCH:
                 self._scheduled = True
                 self.loop.call_soon(self._drain)
@@ -76,30 +90,33 @@ class SignalEmitter:
                 self._queued.discard(sub)
             elif len(ready) > 1:
                 ready.rotate(-1)
-            path = subscription_path(sub.number)
             if isinstance(item, Event):
-                member, signature, body = item.signal, item.signature, item.body()
+                member, signature = item.signal, item.signature
+                cached = bodies.get(id(item))
+                if cached is None:
+                    cached = bodies[id(item)] = (item, marshal_body(signature, item.body()))
+                body = cached[1]
             elif isinstance(item, LostMark):
-                member, signature, body = "Lost", "t", [item.count]
+                member, signature, body = "Lost", "t", marshal_body("t", [item.count])
             else:
-                member, signature, body = "Removed", "s", [item.reason]
-            msg = Message(
-                message_type=MessageType.SIGNAL, destination=sub.peer, path=path,
-                interface=SUBSCRIPTION_INTERFACE, member=member, signature=signature, body=body,
-            )
-            self._last = bus.send(msg)
+                member, signature, body = "Removed", "s", marshal_body("s", [item.reason])
+            mine = headers.get(sub)
+            if mine is None:
+                mine = headers[sub] = {}
+            header = mine.get(member)
+            if header is None:
+                header = mine[member] = signal_header(sub.peer, subscription_path(sub.number),
+                                                      SUBSCRIPTION_INTERFACE, member, signature)
+            queue(encode(header, body, next_serial()))
             sent += 1
             if isinstance(item, EndMark):
                 hub.forget(sub)
 
     async def _wait_writer(self) -> None:
         try:
-            while self.bus._writer is not None and self.bus._writer.backlog >= HIGH_WATER // 2:
-                last = self._last
-                if last is None or last.done():
-                    await asyncio.sleep(0.001)
-                else:
-                    await asyncio.wait([last])
+            writer = self.bus._writer
+            if writer is not None:
+                await writer.wait_backlog(HIGH_WATER // 2)
         finally:
             self._waiting = None
         self._drain()
