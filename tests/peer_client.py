@@ -7,7 +7,7 @@ Commands (one JSON object a line), each answered with one line
 - ``{"op": "call", "path", "iface", "member", "signature", "body"}``
 - ``{"op": "get", "path", "iface", "prop"}``
 - ``{"op": "match", "rule"}``: AddMatch (e.g. a catch-all eavesdropping rule)
-- ``{"op": "signals", "min": N, "timeout": S}``: signals received so far
+- ``{"op": "signals", "min": N, "wait": S}``: signals received so far
   (waiting up to S seconds for at least N), as [path, member, body].
 """
 
@@ -70,7 +70,7 @@ async def main(address: str) -> None:
             out = await call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch",
                              "s", [req["rule"]])
         elif op == "signals":
-            deadline = loop.time() + req.get("timeout", 0)
+            deadline = loop.time() + req.get("wait", req.get("timeout", 0))
             while len(signals) < req.get("min", 0) and loop.time() < deadline:
                 changed.clear()
                 try:

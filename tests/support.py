@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 import textwrap
 from collections import defaultdict
@@ -50,6 +52,7 @@ SYSTEM_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Confi
   <listen>unix:path={socket}</listen>
   <auth>EXTERNAL</auth>
   <policy context="default">
+    <allow user="*"/>
     <deny own="*"/>
     <deny send_type="method_call"/>
     <allow send_type="signal"/>
@@ -90,12 +93,15 @@ class PrivateBus:
         for f in (self.proc.stdout, self.proc.stderr):
             if f is not None:
                 f.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def start_bus(directory: Path, kind: str = "session", extra: str = "") -> PrivateBus:
     directory.mkdir(parents=True, exist_ok=True)
-    os.chmod(directory, 0o755)
-    sock = directory / "bus"
+    # The socket lives where other uids can reach it (pytest's tmp dirs are 0700).
+    sockdir = Path(tempfile.mkdtemp(prefix="wqd-bus-", dir="/tmp"))
+    os.chmod(sockdir, 0o755)
+    sock = sockdir / "bus"
     conf = directory / f"{kind}.conf"
     template = SESSION_CONF if kind == "session" else SYSTEM_CONF
     conf.write_text(template.format(socket=sock, repo=REPO, extra=extra))
@@ -106,7 +112,7 @@ def start_bus(directory: Path, kind: str = "session", extra: str = "") -> Privat
     address = proc.stdout.readline().strip()
     if not address:
         raise RuntimeError(f"dbus-daemon did not start: {proc.stderr.read()}")
-    return PrivateBus(kind, address, proc, directory)
+    return PrivateBus(kind, address, proc, sockdir)
 
 
 async def wait_for_name(address: str, name: str, proc: subprocess.Popen, timeout: float = 20.0) -> None:
@@ -170,14 +176,22 @@ class Wqd:
         return self.proc.returncode
 
 
-async def start_wqd(address: str, directory: Path, config: str = "", args: tuple = (), env: dict | None = None) -> Wqd:
+async def start_wqd(address: str, directory: Path, config: str = "", args: tuple = (), env: dict | None = None,
+                    wrapper: tuple[str, ...] = ()) -> Wqd:
+    """Start the real daemon. *wrapper* goes before the command (e.g. setpriv to run as another uid)."""
     directory.mkdir(parents=True, exist_ok=True)
     conf = directory / "wqd.conf"
     conf.write_text(textwrap.dedent(config))
+    os.chmod(conf, 0o644)
+    if wrapper:  # pytest's tmp dirs are 0700: give another uid a readable copy
+        readable = Path(tempfile.mkdtemp(prefix="wqd-conf-", dir="/tmp"))
+        os.chmod(readable, 0o755)
+        conf = Path(shutil.copy(conf, readable / "wqd.conf"))
     log = directory / "wqd.log"
     with log.open("w") as log_file:  # the child keeps its own copy of the fd
         proc = subprocess.Popen(
-            [PYTHON, "-m", "wqd.daemon", "--address", address, "--config", str(conf), "--log-level", "debug", *args],
+            [*wrapper, PYTHON, "-m", "wqd.daemon", "--address", address, "--config", str(conf),
+             "--log-level", "debug", *args],
             stdout=subprocess.DEVNULL, stderr=log_file, cwd=REPO, env={**os.environ, **(env or {})},
         )
     wqd = Wqd(address, proc, log)
@@ -199,8 +213,8 @@ class Client:
     _waiters: list = field(default_factory=list)
 
     @classmethod
-    async def connect(cls, address: str) -> Client:
-        client = cls(await MessageBus(bus_address=address).connect())
+    async def connect(cls, address: str, bus_class=MessageBus) -> Client:
+        client = cls(await bus_class(bus_address=address).connect())
         client.bus.add_message_handler(client._on_message)
         return client
 
@@ -271,10 +285,11 @@ class ForeignClient:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, cwd="/")
 
-    async def request(self, op: str, timeout: float = 15.0, **kw) -> dict:
+    async def request(self, op: str, *, reply_timeout: float = 30.0, **kw) -> dict:
+        """Send one command; *kw* become its JSON fields (``signals`` takes ``min`` and ``wait``)."""
         self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
         self.proc.stdin.flush()
-        line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), timeout)
+        line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), reply_timeout)
         if not line:
             raise RuntimeError(f"peer client died: {self.proc.stderr.read()}")
         return json.loads(line)
@@ -287,6 +302,9 @@ class ForeignClient:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if not f.closed:
+                f.close()
 
 
 def keyctl(*args: str) -> str:

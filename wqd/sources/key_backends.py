@@ -226,8 +226,9 @@ class ProcKeysBackend:
     def arm(self, watch) -> None:
         snap = run_as(watch.creds, snapshot_keys, [watch.serial])[watch.serial]
         if not snap.exists:
-            raise kerr.NoSuchKey(errno.ENOKEY, "key is gone")
+            raise kerr.NoSuchKey(errno.ENOKEY, "key is gone or not visible with these credentials")
         watch.state = snap
+        log.debug("polling key %d as %s: %s", watch.serial, watch.creds or "the daemon", snap)
         if self._timer is None:
             self._timer = self.loop.call_later(self.interval, self._tick)
 
@@ -253,6 +254,8 @@ class ProcKeysBackend:
             for watch in watches:
                 new = snaps[watch.serial]
                 changes, gone = diff(watch.state, new)
+                if changes or gone:
+                    log.debug("key %d: %s%s", watch.serial, changes, " (gone)" if gone else "")
                 watch.state = new
                 for change, aux in changes:
                     self.source.emit_change(watch.serial, change, aux)

@@ -19,7 +19,7 @@ import pwd
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
-from wqd.errors import AccessDenied, InvalidArgument, NotSupported
+from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NotSupported
 from wqd.events import KEY_CHANGES, Event, KeyChanged, WatchTarget
 from wqd.kernel import errors as kerr
 from wqd.kernel import keyctl
@@ -148,20 +148,31 @@ class KeysSource:
         serial = sub.target.object_id
         watch = self.watches.get(serial)
         if watch is None:
-            watch = KeyWatch(serial, None if os.geteuid() != 0 else peer_credentials(sub.owner))
-            try:
-                self.impl.arm(watch)
-            except kerr.Busy as exc:
-                from wqd.errors import LimitsExceeded
-
-                raise LimitsExceeded(f"the kernel refused another watch: {exc.strerror}") from None
-            except kerr.PermissionDenied:
-                raise AccessDenied("the kernel refused to watch this key for the caller") from None
-            except (kerr.NoSuchKey, kerr.KeyRevoked, kerr.KeyExpired):
-                raise InvalidArgument(f"no such key {serial}") from None
+            watch = self._arm(serial, sub)
             self.watches[serial] = watch
         watch.subs.add(sub)
         self.impl.filters_changed(self)
+
+    def _arm(self, serial: int, sub) -> KeyWatch:
+        """Arm with the daemon's own credentials where they reach the key (so one
+        watch serves every entitled peer, as the kernel's would), else the peer's."""
+        attempts: list[Credentials | None] = [None]
+        if os.geteuid() == 0 and (creds := peer_credentials(sub.owner)) is not None:
+            attempts.append(creds)
+        for i, creds in enumerate(attempts):
+            watch = KeyWatch(serial, creds)
+            try:
+                self.impl.arm(watch)
+                return watch
+            except (kerr.PermissionDenied, kerr.NoSuchKey):
+                if i + 1 < len(attempts):
+                    continue
+                raise AccessDenied("the kernel refused to watch this key for the caller") from None
+            except kerr.Busy as exc:
+                raise LimitsExceeded(f"the kernel refused another watch: {exc.strerror}") from None
+            except (kerr.KeyRevoked, kerr.KeyExpired):
+                raise InvalidArgument(f"key {serial} is revoked or expired") from None
+        raise AssertionError("unreachable")
 
     def detach(self, sub) -> None:
         serial = sub.target.object_id
@@ -179,6 +190,7 @@ class KeysSource:
             self.impl.disarm(watch)
         except kerr.KernelError as exc:
             log.debug("unwatching key %d: %s", watch.serial, exc)
+        log.debug("released the watch on key %d", watch.serial)
 
     def wanted_changes(self) -> frozenset[str] | None:
         """The union of what every subscription wants; ``None`` if any wants all."""
