@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 BATCH_MESSAGES = 64  # messages per sendmsg() at most
 BATCH_BYTES = 65536
+SEND_BUFFER = 8192  # SO_SNDBUF (the kernel doubles it): a few ms of signals at the bus's pace
 
 
 class FlowControlledWriter(_MessageWriter):
@@ -163,6 +164,9 @@ class FlowControlledBus(MessageBus):
 
     async def connect(self) -> FlowControlledBus:
         await super().connect()
+        # What the kernel buffers is queued ahead of every reply too: bound it
+        # (the default, net.core.wmem_default, holds a second of signals).
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         old = self._writer
         new = FlowControlledWriter(self)
         new.messages.extend(old.messages)
