@@ -155,3 +155,20 @@ async def test_unprivileged_instance_cannot_reach_another_uids_keyrings(tmp_path
             assert "uid 1000" in out["text"]
     finally:
         bus.stop()
+
+
+async def test_root_instance_resolves_at_p_of_another_uid(system_bus, wqd_factory, foreign):
+    """@p is the caller's persistent keyring; the kernel gives it to uid 1000 only."""
+    import subprocess
+
+    await wqd_factory(system_bus)
+    peer = foreign(1000)
+    out = await peer.request("watch", source="keys", target="@p")
+    assert out["ok"], out
+    # uid 1000, in a fresh session keyring of its own, adds a key to its persistent keyring
+    added = subprocess.run(
+        ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "keyctl", "session", "-", "sh", "-c",
+         'keyctl add user wqd-p x "$(keyctl get_persistent @s)"'],
+        check=True, capture_output=True, text=True).stdout.strip()
+    got = await peer.request("signals", min=1, wait=10)
+    assert got["result"][0][1:] == ["KeyChanged", [got["result"][0][2][0], "linked", int(added)]]
