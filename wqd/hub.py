@@ -52,7 +52,7 @@ class Subscription:
     source: str
     target: WatchTarget
     options: dict
-    queue: deque = field(default_factory=deque)
+    _queue: deque | None = field(default=None, repr=False)  # see ``queue``
     queued_events: int = 0
     delivered: int = 0
     lost: int = 0
@@ -63,6 +63,14 @@ class Subscription:
     @property
     def peer(self) -> str:
         return self.owner.unique_name
+
+    @property
+    def queue(self) -> deque:
+        """Made on first use: an empty deque is 760 bytes, and most subscriptions are idle."""
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
+        return queue
 
 
 class Outlet(Protocol):
