@@ -23,6 +23,10 @@ from wqd.parse.watch_queue import WatchQueueParser
 
 log = logging.getLogger(__name__)
 
+
+def debug_enabled() -> bool:
+    return log.isEnabledFor(logging.DEBUG)
+
 READ_SIZE = 4096  # one page: whole records, and a bounded batch per wakeup
 READS_PER_WAKEUP = 16
 ALL_SUBTYPES = set(range(256))
@@ -63,7 +67,10 @@ class _PipeReader:
             if not data:
                 self._eof()
                 return
-            self.records(self.parser.feed(data, final=self.final_reads))
+            events = self.parser.feed(data, final=self.final_reads)
+            if debug_enabled():
+                log.debug("%s: read %d bytes, %d record(s)", self.name, len(data), len(events))
+            self.records(events)
 
     def _keepalive_reader(self) -> bool:
         return True

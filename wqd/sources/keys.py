@@ -24,6 +24,7 @@ from wqd.events import KEY_CHANGES, Event, KeyChanged, WatchTarget
 from wqd.kernel import errors as kerr
 from wqd.kernel import keyctl
 from wqd.kernel.credentials import Credentials, run_as
+from wqd.parse.proc_keys import parse_proc_keys
 from wqd.peer import PeerCredentials
 from wqd.sources import Sink, string_list_option
 
@@ -63,6 +64,17 @@ def _resolve_as(spec: str, uid: int) -> int:
     if spec == "@p":
         return keyctl.get_persistent(-1 if uid == os.geteuid() else uid, keyctl.KEY_SPEC_PROCESS_KEYRING)
     return keyctl.get_keyring_id(SPECIAL_TARGETS[spec], True)
+
+
+def _describe_with_flags(serial: int) -> tuple[keyctl.KeyDescription, str | None]:
+    """KEYCTL_DESCRIBE plus the key's /proc/keys flags (None if not listed there)."""
+    desc = keyctl.describe(serial)
+    try:
+        with open("/proc/keys") as f:
+            entry = parse_proc_keys(f.read()).get(serial)
+    except OSError:
+        entry = None
+    return desc, entry.flags if entry else None
 
 
 def parse_serial(spec: str) -> int:
@@ -127,13 +139,17 @@ class KeysSource:
         if creds is not None and os.geteuid() != 0:
             creds = None  # an unprivileged instance describes as itself; policy judges
         try:
-            desc = run_as(creds, keyctl.describe, serial)
+            desc, flags = run_as(creds, _describe_with_flags, serial)
         except (kerr.NoSuchKey, kerr.KeyRevoked, kerr.KeyExpired):
             raise InvalidArgument(f"no such key {serial}") from None
         except kerr.PermissionDenied:
             raise AccessDenied("the key does not grant View to the caller") from None
         except kerr.KernelError as exc:
             raise InvalidArgument(f"cannot describe key {serial}: {exc.strerror}") from None
+        if flags is not None and "I" not in flags and "N" not in flags:
+            # KEYCTL_WATCH_KEY waits until construction ends (lookup_user_key without
+            # KEY_LOOKUP_PARTIAL): arming now would stall the daemon on the constructor.
+            raise NotSupported(f"key {serial} is still under construction; watch it once it is instantiated")
         return WatchTarget("keys", spec, serial, desc.uid, desc.gid, desc.perm,
                            extra={"type": desc.type, "description": desc.description, "changes": changes})
 
