@@ -36,6 +36,9 @@ IFACE = support.IFACE
 SUB_IFACE = support.SUB_IFACE
 PYTHON = sys.executable
 DBUS = "org.freedesktop.DBus"
+# The daemon runs as installed: byte-compiled (pip compiles at install time), so a
+# developer's PYTHONDONTWRITEBYTECODE must not make every start recompile wqd.
+DAEMON_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
 def replay_config(fifo: Path, extra: str = "") -> str:
@@ -92,7 +95,12 @@ class Rig:
         directory.mkdir(parents=True, exist_ok=True)
         conf = directory / "wqd.conf"
         conf.write_text(config)
-        log = directory / "wqd.log"
+        return await self.start_service(
+            [PYTHON, "-m", "wqd.daemon", "--address", self.address, "--config", str(conf), "--log-level", log_level],
+            directory / "wqd.log")
+
+    async def start_service(self, argv: list[str], log: Path) -> Daemon:
+        """Run *argv* and wait until it owns ``io.wqd.WatchQueue1`` (from ``NameOwnerChanged``)."""
         watcher = await MessageBus(bus_address=self.address).connect()
         try:
             owned = asyncio.get_running_loop().create_future()
@@ -107,11 +115,7 @@ class Rig:
                        [f"type='signal',member='NameOwnerChanged',arg0='{BUS_NAME}'"])
             with log.open("w") as log_file:
                 t0 = time.perf_counter()
-                proc = subprocess.Popen(
-                    [PYTHON, "-m", "wqd.daemon", "--address", self.address, "--config", str(conf),
-                     "--log-level", log_level],
-                    stdout=subprocess.DEVNULL, stderr=log_file, cwd=REPO,
-                )
+                proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log_file, cwd=REPO, env=DAEMON_ENV)
             daemon = Daemon(proc, log)
             self.daemons.append(daemon)
             exited = asyncio.ensure_future(asyncio.to_thread(proc.wait))
@@ -119,21 +123,25 @@ class Rig:
             if owned not in done:
                 exited.cancel()
                 daemon.stop()
-                raise RuntimeError(f"wqd did not come up:\n{daemon.log_text()}")
+                raise RuntimeError(f"{argv[2]} did not come up:\n{daemon.log_text()}")
             daemon.ready_s = owned.result() - t0
             daemon.exited = exited
             return daemon
         finally:
             watcher.disconnect()
 
-    async def start_raw_emitter(self) -> RawEmitter:
-        proc = subprocess.Popen([PYTHON, "-m", "bench.raw_emitter", self.address], stdin=subprocess.PIPE,
+    async def start_helper(self, module: str) -> Helper:
+        """A bench helper process (``bench.raw_emitter``, ``bench.caller``) speaking JSON lines."""
+        proc = subprocess.Popen([PYTHON, "-m", module, self.address], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True, cwd=REPO)
         self.procs.append(proc)
-        emitter = RawEmitter(proc)
-        ready = await emitter.read()
-        emitter.unique_name = ready["name"]
-        return emitter
+        helper = Helper(proc)
+        ready = await helper.read()
+        helper.unique_name = ready["name"]
+        return helper
+
+    async def start_raw_emitter(self) -> Helper:
+        return await self.start_helper("bench.raw_emitter")
 
 
 def stop_process(proc: subprocess.Popen) -> int:
@@ -190,8 +198,8 @@ class Daemon:
 
 
 @dataclass
-class RawEmitter:
-    """The baseline: a plain dbus-fast connection in its own process (bench/raw_emitter.py)."""
+class Helper:
+    """A helper process driven by JSON lines: the raw emitter (the baseline) or the caller."""
 
     proc: subprocess.Popen
     unique_name: str = ""
@@ -199,13 +207,16 @@ class RawEmitter:
     async def read(self) -> dict:
         line = await asyncio.to_thread(self.proc.stdout.readline)
         if not line:
-            raise RuntimeError("the raw emitter exited")
+            raise RuntimeError("a bench helper process exited")
         return json.loads(line)
 
-    def send(self, dests: list[tuple[str, str]], count: int) -> None:
-        """Start sending *count* rounds of one KeyChanged to each of *dests* ((unique name, path))."""
-        self.proc.stdin.write(json.dumps({"dests": dests, "count": count}) + "\n")
+    def request(self, **job) -> None:
+        self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
+
+    def send(self, dests: list[tuple[str, str]], count: int) -> None:
+        """Raw emitter: start sending *count* rounds of one KeyChanged to each of *dests* ((name, path))."""
+        self.request(dests=dests, count=count)
 
 
 async def call(bus: MessageBus, dest: str, path: str, iface: str | None, member: str, signature: str = "",
@@ -333,7 +344,7 @@ async def measure_rate(tally: Tally, expected: int, start, timeout: float = 300.
     return {"signals": tally.count, "lost": tally.lost, "seconds": t1 - t0, "rate": tally.count / (t1 - t0)}
 
 
-async def compare_throughput(raw: RawEmitter, dests: list[tuple[str, str]], rounds_per_event: int,
+async def compare_throughput(raw: Helper, dests: list[tuple[str, str]], rounds_per_event: int,
                              records: bytes, fifo: Path, tally: Tally, rounds: int) -> dict:
     """Interleaved rounds: the raw emitter, then wqd fed by the FIFO; medians and their ratio.
 
