@@ -14,17 +14,30 @@
     replay_path = ""               # replay: file or FIFO of kernel-format records
 
     [policy]
-    plugins = ["unix"]
+    plugins = ["unix"]             # in order; any deny wins (docs/policy-plugins.md)
     timeout = 5.0                  # seconds a plugin may take to decide a Watch
+    rules = ["/etc/wqd/rules.d"]   # rules files and directories of *.rules (rules, sandbox)
+
+    [policy.polkit]                # a plugin's own settings: [policy.NAME]
+    default = "deny"               # when polkitd is absent: deny | abstain | allow
+    timeout = 2.0
+    cache_ttl = 30.0
+
+Relative ``rules`` paths are taken from the configuration file's directory. The
+rules files are read and checked when the configuration is loaded (``load``,
+``validate``): errors name the file and line.
 """
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_PATH = "/etc/wqd/wqd.conf"
+DEFAULT_RULES = ["/etc/wqd/rules.d"]
+RULES_CONSUMERS = frozenset({"rules", "sandbox"})  # plugins that need the rules files read
 
 
 class ConfigError(Exception):
@@ -42,6 +55,8 @@ class Config:
     keys_replay_path: str = ""
     policy_plugins: list[str] = field(default_factory=lambda: ["unix"])
     policy_timeout: float = 5.0
+    policy_rules: list[str] | None = None  # None: DEFAULT_RULES, and missing is fine
+    policy_ruleset: object = None  # wqd.policy.rules_file.RuleSet, once validate() read the files
     raw: dict = field(default_factory=dict)
     path: str | None = None
 
@@ -56,7 +71,11 @@ _SCHEMA = {
     ("keys", "poll_interval"): ("keys_poll_interval", (int, float), lambda v: 0.01 <= v <= 3600, "0.01..3600"),
     ("keys", "queue_pages"): ("keys_queue_pages", int, lambda v: 1 <= v <= 16, "1..16"),
     ("keys", "replay_path"): ("keys_replay_path", str, lambda v: True, "a path"),
-    ("policy", "plugins"): ("policy_plugins", list, lambda v: all(isinstance(x, str) for x in v), "a list of names"),
+    ("policy", "plugins"): ("policy_plugins", list,
+                            lambda v: v and all(isinstance(x, str) and x for x in v) and len(set(v)) == len(v),
+                            "a non-empty list of distinct plugin names"),
+    ("policy", "rules"): ("policy_rules", list, lambda v: all(isinstance(x, str) and x and "\0" not in x for x in v),
+                          "a list of paths"),
     ("policy", "timeout"): ("policy_timeout", (int, float), lambda v: 0 < v <= 600, "0..600"),
 }
 KNOWN_SECTIONS = {"daemon", "keys", "policy", "devices", "mounts", "fs-errors"}
@@ -84,8 +103,11 @@ def parse(text: str, path: str = "<config>") -> Config:
             raise ConfigError(f"{path}: unknown section [{section}]")
         for key, value in values.items():
             entry = _SCHEMA.get((section, key))
+            if entry is None and section == "policy" and isinstance(value, dict):
+                _check_plugin_settings(text, path, key, value)
+                continue
             if entry is None:
-                if section in ("daemon", "keys"):
+                if section in ("daemon", "keys", "policy"):
                     line = _line_of(text, section, key)
                     raise ConfigError(f"{path}:{line or '?'}: unknown setting {section}.{key}")
                 continue  # sections owned by other components are checked there
@@ -96,6 +118,46 @@ def parse(text: str, path: str = "<config>") -> Config:
             setattr(cfg, attr, value)
     if cfg.keys_backend == "replay" and not cfg.keys_replay_path:
         raise ConfigError(f"{path}: keys.backend = \"replay\" needs keys.replay_path")
+    if cfg.policy_rules is not None and not path.startswith("<"):
+        base = os.path.dirname(os.path.abspath(path))
+        cfg.policy_rules = [os.path.join(base, p) for p in cfg.policy_rules]
+        data["policy"]["rules"] = list(cfg.policy_rules)  # plugins reading [policy] see the same paths
+    return cfg
+
+
+def _check_plugin_settings(text: str, path: str, name: str, settings: dict) -> None:
+    """``[policy.NAME]``: the built-ins' settings are checked here; others' by their plugin."""
+    if name == "polkit":
+        from wqd.policy import PluginError
+        from wqd.policy.polkit import validate_settings
+
+        try:
+            validate_settings(settings)
+        except PluginError as exc:
+            setting = next((k for k in settings if f"policy.polkit.{k}" in str(exc)), None)
+            line = _line_of(text, "policy.polkit", setting) if setting else None
+            raise ConfigError(f"{path}:{line or '?'}: {exc}") from None
+
+
+def validate(cfg: Config) -> Config:
+    """Read and check what the configuration points to: the rules files.
+
+    Sets ``cfg.policy_ruleset`` when a configured plugin uses rules (or ``rules``
+    is set). Raises ``ConfigError`` naming the file and line. Idempotent.
+    """
+    if cfg.policy_ruleset is not None:
+        return cfg
+    if cfg.policy_rules is None and not RULES_CONSUMERS & set(cfg.policy_plugins):
+        return cfg
+    from wqd.policy.rules_file import RulesError, load_rules
+
+    try:
+        if cfg.policy_rules is None:
+            cfg.policy_ruleset = load_rules(DEFAULT_RULES, missing_ok=True)
+        else:
+            cfg.policy_ruleset = load_rules(cfg.policy_rules)
+    except RulesError as exc:
+        raise ConfigError(str(exc)) from None
     return cfg
 
 
@@ -109,4 +171,4 @@ def load(path: str | None) -> Config:
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from None
-    return parse(text, path)
+    return validate(parse(text, path))

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from dbus_fast import RequestNameReply
 from dbus_fast.constants import NameFlag
@@ -18,7 +19,8 @@ from wqd.bus import names
 from wqd.bus.connection import connect
 from wqd.bus.service import WatchQueueService
 from wqd.hub import Hub, Limits
-from wqd.policy import UnknownPolicy, load_stack
+from wqd.bus.polkit import BusAuthority
+from wqd.policy import PluginError, UnknownPolicy, load_stack
 from wqd.sources.key_backends import open_backend
 from wqd.sources.keys import KeysSource
 from wqd.sources.unavailable import UnavailableSource
@@ -70,13 +72,56 @@ class Daemon:
         self.address = address
         self.system = system
         self.stopping = asyncio.Event()
+        self.policy_services: dict = {}  # shared with every policy plugin (PluginContext.services)
+        self._reloading: asyncio.Task | None = None
+        self._reload_again = False
+
+    def load_policy(self, cfg: configuration.Config):
+        return load_stack(cfg.policy_plugins, cfg.raw.get("policy", {}), cfg.policy_timeout,
+                          rules=cfg.policy_ruleset, services=self.policy_services)
+
+    async def reload(self, hub: Hub) -> bool:
+        """SIGHUP: re-read the configuration and rules files, swap in the new policy
+        and re-check every subscription by it (keeping the bus and the subscriptions).
+        A bad file leaves the previous policy in force. Other settings need a restart."""
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            cfg = configuration.load(self.cfg.path)
+            policy = self.load_policy(cfg)
+        except (configuration.ConfigError, PluginError) as exc:
+            log.error("reload failed; the previous policy stays in force: %s", exc)
+            sd_notify(f"READY=1\nSTATUS=reload failed: {exc}")
+            return False
+        revoked = await hub.recheck(policy)
+        self.cfg.policy_plugins, self.cfg.policy_ruleset = cfg.policy_plugins, cfg.policy_ruleset
+        log.info("reloaded %s: policy %s, %d rule(s); %d subscription(s) revoked", cfg.path or "defaults",
+                 " ".join(policy.names), len(cfg.policy_ruleset or ()), revoked)
+        sd_notify(f"READY=1\nSTATUS=reloaded: {revoked} subscription(s) revoked")
+        return True
+
+    def _on_hup(self, hub: Hub) -> None:
+        if self._reloading is not None and not self._reloading.done():
+            self._reload_again = True  # once more after this one: the files changed again
+            return
+        self._reloading = asyncio.ensure_future(self._reload_loop(hub))
+
+    async def _reload_loop(self, hub: Hub) -> None:
+        while True:
+            self._reload_again = False
+            try:
+                await self.reload(hub)
+            except Exception:
+                log.exception("reload failed")
+            if not self._reload_again:
+                return
 
     async def run(self) -> int:
         cfg = self.cfg
-        policy = load_stack(cfg.policy_plugins, cfg.raw.get("policy", {}), cfg.policy_timeout)
+        policy = self.load_policy(cfg)
         sources = build_sources(cfg)
         hub = Hub(sources, policy, Limits(cfg.queue_length, cfg.subscriptions_per_peer, cfg.subscriptions_total))
         bus = await connect(self.address, self.system)
+        self.policy_services["polkit"] = BusAuthority(bus)
         service = WatchQueueService(bus, hub)
         await service.start()
         for source in sources.values():
@@ -84,6 +129,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup, hub)
         reply = await bus.request_name(names.BUS_NAME, NameFlag.DO_NOT_QUEUE)
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
             log.error("cannot own %s on the bus (%s): is another wqd running, or does the bus policy forbid it?",
@@ -189,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     daemon = Daemon(cfg, bus_address(args), args.system)
     try:
         return asyncio.run(daemon.run())
-    except UnknownPolicy as exc:
+    except PluginError as exc:  # UnknownPolicy, a plugin's bad settings
         print(f"wqd: {exc}", file=sys.stderr)
         return 2
     except (OSError, ConnectionError) as exc:

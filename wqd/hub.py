@@ -109,7 +109,11 @@ class Hub:
         if len(self.subscriptions) >= self.limits.subscriptions_total:
             raise LimitsExceeded("too many subscriptions")
         target = await source.resolve(peer, spec, options)
-        decision = await self.policy.watch(peer, target)
+        policy = self.policy
+        decision = await policy.watch(peer, target)
+        while policy is not self.policy:  # reloaded (SIGHUP) while deciding: the new policy decides
+            policy = self.policy
+            decision = await policy.watch(peer, target)
         if not decision.allowed:
             log.info("denied %s watch %s %r: %s", peer.unique_name, source_name, spec, decision.reason,
                      extra={"MESSAGE_ID": journal.POLICY_DENIED, "peer_uid": peer.uid, "peer_pid": peer.pid})
@@ -182,7 +186,35 @@ class Hub:
         subs = list(self._by_owner.get(peer, ()))
         for sub in subs:
             self.end(sub)
+        self.policy.forget(peer)
         return len(subs)
+
+    async def recheck(self, policy: PolicyStack, concurrency: int = 64) -> int:
+        """Make *policy* the policy, and judge every live subscription by it again.
+
+        A subscription it now denies ends with ``Removed("access revoked")``. Watches
+        decided meanwhile are re-decided by *policy* (see ``watch``). Returns how
+        many subscriptions were revoked.
+        """
+        self.policy = policy
+        gate = asyncio.Semaphore(concurrency)
+        revoked = 0
+
+        async def judge(sub: Subscription) -> None:
+            nonlocal revoked
+            async with gate:
+                if not sub.active:
+                    return
+                decision = await policy.watch(sub.owner, sub.target)
+            if sub.active and self.policy is policy and not decision.allowed:
+                log.info("subscription %d of %s revoked: %s", sub.number, sub.peer, decision.reason,
+                         extra={"MESSAGE_ID": journal.POLICY_DENIED, "peer_uid": sub.owner.uid,
+                                "peer_pid": sub.owner.pid})
+                revoked += 1
+                self.end(sub, "access revoked")
+
+        await asyncio.gather(*(judge(s) for s in list(self.subscriptions.values()) if s.active))
+        return revoked
 
     # -- delivering -------------------------------------------------------
 

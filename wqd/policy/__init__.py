@@ -2,23 +2,32 @@
 
 Like the kernel's ``security_watch_key`` and ``security_post_notification``:
 
-- ``async watch(peer, target) -> Decision``: may *peer* watch *target*? ``ALLOW``,
-  ``Deny(reason)``, or ``ABSTAIN``. Bounded in time by the stack.
-- ``post(peer, event) -> Event | None``: the event as *peer* may see it (possibly
-  with fields removed), or ``None`` to drop it. Synchronous and cheap: it runs per
-  event per subscriber.
+- ``watch(peer, source, target) -> Decision``: may *peer* watch *target* of
+  *source*? ``ALLOW``, ``Deny(reason)`` or ``ABSTAIN``. May be ``async``; bounded
+  in time by the stack (``[policy] timeout``).
+- ``post(peer, event) -> Event | None``: the event as *peer* may see it (the same
+  object, a redacted copy of the same type, see ``Event.redact``), or ``None`` to
+  drop it. Synchronous and cheap: it runs per event per subscriber.
+- optional ``probe() -> str | None``: ``None`` if the plugin can run here, else
+  why not. A plugin that cannot run denies every ``Watch`` (fail closed).
+- optional ``forget(unique_name)``: the peer left the bus; drop what is cached.
 
-Plugins stack in the configured order; any deny wins; a plugin that raises denies
-and is logged. With no plugin allowing, the answer is deny (fail closed).
+Plugins stack in the configured order; any deny wins; a plugin that raises (or
+times out, or answers something that is not a ``Decision``) denies, and is
+logged; the daemon lives on. With no plugin allowing, the answer is deny (fail
+closed). Third-party plugins register a factory in the ``wqd.policy`` entry-point
+group; it is called with a :class:`PluginContext`. See docs/policy-plugins.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from wqd.events import Event, WatchTarget
 from wqd.peer import PeerCredentials
@@ -46,13 +55,57 @@ def Deny(reason: str) -> Decision:  # noqa: N802 - reads like a constructor
     return Decision("deny", reason)
 
 
+@dataclass
+class PluginContext:
+    """What a plugin factory is given.
+
+    - ``name``: the name the plugin is configured under (``[policy] plugins``).
+    - ``settings``: its own table, ``[policy.NAME]`` (``{}`` if absent).
+    - ``policy``: the whole ``[policy]`` table.
+    - ``rules``: the parsed rules files (``wqd.policy.rules_file.RuleSet``) when
+      the configuration loaded them, else ``None``.
+    - ``services``: what the daemon offers plugins, filled in once the bus is up:
+      ``"polkit"`` -> a ``wqd.policy.polkit.Authority``. Look services up when
+      deciding, not in the factory.
+    """
+
+    name: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    policy: Mapping[str, Any] = field(default_factory=dict)
+    rules: Any = None
+    services: dict[str, Any] = field(default_factory=dict)
+
+
 @runtime_checkable
 class Policy(Protocol):
     name: str
 
-    async def watch(self, peer: PeerCredentials, target: WatchTarget) -> Decision: ...
+    def watch(self, peer: PeerCredentials, source: str, target: WatchTarget) -> Decision:
+        """Or ``async def``: both are accepted."""
 
     def post(self, peer: PeerCredentials, event: Event) -> Event | None: ...
+
+
+class PluginError(ValueError):
+    """A plugin could not be set up (unknown name, bad settings, missing dependency)."""
+
+
+class UnknownPolicy(PluginError):
+    pass
+
+
+class UnavailablePlugin:
+    """Stands in for a plugin whose ``probe()`` says it cannot run here: denies."""
+
+    def __init__(self, name: str, why: str) -> None:
+        self.name = name
+        self.why = why
+
+    def watch(self, peer, source, target) -> Decision:
+        return Deny(f"policy {self.name} cannot run here")
+
+    def post(self, peer, event):
+        return event
 
 
 class PolicyStack:
@@ -61,44 +114,105 @@ class PolicyStack:
     def __init__(self, plugins: list[Policy], timeout: float = 5.0) -> None:
         self.plugins = plugins
         self.timeout = timeout
+        self._post_failures: dict[str, int] = {}
+        self._forgetters = [p for p in plugins if callable(getattr(p, "forget", None))]
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.plugins]
 
     async def watch(self, peer: PeerCredentials, target: WatchTarget) -> Decision:
         allowed = False
         for plugin in self.plugins:
             try:
-                decision = await asyncio.wait_for(plugin.watch(peer, target), self.timeout)
-            except Exception:
-                log.exception("policy %s failed on watch; denying", plugin.name)
+                decision = plugin.watch(peer, target.source, target)
+                if inspect.isawaitable(decision):
+                    decision = await asyncio.wait_for(decision, self.timeout)
+                if not isinstance(decision, Decision) or decision.verdict not in ("allow", "deny", "abstain"):
+                    raise TypeError(f"watch() returned {decision!r}, not a Decision")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if isinstance(exc, asyncio.TimeoutError):
+                    log.error("policy %s did not decide within %.1f s; denying", plugin.name, self.timeout)
+                else:
+                    log.exception("policy %s failed on watch; denying", plugin.name)
                 return Deny(f"policy {plugin.name} failed")
             if decision.verdict == "deny":
-                return decision
+                return Deny(decision.reason or f"denied by policy {plugin.name}")
             allowed |= decision.verdict == "allow"
         return ALLOW if allowed else Deny("no policy allows this")
 
     def post(self, peer: PeerCredentials, event: Event) -> Event | None:
+        original = type(event)
         for plugin in self.plugins:
             try:
                 event = plugin.post(peer, event)
+                if event is not None and type(event) is not original:
+                    raise TypeError(f"post() turned a {original.__name__} into {event!r}")
             except Exception:
-                log.exception("policy %s failed on post; dropping the event", plugin.name)
+                n = self._post_failures.get(plugin.name, 0) + 1
+                self._post_failures[plugin.name] = n
+                if n == 1 or n % 1000 == 0:
+                    log.exception("policy %s failed on post (%d time(s)); dropping the event", plugin.name, n)
                 return None
             if event is None:
                 return None
         return event
 
+    def forget(self, unique_name: str) -> None:
+        for plugin in self._forgetters:
+            try:
+                plugin.forget(unique_name)
+            except Exception:
+                log.exception("policy %s failed to forget %s", plugin.name, unique_name)
 
-class UnknownPolicy(Exception):
-    pass
 
+def load_plugin(name: str, context: PluginContext | Mapping | None = None) -> Policy:
+    """Instantiate the plugin registered as *name* in the ``wqd.policy`` group.
 
-def load_plugin(name: str, config: dict | None = None) -> Policy:
-    """Instantiate the plugin registered as *name* in the ``wqd.policy`` group."""
+    Its ``probe()``, if any, is asked whether it can run here; if not, an
+    ``UnavailablePlugin`` that denies everything takes its place.
+    """
+    if not isinstance(context, PluginContext):
+        policy = dict(context or {})
+        settings = policy.get(name, {})
+        context = PluginContext(name, settings if isinstance(settings, Mapping) else {}, policy)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == name:
-            factory = ep.load()
-            return factory(config or {})
+            try:
+                factory = ep.load()
+            except Exception as exc:
+                raise PluginError(f"policy plugin {name!r} ({ep.value}) cannot be loaded: {exc}") from exc
+            try:
+                plugin = factory(context)
+            except PluginError:
+                raise
+            except Exception as exc:
+                raise PluginError(f"policy plugin {name!r}: {exc}") from exc
+            if not isinstance(plugin, Policy):
+                raise PluginError(f"policy plugin {name!r} ({ep.value}) lacks watch/post")
+            probe = getattr(plugin, "probe", None)
+            why = probe() if callable(probe) else None
+            if why:
+                log.error("policy %s cannot run here (%s): it denies every Watch", name, why)
+                return UnavailablePlugin(name, why)
+            return plugin
     raise UnknownPolicy(f"no policy plugin named {name!r} (entry-point group {ENTRY_POINT_GROUP})")
 
 
-def load_stack(names: list[str], config: dict | None = None, timeout: float = 5.0) -> PolicyStack:
-    return PolicyStack([load_plugin(n, config) for n in names], timeout)
+def load_stack(names: list[str], config: Mapping | None = None, timeout: float = 5.0, *,
+               rules: Any = None, services: dict | None = None) -> PolicyStack:
+    """The stack of *names*; *config* is the ``[policy]`` table.
+
+    *rules* (parsed rules files) and *services* (shared, filled in by the daemon)
+    reach every plugin through its ``PluginContext``.
+    """
+    policy = dict(config or {})
+    shared = services if services is not None else {}
+    plugins = []
+    for name in names:
+        settings = policy.get(name, {})
+        ctx = PluginContext(name, settings if isinstance(settings, Mapping) else {}, policy, rules, shared)
+        plugins.append(load_plugin(name, ctx))
+    return PolicyStack(plugins, timeout)

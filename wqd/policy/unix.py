@@ -1,8 +1,16 @@
 """``unix``: discretionary access control, as the kernel would judge it.
 
-One module per source holds the rules (``unix_keys``, ``unix_devices``,
-``unix_mounts``); this plugin dispatches to them. A source without rules here
-gets ``ABSTAIN`` from this plugin.
+One module per source holds the rules, with ``async watch(peer, target, config)
+-> Decision`` and ``post(peer, event, config) -> Event | None``:
+
+- ``keys`` (``unix_keys``): the key's permission word grants View to the peer.
+- ``devices`` (``unix_devices``): identifying properties only to root or to a peer
+  that may open the device node.
+- ``mounts`` and ``fs-errors`` (``unix_mounts``): a peer's own mount namespace
+  only; filesystem errors to root.
+
+A source whose rules module is not part of this build is denied (fail closed),
+and its events are dropped: ``unix`` never waves through what it cannot judge.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ import importlib
 
 from wqd.events import Event, WatchTarget
 from wqd.peer import PeerCredentials
-from wqd.policy import ABSTAIN, Decision
+from wqd.policy import Decision, Deny
 
 # source -> module with ``async watch(peer, target, config)`` and ``post(peer, event, config)``
 RULES = {
@@ -25,8 +33,10 @@ RULES = {
 class UnixPolicy:
     name = "unix"
 
-    def __init__(self, config: dict | None = None) -> None:
-        self.config = config or {}
+    def __init__(self, context=None) -> None:
+        # The rules modules get the [policy] table (their settings: [policy.unix]).
+        table = context.policy if hasattr(context, "policy") else context
+        self.config = dict(table or {})
         self.rules = {}
         for source, module in RULES.items():
             try:
@@ -35,14 +45,14 @@ class UnixPolicy:
                 if exc.name != module:
                     raise
 
-    async def watch(self, peer: PeerCredentials, target: WatchTarget) -> Decision:
-        rules = self.rules.get(target.source)
+    async def watch(self, peer: PeerCredentials, source: str, target: WatchTarget) -> Decision:
+        rules = self.rules.get(source)
         if rules is None:
-            return ABSTAIN
+            return Deny(f"no unix rules for source {source!r} in this build")
         return await rules.watch(peer, target, self.config)
 
     def post(self, peer: PeerCredentials, event: Event) -> Event | None:
         rules = self.rules.get(event.source)
         if rules is None:
-            return event
+            return None
         return rules.post(peer, event, self.config)
