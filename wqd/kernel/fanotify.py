@@ -11,7 +11,6 @@ against it.
 - include/uapi/linux/mount.h: struct mnt_id_req, struct statmount, STATMOUNT_*,
   LSMT_ROOT, MOUNT_ATTR_*, MS_* (superblock flags as statmount reports them).
 - include/uapi/linux/nsfs.h: NS_GET_MNTNS_ID (6.10).
-- include/uapi/linux/pidfd.h: PIDFD_GET_MNT_NAMESPACE (6.11).
 - arch/x86/entry/syscalls/syscall_64.tbl: statmount 457, listmount 458.
 """
 
@@ -106,9 +105,8 @@ MS_SYNCHRONOUS = 16
 MS_DIRSYNC = 128
 MS_LAZYTIME = 1 << 25
 
-# -- include/uapi/linux/nsfs.h, include/uapi/linux/pidfd.h -------------------
+# -- include/uapi/linux/nsfs.h ------------------------------------------------
 NS_GET_MNTNS_ID = 0x8008B705  # _IOR(0xb7, 0x5, __u64)
-PIDFD_GET_MNT_NAMESPACE = 0xFF03  # _IO(PIDFS_IOCTL_MAGIC 0xFF, 3)
 
 # -- arch/x86/entry/syscalls/syscall_64.tbl ----------------------------------
 SYSCALLS = {"statmount": 457, "listmount": 458}
@@ -269,16 +267,3 @@ def mount_namespace_id(nsfd: int) -> int:
     except OSError as exc:
         raise typed(exc, "NS_GET_MNTNS_ID") from None
     return struct.unpack("=Q", buf)[0]
-
-
-def pidfd_mount_namespace(pidfd: int) -> int:
-    """PIDFD_GET_MNT_NAMESPACE: an fd for the mount namespace of the process at *pidfd*."""
-    try:
-        return fcntl.ioctl(pidfd, PIDFD_GET_MNT_NAMESPACE, 0)
-    except OSError as exc:
-        raise typed(exc, "PIDFD_GET_MNT_NAMESPACE") from None
-
-
-def not_supported(err: int) -> bool:
-    return err in (errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
-

@@ -1,0 +1,296 @@
+"""The ``mounts`` source with real mounts, through the real daemon on a system-type bus.
+
+Every mount is made under a private tmpfs of the test's own (``base``), and
+subscribers watch that prefix, so other mounts on the machine do not matter.
+Both backends: ``fanotify`` (FAN_MNT_ATTACH/DETACH on the namespace) and
+``mountinfo`` (POLLPRI on /proc/PID/mountinfo, diffed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import tempfile
+
+import pytest
+
+from support import IFACE, MANAGER, PYTHON, REPO, SUB_IFACE, BusError, ForeignClient, variant_options
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
+
+FANOTIFY = '[mounts]\nbackend = "fanotify"\n'
+MOUNTINFO = '[mounts]\nbackend = "mountinfo"\ncoalesce = 0.02\n'
+
+
+def fanotify_mounts_work() -> str | None:
+    if os.geteuid() != 0:
+        return "mounting needs root"
+    from wqd.kernel.errors import KernelError
+    from wqd.sources.mount_backends import probe_fanotify
+
+    try:
+        probe_fanotify()
+    except KernelError as exc:
+        return f"no fanotify mount events here (Linux >= 6.15, CAP_SYS_ADMIN): {exc}"
+    return None
+
+
+SKIP_FANOTIFY = fanotify_mounts_work()
+BACKENDS = pytest.mark.parametrize("config", [
+    pytest.param(FANOTIFY, id="fanotify", marks=pytest.mark.skipif(bool(SKIP_FANOTIFY), reason=str(SKIP_FANOTIFY))),
+    pytest.param(MOUNTINFO, id="mountinfo", marks=pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")),
+])
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def make_private_tmpfs(prefix: str) -> str:
+    d = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    sh("mount", "-t", "tmpfs", "-o", "size=4m", "wqd-test-base", d)
+    sh("mount", "--make-private", d)
+    return d
+
+
+def remove_tmpfs(d: str) -> None:
+    subprocess.run(["umount", "-R", "-l", d], capture_output=True)
+    os.rmdir(d)
+
+
+@pytest.fixture
+def base():
+    """A private tmpfs for the test's mounts: nothing propagates in or out."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    d = make_private_tmpfs("wqd-mnt-")
+    yield d
+    remove_tmpfs(d)
+
+
+class NamespacePeer(ForeignClient):
+    """A peer client in a new private mount namespace: ``unshare -m`` as root, then
+    ``setpriv`` to *uid* (setpriv first, as ForeignClient does, would leave unshare
+    without the privilege to make the namespace)."""
+
+    def __init__(self, address: str, uid: int) -> None:
+        cmd = ["unshare", "-m", "--propagation", "private",
+               "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+               PYTHON, str(REPO / "tests" / "peer_client.py"), address]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, cwd="/")
+
+    def inside(self, *cmd: str) -> None:
+        """Run *cmd* as root in this peer's mount namespace."""
+        sh("nsenter", f"--mount=/proc/{self.proc.pid}/ns/mnt", *cmd)
+
+    async def mounts(self, n: int, wait: float = 10) -> list:
+        return await peer_mounts(self, n, wait)
+
+
+async def peer_mounts(peer: ForeignClient, n: int, wait: float = 10) -> list:
+    """The MountChanged bodies *peer* received, waiting up to *wait* s for *n* signals."""
+    got = await peer.request("signals", min=n, wait=wait)
+    return [body for _path, member, body in got["result"] if member == "MountChanged"]
+
+
+@pytest.fixture
+def peers(system_bus):
+    made = []
+
+    def make(uid: int = 0, namespace: bool = True):
+        peer = NamespacePeer(system_bus.address, uid) if namespace else ForeignClient(system_bus.address, uid)
+        made.append(peer)
+        return peer
+
+    yield make
+    for peer in made:
+        peer.close()
+
+
+def mount_events(client, path: str) -> list:
+    return [body for member, body in client.signals[path] if member == "MountChanged"]
+
+
+async def wait_mount(client, path: str, action: str, mount_point: str, timeout: float = 10.0) -> list:
+    def found():
+        return next((b for b in mount_events(client, path) if b[0] == action and b[2] == mount_point), None)
+
+    await client.wait_for(lambda: found() is not None, timeout)
+    return found()
+
+
+async def start(system_bus, wqd_factory, client_factory, config: str):
+    await wqd_factory(system_bus, config)
+    client = await client_factory(system_bus.address)
+    return client
+
+
+@BACKENDS
+async def test_tmpfs_mount_and_umount(system_bus, wqd_factory, client_factory, base, config):
+    client = await start(system_bus, wqd_factory, client_factory, config)
+    sources = await client.get(MANAGER, IFACE, "Sources")
+    assert sources["mounts"] == ("fanotify" if "fanotify" in config else "mountinfo")
+    path = await client.watch("mounts", base)
+    target = os.path.join(base, "t")
+    os.mkdir(target)
+    sh("mount", "-t", "tmpfs", "-o", "size=1m,nosuid,nodev", "wqd-src", target)
+    attached = await wait_mount(client, path, "attached", target)
+    _, mount_id, _, info = attached
+    assert info["fstype"] == "tmpfs" and info["source"] == "wqd-src"
+    options = info["options"].split(",")
+    assert {"rw", "nosuid", "nodev", "size=1024k"} <= set(options), options
+    if "mountinfo" in config:  # mountinfo's own id for the mount
+        with open("/proc/self/mountinfo") as f:
+            line = next(line for line in f if f" {target} " in line)
+        assert mount_id == int(line.split()[0])
+    else:  # the kernel's 64-bit unique id (they start above 2**31)
+        assert mount_id > 2**31
+    sh("umount", target)
+    detached = await wait_mount(client, path, "detached", target)
+    assert detached == ["detached", mount_id, target, info]
+    assert await client.get(path, SUB_IFACE, "Lost") == 0
+
+
+@BACKENDS
+async def test_bind_and_move(system_bus, wqd_factory, client_factory, base, config):
+    client = await start(system_bus, wqd_factory, client_factory, config)
+    path = await client.watch("mounts", base)
+    src, bound, moved = (os.path.join(base, n) for n in ("src", "bound", "moved"))
+    for d in (src, bound, moved):
+        os.mkdir(d)
+    sh("mount", "-t", "tmpfs", "-o", "size=1m", "wqd-bind-src", src)
+    await wait_mount(client, path, "attached", src)
+    sh("mount", "--bind", src, bound)
+    attached = await wait_mount(client, path, "attached", bound)
+    assert attached[3]["fstype"] == "tmpfs" and attached[3]["source"] == "wqd-bind-src"
+    sh("mount", "--move", bound, moved)
+    event = await wait_mount(client, path, "moved", moved)
+    assert event[1] == attached[1]  # the same mount, now elsewhere
+    assert event[3]["moved_from"] == bound and event[3]["fstype"] == "tmpfs"
+    sh("umount", moved)
+    detached = await wait_mount(client, path, "detached", moved)
+    assert detached[1] == attached[1]
+    sh("umount", src)
+    await wait_mount(client, path, "detached", src)
+    actions = [(b[0], b[2]) for b in mount_events(client, path)]
+    assert actions == [("attached", src), ("attached", bound), ("moved", moved), ("detached", moved),
+                       ("detached", src)]
+
+
+@BACKENDS
+async def test_actions_option_and_prefix(system_bus, wqd_factory, client_factory, base, config):
+    client = await start(system_bus, wqd_factory, client_factory, config)
+    inside, outside = os.path.join(base, "in"), os.path.join(base, "out")
+    for d in (inside, outside):
+        os.mkdir(d)
+    only_detached = await client.watch("mounts", inside, variant_options(actions=["detached"]))
+    everything_in = await client.watch("mounts", inside + "/")  # normalised
+    assert await client.get(everything_in, SUB_IFACE, "Target") == inside + "/"
+    for d in (outside, inside):
+        sh("mount", "-t", "tmpfs", "-o", "size=1m", "wqd-x", d)
+    await wait_mount(client, everything_in, "attached", inside)  # mountinfo: a mount must live to be seen
+    for d in (inside, outside):
+        sh("umount", d)
+    await wait_mount(client, only_detached, "detached", inside)
+    await wait_mount(client, everything_in, "detached", inside)
+    assert [b[0] for b in mount_events(client, only_detached)] == ["detached"]
+    assert [(b[0], b[2]) for b in mount_events(client, everything_in)] == [("attached", inside), ("detached", inside)]
+    with pytest.raises(BusError) as err:
+        await client.watch("mounts", base, variant_options(actions=["mounted"]))
+    assert err.value.name.endswith("InvalidArgument")
+    for bad in ("relative/path", "~/x"):
+        with pytest.raises(BusError) as err:
+            await client.watch("mounts", bad)
+        assert err.value.name.endswith("InvalidArgument")
+
+
+@BACKENDS
+async def test_own_namespace_only(system_bus, wqd_factory, client_factory, peers, base, config):
+    """A root peer and a uid-1000 peer, each in its own private namespace: each sees
+    its own namespace's mounts; the host subscriber sees neither's, nor they the host's."""
+    host = await start(system_bus, wqd_factory, client_factory, config)
+    host_path = await host.watch("mounts", base)
+    inner_root, inner_user = peers(0), peers(1000)
+    watched = {}
+    for name, peer in (("root", inner_root), ("user", inner_user)):
+        out = await peer.request("watch", source="mounts", target=base)
+        assert out["ok"], out
+        watched[name] = out["result"][0]
+    targets = {name: os.path.join(base, name) for name in ("host", "root", "user")}
+    for d in targets.values():
+        os.mkdir(d)
+    sh("mount", "-t", "tmpfs", "-o", "size=1m", "wqd-host", targets["host"])
+    inner_root.inside("mount", "-t", "tmpfs", "-o", "size=1m", "wqd-inner-root", targets["root"])
+    inner_user.inside("mount", "-t", "tmpfs", "-o", "size=1m", "wqd-inner-user", targets["user"])
+    await wait_mount(host, host_path, "attached", targets["host"])
+    for name, peer in (("root", inner_root), ("user", inner_user)):
+        events = await peer.mounts(1)
+        assert [(b[0], b[2], b[3]["source"]) for b in events] == [("attached", targets[name], f"wqd-inner-{name}")]
+    # Then each unmounts its own; the last event each side sees is its own detach.
+    sh("umount", targets["host"])
+    inner_root.inside("umount", targets["root"])
+    inner_user.inside("umount", targets["user"])
+    await wait_mount(host, host_path, "detached", targets["host"])
+    for name, peer in (("root", inner_root), ("user", inner_user)):
+        events = await peer.mounts(2)
+        assert [(b[0], b[2]) for b in events] == [("attached", targets[name]), ("detached", targets[name])]
+    assert [(b[0], b[2]) for b in mount_events(host, host_path)] == [
+        ("attached", targets["host"]), ("detached", targets["host"])]
+
+
+async def test_other_namespaces_can_be_denied(system_bus, wqd_factory, client_factory, peers, base):
+    config = MOUNTINFO + "\n[policy.unix]\nmounts_other_namespaces = false\n"
+    host = await start(system_bus, wqd_factory, client_factory, config)
+    await host.watch("mounts", base)  # wqd's own namespace: still fine
+    out = await peers(0).request("watch", source="mounts", target="")
+    assert out["error"] == "io.wqd.WatchQueue1.Error.AccessDenied", out
+    same_ns = await peers(1000, namespace=False).request("watch", source="mounts", target=base)
+    assert same_ns["ok"], same_ns
+
+
+async def test_redacted_for_non_root(system_bus, wqd_factory, client_factory, peers, base):
+    """A non-root peer gets no path it does not own in source or options; root gets all."""
+    host = await start(system_bus, wqd_factory, client_factory, MOUNTINFO)
+    root_path = await host.watch("mounts", base)
+    user = peers(1000, namespace=False)
+    out = await user.request("watch", source="mounts", target=base)
+    assert out["ok"], out
+    lower, upper, work, merged = (os.path.join(base, n) for n in ("lower", "upper", "work", "merged"))
+    tmp = os.path.join(base, "tmp")
+    for d in (lower, tmp, merged):
+        os.mkdir(d)
+    sh("mount", "-t", "tmpfs", "-o", "size=1m", "/srv/alice/private-data", tmp)
+    os.makedirs(upper.replace(base, tmp))
+    os.makedirs(work.replace(base, tmp))
+    options = f"lowerdir={lower},upperdir={upper.replace(base, tmp)},workdir={work.replace(base, tmp)}"
+    sh("mount", "-t", "overlay", "-o", options, "overlay", merged)
+    try:
+        seen_by_root = await wait_mount(host, root_path, "attached", merged)
+        assert f"lowerdir={lower}" in seen_by_root[3]["options"]
+        events = await peer_mounts(user, 2)
+        by_point = {b[2]: b for b in events}
+        assert by_point[tmp][3]["source"] == "<redacted>"
+        assert by_point[tmp][3]["options"] == (await wait_mount(host, root_path, "attached", tmp))[3]["options"]
+        overlay = by_point[merged][3]
+        assert overlay["source"] == "overlay" and overlay["fstype"] == "overlay"
+        assert "lowerdir=<redacted>" in overlay["options"] and base not in overlay["options"]
+    finally:
+        subprocess.run(["umount", merged], capture_output=True)
+
+
+async def test_eavesdropper_receives_nothing(system_bus, wqd_factory, client_factory, peers, base):
+    host = await start(system_bus, wqd_factory, client_factory, FANOTIFY if not SKIP_FANOTIFY else MOUNTINFO)
+    path = await host.watch("mounts", base)
+    spy = peers(1001, namespace=False)
+    for rule in ("type='signal',eavesdrop='true'", "type='signal'", "eavesdrop='true'"):
+        await spy.request("match", rule=rule)  # the bus may refuse eavesdropping: either way, nothing arrives
+    target = os.path.join(base, "spied")
+    os.mkdir(target)
+    sh("mount", "-t", "tmpfs", "-o", "size=1m", "wqd-spied", target)
+    sh("umount", target)
+    await wait_mount(host, path, "detached", target)
+    got = await spy.request("signals", min=1, wait=1.0)
+    assert [s for s in got["result"] if s[1] in ("MountChanged", "Lost", "Removed")] == []
+

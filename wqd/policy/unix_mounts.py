@@ -1,0 +1,138 @@
+"""``unix`` rules for ``mounts`` and ``fs-errors``.
+
+Mounts: own namespace only.
+    A peer may watch the mount namespace it was in when it first called wqd
+    (``PeerCredentials.mnt_ns``), nothing else; a peer whose namespace wqd could
+    not verify is denied. A peer in a namespace other than wqd's may watch its own
+    namespace unless ``[policy.unix] mounts_other_namespaces = false``. ``post`` drops
+    any mount event of another namespace (a second lock behind the routing).
+
+Mounts: redaction for peers that are not root.
+    The mount point is kept: the peer can read it in its own
+    ``/proc/self/mountinfo``. ``source`` and every option value are kept unless
+    they look like a path (they begin with ``/`` or ``~``, or contain ``:/`` as
+    remote sources do: ``host:/export/home/alice``); a path is kept only when it
+    is under ``/dev/`` (device nodes name no user), under the peer's own home
+    directory, or under ``/run/user/UID/`` of the peer. Any other path is
+    replaced by ``<redacted>``: it may be another user's (an sshfs or NFS
+    source, an overlay ``lowerdir=``, a loop image under someone's home), and a
+    mount notification need not reveal it. Root peers get everything.
+
+Filesystem errors: root only by default.
+    An error report says which filesystem is failing and how often; by default
+    only root may watch. ``[policy.unix] fs_errors_groups = ["adm", 4]`` (names
+    or gids) also lets members of those groups watch.
+
+Settings are read from ``[policy.unix]`` (the rules get the whole ``[policy]``
+table); a setting of the wrong type denies (fail closed).
+"""
+
+from __future__ import annotations
+
+import grp
+import pwd
+from functools import lru_cache
+
+from wqd.events import Event, FilesystemError, MountChanged, WatchTarget
+from wqd.peer import PeerCredentials
+from wqd.policy import ALLOW, Decision, Deny
+
+REDACTED = "<redacted>"
+
+
+async def watch(peer: PeerCredentials, target: WatchTarget, config: dict) -> Decision:
+    settings = config.get("unix", {})
+    if not isinstance(settings, dict):
+        return Deny("policy.unix settings are malformed")
+    if target.source == "mounts":
+        if peer.mnt_ns is None or target.object_id != peer.mnt_ns:
+            return Deny("a peer may watch the mounts of its own mount namespace only")
+        others = settings.get("mounts_other_namespaces", True)
+        if target.extra.get("other_namespace") and others is not True:
+            return Deny("watching mounts from another mount namespace is disabled")
+        return ALLOW
+    if target.source == "fs-errors":
+        if peer.is_root:
+            return ALLOW
+        groups = settings.get("fs_errors_groups", [])
+        if not isinstance(groups, list):
+            return Deny("policy.unix.fs_errors_groups must be a list")
+        allowed = _gids(tuple(str(g) for g in groups))
+        if any(g in peer.gids or g == getattr(peer, "gid", None) for g in allowed):  # primary or supplementary
+            return ALLOW
+        return Deny("filesystem errors are for root (and the groups in policy.fs_errors_groups)")
+    return Deny(f"no unix mount rule for source {target.source!r}")
+
+
+def post(peer: PeerCredentials, event: Event, config: dict) -> Event | None:
+    if isinstance(event, MountChanged):
+        if peer.mnt_ns is None or event.mnt_ns != peer.mnt_ns:
+            return None
+        if peer.is_root:
+            return event
+        return redact_mount(event, peer.uid)
+    if isinstance(event, FilesystemError):
+        return event
+    return None
+
+
+def redact_mount(event: MountChanged, uid: int) -> MountChanged:
+    info = event.info
+    if not info:
+        return event
+    keep = _own_prefixes(uid)
+    new = dict(info)
+    if "source" in new:
+        new["source"] = _value(new["source"], keep)
+    if "options" in new:
+        new["options"] = ",".join(_option(o, keep) for o in new["options"].split(","))
+    return event if new == info else event.redact(info=new)
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("/", "~")) or ":/" in value
+
+
+def _value(value: str, keep: tuple[str, ...]) -> str:
+    if not _looks_like_path(value):
+        return value
+    if value.startswith("/") and any(value == p.rstrip("/") or value.startswith(p) for p in keep):
+        return value
+    return REDACTED
+
+
+def _option(option: str, keep: tuple[str, ...]) -> str:
+    key, eq, value = option.partition("=")
+    if not eq:
+        return _value(option, keep)
+    # overlayfs lists paths separated by ':' (lowerdir=/a:/b): each must pass
+    parts = value.split(":") if value.startswith("/") else [value]
+    if all(_value(p, keep) == p for p in parts):
+        return option
+    return f"{key}={REDACTED}"
+
+
+@lru_cache(maxsize=1024)
+def _own_prefixes(uid: int) -> tuple[str, ...]:
+    out = ["/dev/", f"/run/user/{uid}/"]
+    try:
+        home = pwd.getpwuid(uid).pw_dir.rstrip("/")
+    except KeyError:
+        home = ""
+    if home and home != "/":  # a home of "/" (daemon accounts) would keep every path
+        out.append(home + "/")
+    return tuple(out)
+
+
+@lru_cache(maxsize=64)
+def _gids(names: tuple[str, ...]) -> frozenset[int]:
+    out = set()
+    for name in names:
+        if name.isdigit():
+            out.add(int(name))
+            continue
+        try:
+            out.add(grp.getgrnam(name).gr_gid)
+        except KeyError:
+            pass
+    return frozenset(out)

@@ -1,0 +1,188 @@
+"""The ``fs-errors`` source: errors a filesystem reports (``FAN_FS_ERROR``).
+
+``Watch("fs-errors", MOUNT_POINT, {})``: the mount point, as an absolute path in
+wqd's own mount namespace (a peer in another namespace gets ``NotSupported``:
+its paths name other mounts). The whole filesystem mounted there is watched
+(``FAN_MARK_FILESYSTEM``), so every mount point of it reports the same errors.
+
+Signal: ``FilesystemError(mount_point, error, count)``: ``error`` is the errno of
+the first error the kernel recorded since the last report (ext4 reports
+``EFSCORRUPTED``, 117, for corruption and ``EIO``, 5, for I/O errors), ``count``
+how many errors the kernel merged into this report.
+
+Needs Linux >= 5.16 and CAP_SYS_ADMIN: without them the source is unavailable
+(``Sources`` says ``""``, Watch says ``NotSupported``); a filesystem that cannot
+report errors (no file handles, e.g. proc) makes that Watch ``NotSupported``.
+One fanotify group serves every watched filesystem; events name the filesystem
+by its fsid. ``FAN_Q_OVERFLOW`` -> ``Lost`` to every subscriber (errors are
+counts, not state: there is nothing to resynchronise).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import posixpath
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+
+from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NotSupported
+from wqd.events import Event, FilesystemError, SourceLoss, WatchTarget
+from wqd.kernel import errors as kerr
+from wqd.kernel import fanotify as fan
+from wqd.parse.fanotify import ErrorInfo, FanotifyEvent, FidInfo
+from wqd.parse.mountinfo import parse_mountinfo
+from wqd.peer import PeerCredentials
+from wqd.sources import Sink
+from wqd.sources.mount_backends import FanotifyReader
+from wqd.sources.mounts import own_namespace
+
+log = logging.getLogger(__name__)
+
+CAP_SYS_ADMIN = 21  # include/uapi/linux/capability.h
+
+
+@dataclass(eq=False)
+class WatchedFilesystem:
+    fsid: tuple[int, int]
+    mount_points: dict[str, int] = field(default_factory=dict)  # mount point -> subscriptions
+
+
+def has_cap_sys_admin() -> bool:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+    return False
+
+
+class FsErrorsSource:
+    name = "fs-errors"
+    backend = "fanotify"
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.own_ns = own_namespace()
+        self.filesystems: dict[tuple[int, int], WatchedFilesystem] = {}
+        self.reader: FanotifyReader | None = None
+        self.sink: Sink | None = None
+
+    async def start(self, sink: Sink) -> None:
+        self.sink = sink
+        self.reader = FanotifyReader(self.fd, sink, self._events, "filesystem errors")
+
+    async def stop(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        elif self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+        self.filesystems.clear()
+
+    # -- Watch() ----------------------------------------------------------
+
+    async def resolve(self, peer: PeerCredentials, spec: str, options: dict) -> WatchTarget:
+        if options:
+            raise InvalidArgument(f"unknown option(s) for fs-errors: {', '.join(sorted(options))}")
+        if not spec.startswith("/") or "\0" in spec:
+            raise InvalidArgument("fs-errors target must be the absolute path of a mount point")
+        path = "/" + posixpath.normpath(spec).lstrip("/")
+        if peer.mnt_ns is None or peer.mnt_ns != self.own_ns:
+            raise NotSupported("fs-errors watches mount points of wqd's own mount namespace only")
+        try:
+            with open("/proc/self/mountinfo", "rb") as f:
+                table = parse_mountinfo(f.read())
+        except OSError as exc:
+            raise NotSupported(f"cannot read the mount table: {exc.strerror}") from None
+        entry = next((e for e in reversed(table.values()) if e.mount_point == path), None)
+        if entry is None:
+            raise InvalidArgument(f"{path} is not a mount point")
+        return WatchTarget("fs-errors", path, entry.mount_id, extra={"fstype": entry.fstype})
+
+    def routes(self, sub) -> Iterable[Hashable]:
+        return (sub.target.spec,)
+
+    def accepts(self, sub, event: Event) -> bool:
+        return True
+
+    def attach(self, sub) -> None:
+        path = sub.target.spec
+        fstype = sub.target.extra.get("fstype", "this filesystem")
+        try:
+            dirfd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            raise InvalidArgument(f"{path} is not a mount point") from None
+        try:
+            fsid = fan.fsid_of(dirfd)
+            fs = self.filesystems.get(fsid)
+            if fs is None:
+                try:
+                    fan.mark_filesystem_errors(self.fd, dirfd)
+                except kerr.PermissionDenied:
+                    raise AccessDenied("wqd may not watch this filesystem") from None
+                except kerr.KernelError as exc:
+                    if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+                        raise LimitsExceeded(f"the kernel refused another mark: {exc.strerror}") from None
+                    raise NotSupported(f"{fstype} at {path} cannot report errors: {exc.strerror}") from None
+                fs = WatchedFilesystem(fsid)
+                self.filesystems[fsid] = fs
+            fs.mount_points[path] = fs.mount_points.get(path, 0) + 1
+            sub.state["fsid"] = fsid
+        except kerr.KernelError as exc:
+            raise NotSupported(f"cannot watch {path}: {exc.strerror}") from None
+        finally:
+            os.close(dirfd)
+
+    def detach(self, sub) -> None:
+        fsid = sub.state.pop("fsid", None)
+        fs = self.filesystems.get(fsid)
+        if fs is None:
+            return
+        path = sub.target.spec
+        left = fs.mount_points.get(path, 0) - 1
+        if left > 0:
+            fs.mount_points[path] = left
+            return
+        fs.mount_points.pop(path, None)
+        if fs.mount_points:
+            return
+        del self.filesystems[fsid]
+        try:  # the filesystem may be gone (unmounted): its mark went with it
+            dirfd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                if fan.fsid_of(dirfd) == fsid:
+                    fan.mark_filesystem_errors(self.fd, dirfd, remove=True)
+            finally:
+                os.close(dirfd)
+        except OSError as exc:
+            log.debug("unmarking %s: %s", path, exc)
+
+    # -- kernel events ------------------------------------------------------
+
+    def _events(self, events: list[FanotifyEvent]) -> None:
+        for event in events:
+            if event.overflow:
+                self.sink.dispatch(SourceLoss("fs-errors", 1, None))
+                continue
+            if not event.mask & fan.FAN_FS_ERROR:
+                continue
+            error, fid = event.info(ErrorInfo), event.info(FidInfo)
+            if error is None or fid is None:
+                continue
+            fs = self.filesystems.get(fid.fsid)
+            if fs is None:
+                log.debug("error event for an unwatched filesystem %s", fid.fsid)
+                continue
+            for mount_point in fs.mount_points:
+                self.sink.dispatch(FilesystemError(mount_point, error.error, error.count & 0xFFFFFFFF))
+
+
+def open_source(cfg) -> FsErrorsSource:
+    conf = cfg.raw.get("fs-errors", {})
+    if conf:
+        raise ValueError(f"unknown setting(s) fs-errors.{', fs-errors.'.join(sorted(conf))}")
+    if not has_cap_sys_admin():
+        raise PermissionError(errno.EPERM, "filesystem error notifications need CAP_SYS_ADMIN")
+    return FsErrorsSource(fan.open_error_notifications())

@@ -1,0 +1,280 @@
+"""The ``mounts`` source: mounts attached, detached and moved, in the caller's own namespace.
+
+``Watch("mounts", TARGET, options)``:
+
+- ``TARGET``: ``""`` for every mount of the caller's mount namespace, or an absolute
+  path prefix: only mount points equal to it or below it (compared as text, as the
+  caller's namespace shows them; a move is delivered when either end is under it).
+- ``options``: ``"actions": as`` — any of ``attached``, ``detached``, ``moved``.
+
+Signals: ``MountChanged(action, mount_id, mount_point, info)``; ``info`` has
+``fstype``, ``source``, ``options`` (``/proc/mounts`` style), and for a move
+``moved_from``. ``mount_id`` is the kernel's 64-bit unique id (fanotify backend) or
+mountinfo's id (mountinfo backend). A mount that came and went before wqd could
+look it up is reported with an empty mount point and no info, to every subscriber
+of its namespace whatever its prefix (it may have been under it).
+
+Namespaces. A peer sees the mounts of *its own* mount namespace, never wqd's
+unless that is its own: the namespace is the one the peer was in when it first
+called (``PeerCredentials.mnt_ns``, read through a verified pidfd). For a peer in
+another namespace wqd watches that namespace, reached through the peer's process:
+``/proc/PID/ns/mnt`` and ``/proc/PID/mountinfo`` opened through its pinned
+``/proc/PID`` directory, trusted only if the process is still the one that
+connected (uid, start time), still alive afterwards, and the namespace's inode is
+``mnt_ns``; otherwise the Watch fails with ``AccessDenied`` (fail closed). Whether
+such peers may watch at all is the policy's call (``unix``:
+``policy.mounts_other_namespaces``). Events are routed by namespace inode, so one
+namespace's events never reach another's subscribers.
+
+Configuration (``[mounts]``): ``backend`` = ``auto`` | ``fanotify`` | ``mountinfo``;
+``coalesce`` = seconds between mountinfo rescans in a storm (0.05); ``resolver`` =
+``auto`` | ``statmount`` | ``mountinfo`` (how the fanotify backend names a mount
+id; ``mountinfo`` where statmount is filtered, e.g. by seccomp).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import posixpath
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+
+from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NotSupported
+from wqd.events import Event, MountChanged, WatchTarget
+from wqd.kernel import errors as kerr
+from wqd.kernel import fanotify as fan
+from wqd.parse.mountinfo import MountEntry
+from wqd.peer import IdentityUnclear, PeerCredentials, reopen
+from wqd.sources import Sink, string_list_option
+from wqd.sources.mount_backends import open_backend
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("attached", "detached", "moved")
+OPTIONS = frozenset({"actions"})
+SETTINGS = {"backend": str, "coalesce": (int, float), "resolver": str}
+_RO = os.O_RDONLY | os.O_CLOEXEC
+
+
+@dataclass(eq=False)
+class NamespaceWatch:
+    """One watched mount namespace, shared by its subscriptions."""
+
+    ns: int  # inode of the namespace: the route of its events
+    own: bool  # wqd's own namespace
+    nsfd: int = -1
+    mountinfo_fd: int = -1
+    ns_id: int = 0  # statmount/listmount id of the namespace (0: wqd's own)
+    table: dict[int, MountEntry] = field(default_factory=dict)
+    subs: set = field(default_factory=set)
+    # backend state
+    reader: object = None
+    resynced: dict = field(default_factory=dict)
+    mountinfo: dict = field(default_factory=dict)
+    pending: dict = field(default_factory=dict)
+    wakeups: int = 0
+    timer: object = None
+    waiting: bool = False
+    last_scan: float = 0.0
+
+    def close(self) -> None:
+        for fd in (self.nsfd, self.mountinfo_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.nsfd = self.mountinfo_fd = -1
+
+
+def own_namespace() -> int:
+    return os.stat("/proc/self/ns/mnt").st_ino
+
+
+def parse_prefix(spec: str) -> str | None:
+    if spec == "":
+        return None
+    if "\0" in spec or not spec.startswith("/"):
+        raise InvalidArgument('mounts target must be "" or an absolute path prefix')
+    norm = posixpath.normpath(spec)
+    return "/" + norm.lstrip("/")
+
+
+def under(path: str, prefix: str) -> bool:
+    return prefix == "/" or path == prefix or path.startswith(prefix + "/")
+
+
+def open_peer_namespace(peer: PeerCredentials, ns: int, need_nsfd: bool) -> tuple[int, int]:
+    """(nsfd or -1, mountinfo fd) of *peer*'s mount namespace, verified to be inode *ns*.
+
+    Both are opened through the peer's pinned ``/proc/PID`` directory (``reopen``:
+    same PID, uid and start time as at first contact), and trusted only if the
+    process is still alive afterwards and the namespace is still *ns*.
+    """
+    opened: list[int] = []
+    try:
+        with reopen(peer) as proc:
+            nsfd = -1
+            if need_nsfd:
+                nsfd = os.open("ns/mnt", _RO, dir_fd=proc.dirfd)
+                opened.append(nsfd)
+            mountinfo = os.open("mountinfo", _RO, dir_fd=proc.dirfd)
+            opened.append(mountinfo)
+            inode = os.fstat(nsfd).st_ino if nsfd >= 0 else os.stat("ns/mnt", dir_fd=proc.dirfd).st_ino
+            if inode != ns or os.stat("ns/mnt", dir_fd=proc.dirfd).st_ino != ns or not proc.alive():
+                raise IdentityUnclear("not the mount namespace the caller had")
+        opened.clear()
+        return nsfd, mountinfo
+    except (OSError, IdentityUnclear) as exc:
+        log.info("peer %s: mount namespace not reachable: %s", peer.unique_name, exc)
+        raise AccessDenied("the caller's mount namespace could not be reached and verified") from None
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
+class MountsSource:
+    name = "mounts"
+
+    def __init__(self, backend, own_ns: int | None = None) -> None:
+        self.impl = backend
+        self.own_ns = own_namespace() if own_ns is None else own_ns
+        self.watches: dict[int, NamespaceWatch] = {}
+        self.sink: Sink | None = None
+
+    @property
+    def backend(self) -> str:
+        return self.impl.name
+
+    async def start(self, sink: Sink) -> None:
+        self.sink = sink
+        await self.impl.start(self, sink)
+
+    async def stop(self) -> None:
+        for watch in list(self.watches.values()):
+            self._release(watch)
+        self.watches.clear()
+        await self.impl.stop()
+
+    # -- Watch() ----------------------------------------------------------
+
+    async def resolve(self, peer: PeerCredentials, spec: str, options: dict) -> WatchTarget:
+        unknown = set(options) - OPTIONS
+        if unknown:
+            raise InvalidArgument(f"unknown option(s) for mounts: {', '.join(sorted(unknown))}")
+        actions = string_list_option(options, "actions", ACTIONS)
+        if actions is not None and not actions:
+            raise InvalidArgument("option 'actions' must not be empty")
+        prefix = parse_prefix(spec)
+        if peer.mnt_ns is None:
+            raise AccessDenied("wqd could not verify the caller's mount namespace")
+        return WatchTarget("mounts", spec, peer.mnt_ns, extra={
+            "prefix": prefix, "actions": actions, "other_namespace": peer.mnt_ns != self.own_ns,
+        })
+
+    def routes(self, sub) -> Iterable[Hashable]:
+        return (sub.target.object_id,)
+
+    def accepts(self, sub, event: Event) -> bool:
+        extra = sub.target.extra
+        actions = extra.get("actions")
+        if actions is not None and event.action not in actions:
+            return False
+        prefix = extra.get("prefix")
+        if prefix is None or not event.mount_point:
+            return True
+        if under(event.mount_point, prefix):
+            return True
+        origin = event.info.get("moved_from")
+        return bool(origin) and under(origin, prefix)
+
+    def attach(self, sub) -> None:
+        ns = sub.target.object_id
+        if ns != sub.owner.mnt_ns:  # resolve() made it so; never watch another's namespace
+            raise AccessDenied("a peer may watch its own mount namespace only")
+        watch = self.watches.get(ns)
+        if watch is None:
+            watch = self._open(sub.owner, ns)
+            try:
+                self.impl.arm(watch)
+            except kerr.KernelError as exc:
+                watch.close()
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.ENOMEM):
+                    raise LimitsExceeded(f"the kernel refused another mount watch: {exc.strerror}") from None
+                if isinstance(exc, kerr.PermissionDenied):
+                    raise AccessDenied("wqd may not watch this mount namespace") from None
+                raise NotSupported(f"cannot watch this mount namespace: {exc.strerror}") from None
+            except OSError as exc:
+                watch.close()
+                raise NotSupported(f"cannot watch this mount namespace: {exc.strerror}") from None
+            except BaseException:
+                watch.close()
+                raise
+            self.watches[ns] = watch
+            log.info("watching mount namespace %d (%s, %d mounts)", ns, "own" if watch.own else "a peer's",
+                     len(watch.table) or len(watch.mountinfo))
+        watch.subs.add(sub)
+
+    def _open(self, peer: PeerCredentials, ns: int) -> NamespaceWatch:
+        need_nsfd = self.impl.needs_nsfd
+        if ns == self.own_ns:
+            watch = NamespaceWatch(ns, True)
+            try:
+                if need_nsfd:
+                    watch.nsfd = os.open("/proc/self/ns/mnt", _RO)
+                watch.mountinfo_fd = os.open("/proc/self/mountinfo", _RO)
+            except OSError as exc:
+                watch.close()
+                raise NotSupported(f"cannot open wqd's own mount namespace: {exc.strerror}") from None
+            return watch
+        nsfd, mountinfo = open_peer_namespace(peer, ns, need_nsfd)
+        return NamespaceWatch(ns, False, nsfd, mountinfo)
+
+    def detach(self, sub) -> None:
+        ns = sub.target.object_id
+        watch = self.watches.get(ns)
+        if watch is None:
+            return
+        watch.subs.discard(sub)
+        if not watch.subs:
+            del self.watches[ns]
+            self._release(watch)
+
+    def _release(self, watch: NamespaceWatch) -> None:
+        try:
+            self.impl.disarm(watch)
+        finally:
+            watch.close()
+
+    # -- for backends -----------------------------------------------------
+
+    def emit(self, watch: NamespaceWatch, action: str, mount_id: int, entry: MountEntry | None,
+             moved_from: str | None = None) -> None:
+        if entry is None:
+            event = MountChanged(action, mount_id, "", {}, mnt_ns=watch.ns)
+        else:
+            info = entry.info()
+            if action == "moved" and moved_from:
+                info["moved_from"] = moved_from
+            event = MountChanged(action, mount_id, entry.mount_point, info, mnt_ns=watch.ns)
+        self.sink.dispatch(event)
+
+
+def _setting(conf: dict, key: str, default):
+    value = conf.get(key, default)
+    typ = SETTINGS[key]
+    if isinstance(value, bool) or not isinstance(value, typ):
+        raise ValueError(f"mounts.{key} has the wrong type: {value!r}")
+    return value
+
+
+def open_source(cfg) -> MountsSource:
+    conf = cfg.raw.get("mounts", {})
+    unknown = set(conf) - set(SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown setting(s) mounts.{', mounts.'.join(sorted(unknown))}")
+    coalesce = float(_setting(conf, "coalesce", 0.05))
+    if not 0 <= coalesce <= 60:
+        raise ValueError("mounts.coalesce must be 0..60 seconds")
+    backend = open_backend(_setting(conf, "backend", "auto"), coalesce=coalesce,
+                           resolver=_setting(conf, "resolver", "auto"))
+    return MountsSource(backend)
