@@ -96,7 +96,7 @@ class PrivateBus:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def start_bus(directory: Path, kind: str = "session", extra: str = "") -> PrivateBus:
+def start_bus(directory: Path, kind: str = "session", extra: str = "", args: tuple = ()) -> PrivateBus:
     directory.mkdir(parents=True, exist_ok=True)
     # The socket lives where other uids can reach it (pytest's tmp dirs are 0700).
     sockdir = Path(tempfile.mkdtemp(prefix="wqd-bus-", dir="/tmp"))
@@ -106,7 +106,7 @@ def start_bus(directory: Path, kind: str = "session", extra: str = "") -> Privat
     template = SESSION_CONF if kind == "session" else SYSTEM_CONF
     conf.write_text(template.format(socket=sock, repo=REPO, extra=extra))
     proc = subprocess.Popen(
-        ["dbus-daemon", f"--config-file={conf}", "--nofork", "--print-address=1"],
+        ["dbus-daemon", f"--config-file={conf}", "--nofork", "--print-address=1", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     address = proc.stdout.readline().strip()
