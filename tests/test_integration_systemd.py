@@ -398,3 +398,16 @@ def test_check_config_syntax_error(tmp_path):
 def test_check_config_missing_file(tmp_path):
     result = check_config("--check-config", str(tmp_path / "absent.conf"))
     assert result.returncode == 1 and "absent.conf" in result.stderr
+
+
+def test_check_config_runs_the_rules_file_checks(tmp_path):
+    """The policy plugins' own validation runs too: a bad rules file is reported with its line."""
+    rules = tmp_path / "site.rules"
+    rules.write_text("allow keys * uid:0\nallow keys\n")
+    conf = tmp_path / "wqd.conf"
+    conf.write_text(f"[policy]\nplugins = [\"unix\", \"rules\"]\nrules = [\"{rules}\"]\n")
+    result = check_config("--check-config", str(conf))
+    assert result.returncode == 1 and f"{rules}:2:" in result.stderr, result.stderr
+    rules.write_text("allow keys * uid:0\n")
+    result = check_config("--check-config", str(conf))
+    assert result.returncode == 0, result.stderr

@@ -204,11 +204,11 @@ def check_config(path: str | None) -> int:
         validate = getattr(configuration, "validate", None)  # deeper checks (policy, rules files), where present
         if validate is not None:
             validate(cfg)
-        load_stack(cfg.policy_plugins, cfg.raw.get("policy", {}), cfg.policy_timeout)  # plugins check their config
+        Daemon(cfg, None, False).load_policy(cfg)  # the plugins check their own settings
     except configuration.ConfigError as exc:
         print(f"wqd: {exc}", file=sys.stderr)
         return 1
-    except (UnknownPolicy, ValueError, OSError) as exc:
+    except (UnknownPolicy, PluginError, ValueError, OSError) as exc:
         print(f"wqd: {cfg.path or shown}: {exc}", file=sys.stderr)
         return 1
     print(f"wqd: {cfg.path or shown}: OK")
