@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PREFIX ?= /usr/local
 DESTDIR ?=
 
-.PHONY: setup run test test-host test-kernel bench bench-quick install uninstall clean
+.PHONY: setup run test test-host test-kernel bench bench-quick bench-deps install uninstall clean
 
 setup:
 	@PYTHON=$(PYTHON) scripts/setup
@@ -25,11 +25,17 @@ test-host: setup
 test-kernel: setup
 	tests/vm/run
 
-bench: setup
+# Benchmarks (bench/README.md): results in bench/results/{full,quick}.{json,md,png}.
+bench: bench-deps
 	$(PY) -m bench
 
-bench-quick: setup
+bench-quick: bench-deps
 	$(PY) -m bench --quick
+
+# The `bench` extra (matplotlib), installed again only when pyproject.toml changes.
+bench-deps: setup
+	@[ $(VENV)/.wqd-bench-installed -nt pyproject.toml ] || \
+		{ $(VENV)/bin/pip install -q -e '.[bench]' && touch $(VENV)/.wqd-bench-installed; }
 
 install:
 	scripts/install "$(DESTDIR)" "$(PREFIX)"
