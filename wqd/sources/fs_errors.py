@@ -41,6 +41,9 @@ from wqd.sources.mounts import own_namespace
 log = logging.getLogger(__name__)
 
 CAP_SYS_ADMIN = 21  # include/uapi/linux/capability.h
+# fanotify_mark() takes the directory as an fd (no path to race); not O_PATH, which
+# it refuses (EBADF). Not following a symlink put in place of the mount point.
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(eq=False)
@@ -111,7 +114,7 @@ class FsErrorsSource:
         path = sub.target.spec
         fstype = sub.target.extra.get("fstype", "this filesystem")
         try:
-            dirfd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            dirfd = os.open(path, _DIR)
         except OSError:
             raise InvalidArgument(f"{path} is not a mount point") from None
         try:
@@ -150,7 +153,7 @@ class FsErrorsSource:
             return
         del self.filesystems[fsid]
         try:  # the filesystem may be gone (unmounted): its mark went with it
-            dirfd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            dirfd = os.open(path, _DIR)
             try:
                 if fan.fsid_of(dirfd) == fsid:
                     fan.mark_filesystem_errors(self.fd, dirfd, remove=True)
