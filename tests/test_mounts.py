@@ -21,6 +21,8 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
 
 FANOTIFY = '[mounts]\nbackend = "fanotify"\n'
 MOUNTINFO = '[mounts]\nbackend = "mountinfo"\ncoalesce = 0.02\n'
+# fanotify events, mount ids named by mountinfo diffs (as where statmount is filtered)
+FANOTIFY_MOUNTINFO = '[mounts]\nbackend = "fanotify"\nresolver = "mountinfo"\n'
 
 
 def fanotify_mounts_work() -> str | None:
@@ -41,6 +43,16 @@ BACKENDS = pytest.mark.parametrize("config", [
     pytest.param(FANOTIFY, id="fanotify", marks=pytest.mark.skipif(bool(SKIP_FANOTIFY), reason=str(SKIP_FANOTIFY))),
     pytest.param(MOUNTINFO, id="mountinfo", marks=pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")),
 ])
+RESOLVERS = pytest.mark.parametrize("config", [
+    pytest.param(FANOTIFY, id="fanotify", marks=pytest.mark.skipif(bool(SKIP_FANOTIFY), reason=str(SKIP_FANOTIFY))),
+    pytest.param(FANOTIFY_MOUNTINFO, id="fanotify-mountinfo-resolver",
+                 marks=pytest.mark.skipif(bool(SKIP_FANOTIFY), reason=str(SKIP_FANOTIFY))),
+    pytest.param(MOUNTINFO, id="mountinfo", marks=pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")),
+])
+
+
+def backend_of(config: str) -> str:
+    return "mountinfo" if 'backend = "mountinfo"' in config else "fanotify"
 
 
 def sh(*cmd: str) -> None:
@@ -127,11 +139,11 @@ async def start(system_bus, wqd_factory, client_factory, config: str):
     return client
 
 
-@BACKENDS
+@RESOLVERS
 async def test_tmpfs_mount_and_umount(system_bus, wqd_factory, client_factory, base, config):
     client = await start(system_bus, wqd_factory, client_factory, config)
     sources = await client.get(MANAGER, IFACE, "Sources")
-    assert sources["mounts"] == ("fanotify" if "fanotify" in config else "mountinfo")
+    assert sources["mounts"] == backend_of(config)
     path = await client.watch("mounts", base)
     target = os.path.join(base, "t")
     os.mkdir(target)
@@ -141,7 +153,7 @@ async def test_tmpfs_mount_and_umount(system_bus, wqd_factory, client_factory, b
     assert info["fstype"] == "tmpfs" and info["source"] == "wqd-src"
     options = info["options"].split(",")
     assert {"rw", "nosuid", "nodev", "size=1024k"} <= set(options), options
-    if "mountinfo" in config:  # mountinfo's own id for the mount
+    if backend_of(config) == "mountinfo":  # mountinfo's own id for the mount
         with open("/proc/self/mountinfo") as f:
             line = next(line for line in f if f" {target} " in line)
         assert mount_id == int(line.split()[0])
@@ -153,7 +165,7 @@ async def test_tmpfs_mount_and_umount(system_bus, wqd_factory, client_factory, b
     assert await client.get(path, SUB_IFACE, "Lost") == 0
 
 
-@BACKENDS
+@RESOLVERS
 async def test_bind_and_move(system_bus, wqd_factory, client_factory, base, config):
     client = await start(system_bus, wqd_factory, client_factory, config)
     path = await client.watch("mounts", base)
