@@ -8,7 +8,6 @@ Both backends: ``fanotify`` (FAN_MNT_ATTACH/DETACH on the namespace) and
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import tempfile

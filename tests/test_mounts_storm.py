@@ -11,7 +11,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import tempfile
 import time
 
 import pytest

@@ -21,7 +21,7 @@ caller closes it (``FanotifyEvent.fds``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from wqd.kernel.fanotify import (
     EVENT_METADATA,

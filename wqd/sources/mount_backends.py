@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import os
@@ -244,7 +245,10 @@ class FanotifyBackend:
                 if isinstance(self.resolver, MountinfoResolver) or entry is None:
                     entry = self.resolver.lookup(watch, mid, action) or entry
             else:
-                entry = self.resolver.lookup(watch, mid, action) or known
+                entry = self.resolver.lookup(watch, mid, action)
+                if entry is None and known is not None:
+                    # gone before we looked: what it is we know, where it went we do not
+                    entry = known if action == "attached" else dataclasses.replace(known, mount_point="")
                 if entry is not None:
                     watch.table[mid] = entry
             origin = known.mount_point if action == "moved" and known is not None else None

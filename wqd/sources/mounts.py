@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NotSupported
 from wqd.events import Event, MountChanged, WatchTarget
 from wqd.kernel import errors as kerr
-from wqd.kernel import fanotify as fan
 from wqd.parse.mountinfo import MountEntry
 from wqd.peer import IdentityUnclear, PeerCredentials, reopen
 from wqd.sources import Sink, string_list_option
