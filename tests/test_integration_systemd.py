@@ -239,7 +239,7 @@ def journal_tools():
 
 
 @pytest.mark.asyncio
-async def test_journal_structured_fields(journal_tools, session_bus, system_bus, tmp_path):
+async def test_journal_structured_fields(journal_tools, system_bus, tmp_path):
     """Start, subscription created/ended, policy denial (with the peer's uid/pid), stop: each with its MESSAGE_ID."""
     # A key owned by uid 1000 that grants its owner no View, linked into wqd's session
     # keyring: wqd's helper (as uid 1000) possesses it, so the kernel lets it describe

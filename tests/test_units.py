@@ -194,14 +194,18 @@ def test_security_exposure_without_sys_admin(tmp_path):
     assert f"{score} without CAP_SYS_ADMIN" in text
 
 
+def man_check() -> str:
+    """Documentation= is checked with man(1) where it is installed (the pages resolve via MANPATH)."""
+    return "--man=yes" if shutil.which("man") else "--man=no"
+
+
 def test_verify_system_unit(prefixed):
     """systemd-analyze verify on the installed unit: ExecStart resolves, man pages exist, no warnings."""
     need("systemd-analyze")
-    need("man")
     unit = prefixed / "lib" / "systemd" / "system" / "wqd.service"
     assert f"ExecStart={prefixed}/bin/wqd --system" in unit.read_text()
     env = {**os.environ, "MANPATH": str(prefixed / "share" / "man")}
-    result = run(["systemd-analyze", "verify", "--man=yes", str(unit)], env=env)
+    result = run(["systemd-analyze", "verify", man_check(), str(unit)], env=env)
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
 
 
@@ -211,7 +215,7 @@ def test_verify_user_unit(prefixed, tmp_path):
     runtime.mkdir(mode=0o700)
     unit = prefixed / "lib" / "systemd" / "user" / "wqd.service"
     env = {**os.environ, "MANPATH": str(prefixed / "share" / "man"), "XDG_RUNTIME_DIR": str(runtime)}
-    result = run(["systemd-analyze", "verify", "--user", "--man=yes", str(unit)], env=env)
+    result = run(["systemd-analyze", "verify", "--user", man_check(), str(unit)], env=env)
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
 
 
