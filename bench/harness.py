@@ -344,22 +344,50 @@ async def measure_rate(tally: Tally, expected: int, start, timeout: float = 300.
     return {"signals": tally.count, "lost": tally.lost, "seconds": t1 - t0, "rate": tally.count / (t1 - t0)}
 
 
-async def compare_throughput(raw: Helper, dests: list[tuple[str, str]], rounds_per_event: int,
-                             records: bytes, fifo: Path, tally: Tally, rounds: int) -> dict:
-    """Interleaved rounds: the raw emitter, then wqd fed by the FIFO; medians and their ratio.
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process *pid* so far (``/proc/PID/stat``, clock-tick resolution)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    Each round delivers ``len(dests) * rounds_per_event`` signals either way.
+
+async def compare_throughput(raw: Helper, dests: list[tuple[str, str]], rounds_per_event: int,
+                             records: bytes, fifo: Path, tally: Tally, rounds: int,
+                             wqd_pid: int | None = None, bus_pid: int | None = None) -> dict:
+    """Interleaved pairs of rounds: the raw emitter, then wqd fed by the FIFO.
+
+    Each round delivers ``len(dests) * rounds_per_event`` signals either way. The
+    ratio is the median of the per-pair ratios (the two rounds of a pair see the
+    same machine load); the rates are medians too. With *wqd_pid* and *bus_pid*,
+    CPU time per signal of each sender and of the bus daemon is recorded as well:
+    unlike rates, it hardly moves with the machine's load.
     """
     expected = len(dests) * rounds_per_event
     raw_runs, wqd_runs = [], []
+
+    async def timed(start, pid: int | None) -> dict:
+        before = (cpu_seconds(pid) if pid else 0.0, cpu_seconds(bus_pid) if bus_pid else 0.0)
+        out = await measure_rate(tally, expected, start)
+        if pid:
+            out["sender_cpu_us_per_signal"] = (cpu_seconds(pid) - before[0]) / expected * 1e6
+        if bus_pid:
+            out["bus_cpu_us_per_signal"] = (cpu_seconds(bus_pid) - before[1]) / expected * 1e6
+        return out
+
     for _ in range(rounds):
-        raw_runs.append(await measure_rate(tally, expected, lambda: raw.send(dests, rounds_per_event)))
+        raw_runs.append(await timed(lambda: raw.send(dests, rounds_per_event), raw.proc.pid if wqd_pid else None))
         await raw.read()
-        wqd_runs.append(await measure_rate(tally, expected, lambda: write_all(fifo, records)))
+        wqd_runs.append(await timed(lambda: write_all(fifo, records), wqd_pid))
     raw_rate = median([r["rate"] for r in raw_runs])
     wqd_rate = median([r["rate"] for r in wqd_runs])
-    return {
-        "raw_rate": raw_rate, "wqd_rate": wqd_rate, "ratio": wqd_rate / raw_rate,
+    out = {
+        "raw_rate": raw_rate, "wqd_rate": wqd_rate,
+        "ratio": median([w["rate"] / r["rate"] for w, r in zip(wqd_runs, raw_runs)]),
         "raw_runs": raw_runs, "wqd_runs": wqd_runs, "signals_per_round": expected,
         "wqd_lost": sum(r["lost"] for r in wqd_runs),
     }
+    if wqd_pid:
+        out["wqd_cpu_us_per_signal"] = median([r["sender_cpu_us_per_signal"] for r in wqd_runs])
+        out["raw_cpu_us_per_signal"] = median([r["sender_cpu_us_per_signal"] for r in raw_runs])
+    if bus_pid:
+        out["bus_cpu_us_per_signal"] = median([r["bus_cpu_us_per_signal"] for r in wqd_runs + raw_runs])
+    return out

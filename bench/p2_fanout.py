@@ -18,11 +18,11 @@ SUBSCRIBERS = 100
 
 
 async def run(directory: Path, quick: bool) -> Result:
-    events = 100 if quick else 300
-    rounds = 2 if quick else 5
+    events = 60 if quick else 150
+    rounds = 3 if quick else 10
     async with Rig(directory) as rig:
         fifo = rig.fifo()
-        await rig.start_wqd(replay_config(fifo))
+        daemon = await rig.start_wqd(replay_config(fifo))
         tally = Tally()
         clients = await asyncio.gather(*(rig.connect() for _ in range(SUBSCRIBERS)))
         for c in clients:
@@ -31,11 +31,15 @@ async def run(directory: Path, quick: bool) -> Result:
         dests = [(c.unique_name, p) for c, p in zip(clients, paths)]
         raw = await rig.start_raw_emitter()
         await compare_throughput(raw, dests, 10, key_records(SERIAL, 10), fifo, tally, 1)  # warm-up
-        out = await compare_throughput(raw, dests, events, key_records(SERIAL, events), fifo, tally, rounds)
+        out = await compare_throughput(raw, dests, events, key_records(SERIAL, events), fifo, tally, rounds,
+                                       daemon.pid, rig.bus.proc.pid)
     return Result(
         values={"p2_fanout100_ratio": out["ratio"]},
         details={"subscribers": SUBSCRIBERS, "events_per_round": events, "messages_per_round": out["signals_per_round"],
                  "rounds": rounds, "wqd_messages_per_s": out["wqd_rate"], "raw_messages_per_s": out["raw_rate"],
-                 "wqd_lost": out["wqd_lost"], "raw_runs": out["raw_runs"], "wqd_runs": out["wqd_runs"]},
+                 "wqd_lost": out["wqd_lost"], "wqd_cpu_us_per_message": out["wqd_cpu_us_per_signal"],
+                 "raw_cpu_us_per_message": out["raw_cpu_us_per_signal"],
+                 "bus_cpu_us_per_message": out["bus_cpu_us_per_signal"],
+                 "raw_runs": out["raw_runs"], "wqd_runs": out["wqd_runs"]},
         series={"throughput": {"p2 100 subscribers": (out["wqd_rate"], out["raw_rate"])}},
     )

@@ -60,11 +60,14 @@ def markdown(name: str, run: dict) -> str:
     p1, p2 = details.get("p1", {}), details.get("p2", {})
     if "wqd_signals_per_s" in p1:
         lines.append(f"- p1: wqd {p1['wqd_signals_per_s']:,.0f} signals/s, raw dbus-fast {p1['raw_signals_per_s']:,.0f}"
-                     f" ({p1['signals_per_round']:,} signals x {p1['rounds']} interleaved rounds, medians;"
-                     f" lost: {p1['wqd_lost']})")
+                     f" ({p1['signals_per_round']:,} signals x {p1['rounds']} interleaved pairs of rounds, medians;"
+                     f" lost: {p1['wqd_lost']}); CPU per signal: wqd {p1['wqd_cpu_us_per_signal']:.1f} us,"
+                     f" raw sender {p1['raw_cpu_us_per_signal']:.1f} us, bus daemon {p1['bus_cpu_us_per_signal']:.1f} us")
     if "wqd_messages_per_s" in p2:
         lines.append(f"- p2: wqd {p2['wqd_messages_per_s']:,.0f} messages/s, raw {p2['raw_messages_per_s']:,.0f}"
-                     f" ({p2['messages_per_round']:,} messages to {p2['subscribers']} connections per round)")
+                     f" ({p2['messages_per_round']:,} messages to {p2['subscribers']} connections per round);"
+                     f" CPU per message: wqd {p2['wqd_cpu_us_per_message']:.1f} us,"
+                     f" raw sender {p2['raw_cpu_us_per_message']:.1f} us, bus daemon {p2['bus_cpu_us_per_message']:.1f} us")
     p3 = details.get("p3", {})
     if "unavailable" in p3:
         lines.append(f"- p3: unavailable: {p3['unavailable']}")
