@@ -179,7 +179,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     w.add_argument("source", help="keys, devices, mounts or fs-errors")
     w.add_argument("target", nargs="?", default="", help="key serial, @u, @us, @p; subsystem; path prefix; mount point")
     w.add_argument("--changes", help="keys: comma-separated changes to deliver")
-    w.add_argument("--actions", help="devices: comma-separated actions")
+    w.add_argument("--actions", help="devices, mounts: comma-separated actions (mounts: attached,detached,moved)")
     w.add_argument("--properties", help="devices: comma-separated properties wanted")
     w.add_argument("--initial", action="store_true", help="devices: first an 'add' for every existing match")
     w.add_argument("--json", action="store_true", help="one JSON object per line")
