@@ -305,3 +305,16 @@ async def test_eavesdropper_receives_nothing(system_bus, wqd_factory, client_fac
     got = await spy.request("signals", min=1, wait=1.0)
     assert [s for s in got["result"] if s[1] in ("MountChanged", "Lost", "Removed")] == []
 
+
+
+async def test_ordinary_user_instance_falls_back_to_mountinfo():
+    """Without CAP_SYS_ADMIN FAN_MARK_MNTNS is refused: ``auto`` picks mountinfo."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another uid")
+    script = ("from wqd.config import Config, parse\nfrom wqd.sources.mounts import open_source\n"
+              "print(open_source(Config()).backend)\n"
+              "try:\n    open_source(parse('[mounts]\\nbackend = \"fanotify\"\\n'))\n"
+              "except OSError as exc:\n    print('fanotify refused:', exc.strerror)\n")
+    out = subprocess.run(["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", PYTHON, "-c", script],
+                         capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.splitlines() == ["mountinfo", "fanotify refused: fanotify_mark: Operation not permitted"]
