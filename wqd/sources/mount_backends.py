@@ -147,9 +147,9 @@ class MountinfoResolver:
     """Where statmount is missing: correlate events with mountinfo differences, in order.
 
     Each lookup re-reads the namespace's mountinfo and queues what appeared,
-    vanished or moved since the last read; an event takes the first queued entry
-    of its kind (the one it already knew, if queued). Mount ids in the entries are
-    mountinfo's; the event keeps the kernel's 64-bit id.
+    vanished or moved since the last read; an event takes its own queued entry
+    when it knows the mount already, else the first queued entry of its kind.
+    Mount ids in the entries are mountinfo's; the event keeps the kernel's 64-bit id.
     """
 
     name = "mountinfo"
@@ -171,14 +171,13 @@ class MountinfoResolver:
         self._rescan(watch)
         queue = watch.pending[action]
         known = watch.table.get(mnt_id)
-        if known is not None:
+        if known is not None:  # take its own entry; never another mount's
             for i, entry in enumerate(queue):
                 if entry.same_object(known) and (action != "detached" or entry.mount_point == known.mount_point):
                     del queue[i]
                     return entry
-        if queue:
-            return queue.popleft()
-        return known
+            return known if action == "detached" else None
+        return queue.popleft() if queue else None
 
     def resync(self, watch) -> MountDiff:
         out = self._rescan(watch)
