@@ -3,7 +3,6 @@ PID 0 from a foreign PID namespace, and the sandbox and namespace facts read onc
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 import shutil
@@ -11,9 +10,11 @@ import subprocess
 import time
 
 import pytest
+from dbus_fast import MessageType
+from dbus_fast.aio import MessageBus
 
 from policy_support import CommandPeer, as_uid, policy_config, require_root, watch, world_keyring, write_rules
-from support import REPO, SYSTEM_CONF, PrivateBus, wait_for_name
+from support import REPO, SYSTEM_CONF, PrivateBus, call
 from wqd.bus.identity import PeerDirectory
 from wqd.peer import (IdentityUnclear, PeerCredentials, boottime_ticks, inspect_process, map_to_inside,
                       open_namespace, own_namespaces, parse_flatpak_info, parse_id_map, reopen, snap_from_cgroup,
@@ -219,3 +220,41 @@ async def test_a_peer_the_bus_sees_as_pid_0_is_denied_by_namespace(tmp_path, pid
         finally:
             peer.close()
         assert other.proc.poll() is None
+
+
+# -- fd passing: negotiated for ProcessFD, but nothing a peer pushes is kept ----------
+
+
+@pytest.mark.asyncio
+async def test_fds_sent_to_the_daemon_are_closed(system_bus, wqd_factory):
+    from dbus_fast import Message as DBusMessage
+
+    wqd = await wqd_factory(system_bus)
+    bus = await MessageBus(bus_address=system_bus.address, negotiate_unix_fd=True).connect()
+    r, w = os.pipe()
+    try:
+        owner = await call(bus, "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                           "GetNameOwner", "s", ["io.wqd.WatchQueue1"])
+        daemon = owner.body[0]
+
+        def open_fds() -> int:
+            return len(os.listdir(f"/proc/{wqd.proc.pid}/fd"))
+
+        ping = await call(bus, "io.wqd.WatchQueue1", "/io/wqd/WatchQueue1", "org.freedesktop.DBus.Peer", "Ping")
+        assert ping.message_type == MessageType.METHOD_RETURN
+        before = open_fds()
+        for i in range(20):
+            bus.send(DBusMessage.new_signal("/x", "org.example.Junk", "Fd", "h", [0], unix_fds=[r]))
+            bus.send(DBusMessage(destination=daemon, path="/x", interface="org.example.Junk", member="Fd",
+                                 message_type=MessageType.SIGNAL, signature="h", body=[0], unix_fds=[w]))
+            reply = await bus.call(DBusMessage(destination="io.wqd.WatchQueue1", path="/io/wqd/WatchQueue1",
+                                               interface="io.wqd.WatchQueue1", member="Watch", signature="h",
+                                               body=[0], unix_fds=[r]))
+            assert reply.message_type == MessageType.ERROR
+        ping = await call(bus, "io.wqd.WatchQueue1", "/io/wqd/WatchQueue1", "org.freedesktop.DBus.Peer", "Ping")
+        assert ping.message_type == MessageType.METHOD_RETURN
+        assert open_fds() <= before
+    finally:
+        os.close(r)
+        os.close(w)
+        bus.disconnect()

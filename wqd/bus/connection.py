@@ -183,8 +183,11 @@ class FlowControlledBus(MessageBus):
 
 
 async def connect(address: str | None = None, system: bool = False) -> FlowControlledBus:
+    # fd passing is negotiated so that GetConnectionCredentials can carry the
+    # peer's ProcessFD (a pidfd) where the bus offers it (wqd.bus.identity); fds
+    # peers send in calls or signals are closed on arrival (wqd.bus.service).
     if address:
-        bus = FlowControlledBus(bus_address=address)
+        bus = FlowControlledBus(bus_address=address, negotiate_unix_fd=True)
     else:
-        bus = FlowControlledBus(bus_type=BusType.SYSTEM if system else BusType.SESSION)
+        bus = FlowControlledBus(bus_type=BusType.SYSTEM if system else BusType.SESSION, negotiate_unix_fd=True)
     return await bus.connect()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import xml.etree.ElementTree as ET
 from importlib import resources
 
@@ -50,6 +51,15 @@ def load_interfaces() -> dict[str, str]:
             for iface in root.findall("interface")}
 
 
+def close_fds(msg: Message) -> None:
+    fds, msg.unix_fds = msg.unix_fds, []
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 class CallError(Exception):
     def __init__(self, name: str, text: str) -> None:
         super().__init__(text)
@@ -82,6 +92,8 @@ class WatchQueueService:
     # -- message routing ----------------------------------------------------
 
     def _on_message(self, msg: Message):
+        if msg.unix_fds and msg.message_type in (MessageType.METHOD_CALL, MessageType.SIGNAL):
+            close_fds(msg)  # wqd's API takes no fds: keep nothing a peer pushes at us
         if msg.message_type == MessageType.SIGNAL:
             if msg.member == "NameOwnerChanged" and msg.sender == "org.freedesktop.DBus":
                 self.peers.name_owner_changed(msg)
