@@ -78,21 +78,58 @@ async def test_sources_by_peers(tmp_path, system_bus, wqd_factory, base):
         if not sources.get("mounts"):
             pytest.skip(f"the mounts source is not available here: {sources}")
 
-        a = system_bus.address
-        peers = {
-            "root": CommandPeer(a, as_uid(0)),
-            "u1000": CommandPeer(a, as_uid(1000)),
-            "u1001": CommandPeer(a, as_uid(1001)),
-            "member": CommandPeer(a, as_uid(1000, (group.gr_gid,))),
-            "userns-root": CommandPeer(a, ["unshare", "-U", "-r"]),
-            "userns-1000": CommandPeer(a, [*as_uid(1000), "unshare", "-U", "-r"], userns_python()),
-            "mntns-root": CommandPeer(a, ["unshare", "-m", "--propagation", "private", *as_uid(0)]),
-        }
+        peers = start_peers(system_bus.address, group)
         try:
             await _matrix(peers, sources, k1, k2, base)
         finally:
             for p in peers.values():
                 p.close()
+
+
+def start_peers(a: str, group) -> dict[str, CommandPeer]:
+    return {
+        "root": CommandPeer(a, as_uid(0)),
+        "u1000": CommandPeer(a, as_uid(1000)),
+        "u1001": CommandPeer(a, as_uid(1001)),
+        "member": CommandPeer(a, as_uid(1000, (group.gr_gid,))),
+        "userns-root": CommandPeer(a, ["unshare", "-U", "-r"]),
+        "userns-1000": CommandPeer(a, [*as_uid(1000), "unshare", "-U", "-r"], userns_python()),
+        "mntns-root": CommandPeer(a, ["unshare", "-m", "--propagation", "private", *as_uid(0)]),
+    }
+
+
+async def test_devices_by_peers(tmp_path, system_bus, wqd_factory):
+    """devices: no namespace boundary crossed (namespace plugin), rules apply, unix lets the rest watch."""
+    require_root()
+    group = spare_group()
+    rules = tmp_path / "rules.d"
+    write_rules(rules, "10-matrix.rules", "deny * * uid:1001\n")
+    wqd = await wqd_factory(system_bus, policy_config(rules))
+    me = await Client.connect(wqd.address)
+    try:
+        sources = await me.get(MANAGER, IFACE, "Sources")
+    finally:
+        me.close()
+    if not sources.get("devices"):
+        pytest.skip(f"the devices source is not available here: {sources}")
+    peers = start_peers(system_bus.address, group)
+    try:
+        got = {name: await watch(peer, "devices", "mem") for name, peer in peers.items()}
+        assert got == {"root": A, "u1000": A, "u1001": D, "member": A, "userns-root": D, "userns-1000": D,
+                       "mntns-root": A}, watch.texts
+        with open("/sys/devices/virtual/mem/null/uevent", "w") as f:
+            f.write("change")
+        allowed = [n for n, v in got.items() if v == A]
+        for name in allowed:
+            out = await peers[name].request("signals", min=1, wait=15)
+            assert [(m, body[0], body[1]) for _, m, body in out["result"]][:1] == \
+                [("DeviceChanged", "change", "/devices/virtual/mem/null")], (name, out)
+        await asyncio.sleep(0.3)
+        for name in set(peers) - set(allowed):
+            assert (await peers[name].request("signals"))["result"] == [], name
+    finally:
+        for p in peers.values():
+            p.close()
 
 
 async def _matrix(peers, sources, k1, k2, base):
