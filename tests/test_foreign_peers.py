@@ -5,6 +5,8 @@ deny policy, like a real system bus; clients run as uid 1000/1001 via setpriv.
 """
 
 import asyncio
+import subprocess
+import uuid
 
 import pytest
 
@@ -134,10 +136,15 @@ async def test_root_instance_resolves_at_u_of_another_uid(system_bus, wqd_factor
     # and uid 1000 adding to its own @u does show up
     import subprocess
 
-    subprocess.run(["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "keyctl", "add", "user", "mine",
-                    "x", "@u"], check=True, capture_output=True)
-    got = await peer.request("signals", min=1, wait=10)
-    assert got["result"][0][1] == "KeyChanged" and got["result"][0][2][1] == "linked"
+    as_1000 = ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "keyctl"]
+    name = f"wqd-mine-{uuid.uuid4().hex[:8]}"  # fresh: re-adding a name would be an update
+    mine = subprocess.run([*as_1000, "add", "user", name, "x", "@u"], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    try:
+        got = await peer.request("signals", min=1, wait=10)
+        assert got["result"][0][1] == "KeyChanged" and got["result"][0][2][1:] == ["linked", int(mine)]
+    finally:
+        subprocess.run([*as_1000, "unlink", mine, "@u"], capture_output=True)
 
 
 async def test_unprivileged_instance_cannot_reach_another_uids_keyrings(tmp_path, wqd_factory, foreign_on):
@@ -166,9 +173,12 @@ async def test_root_instance_resolves_at_p_of_another_uid(system_bus, wqd_factor
     out = await peer.request("watch", source="keys", target="@p")
     assert out["ok"], out
     # uid 1000, in a fresh session keyring of its own, adds a key to its persistent keyring
-    added = subprocess.run(
-        ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "keyctl", "session", "-", "sh", "-c",
-         'keyctl add user wqd-p x "$(keyctl get_persistent @s)"'],
-        check=True, capture_output=True, text=True).stdout.strip()
-    got = await peer.request("signals", min=1, wait=10)
-    assert got["result"][0][1:] == ["KeyChanged", [got["result"][0][2][0], "linked", int(added)]]
+    as_1000 = ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "keyctl", "session", "-", "sh", "-c"]
+    name = f"wqd-p-{uuid.uuid4().hex[:8]}"  # fresh: re-adding a name would be an update
+    added = subprocess.run([*as_1000, f'keyctl add user {name} x "$(keyctl get_persistent @s)"'],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        got = await peer.request("signals", min=1, wait=10)
+        assert got["result"][0][1:] == ["KeyChanged", [got["result"][0][2][0], "linked", int(added)]]
+    finally:
+        subprocess.run([*as_1000, f'keyctl unlink {added} "$(keyctl get_persistent @s)"'], capture_output=True)
