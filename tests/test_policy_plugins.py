@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from policy_support import CommandPeer, as_uid, watch, world_keyring
+from policy_support import CommandPeer, as_uid, world_keyring
 from support import PYTHON, REPO, Client, keyctl
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]

@@ -29,6 +29,7 @@ import errno
 import os
 import re
 import signal
+import stat
 import time
 from dataclasses import dataclass, field
 
@@ -199,8 +200,11 @@ def pidfd_pid(pidfd: int) -> int:
 
 
 def _read_at(dirfd: int, name: str, limit: int = 65536) -> bytes:
+    """Read at most *limit* bytes of a regular file (never a FIFO or device a peer planted)."""
     fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dirfd)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{name} is not a regular file")
         chunks, size = [], 0
         while size < limit:
             chunk = os.read(fd, min(65536, limit - size))
