@@ -194,6 +194,8 @@ def pidns_bus(tmp_path):
         pytest.skip(f"dbus-daemon did not start in a PID namespace: {proc.stderr.read()}")
     bus = PrivateBus("system", address, proc, sockdir)
     yield bus
+    proc.kill()  # unshare --fork ignores SIGTERM; --kill-child takes dbus-daemon with it
+    proc.wait()
     bus.stop()
 
 
