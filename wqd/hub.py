@@ -37,6 +37,15 @@ class EndMark:
     reason: str
 
 
+@dataclass(slots=True)
+class Preload:
+    """Events for one subscription, ahead of anything queued after them (an initial
+    snapshot): taken one at a time, outside the queue limit (their number is bounded
+    by what exists, not by an event rate)."""
+
+    events: deque
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     queue_length: int = 1024  # events queued per subscriber before loss
@@ -236,12 +245,30 @@ class Hub:
             return
         source = self.sources[event.source]
         post = self.policy.post
+        shape = getattr(source, "shape", None)  # per-subscription trimming (devices: "properties")
         for sub in self.subscribers(event.source, event.route):
             if not source.accepts(sub, event):
                 continue
             seen = post(sub.owner, event)
             if seen is not None:
-                self.enqueue(sub, seen)
+                self.enqueue(sub, seen if shape is None else shape(sub, seen))
+
+    def preload(self, sub: Subscription, events) -> int:
+        """Queue *events* (an initial snapshot) for *sub* alone, judged like any event
+        (the source's filter, the policy, the source's ``shape``), as one ``Preload``.
+        Returns how many were queued."""
+        source = self.sources[sub.source]
+        post = self.policy.post
+        shape = getattr(source, "shape", None)
+        seen = deque()
+        for event in events:
+            if source.accepts(sub, event) and (event := post(sub.owner, event)) is not None:
+                seen.append(event if shape is None else shape(sub, event))
+        if seen:
+            sub.queue.append(Preload(seen))
+            if self.outlet is not None:
+                self.outlet.wake(sub)
+        return len(seen)
 
     def enqueue(self, sub: Subscription, item: Event) -> None:
         n = sub.queued_events
@@ -257,7 +284,15 @@ class Hub:
 
     def take(self, sub: Subscription):
         """Pop the next item for the outlet (Event, LostMark or EndMark), counting it."""
-        item = sub.queue.popleft()
+        queue = sub.queue
+        item = queue[0]
+        if isinstance(item, Preload):
+            event = item.events.popleft()
+            if not item.events:
+                queue.popleft()
+            sub.delivered += 1
+            return event
+        item = queue.popleft()
         if isinstance(item, Event):
             n = sub.queued_events
             sub.queued_events = n - 1

@@ -1,0 +1,148 @@
+"""The devices source with a real systemd-udevd: backend ``udev`` (processed events, udev's properties).
+
+``udevd`` (tests/udev.py) starts Debian's systemd-udevd standalone for each test
+and stops it afterwards. Counts are taken on the test's own devpaths.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+
+import pytest
+from dbus_fast import Variant
+
+from support import IFACE, MANAGER, SUB_IFACE, ForeignClient
+from test_devices_uevent import config, device_signals, lost_total
+from udev import NULL_DEVPATH, LoopDevice, ext4_image, trigger, udevd  # noqa: F401 - udevd is a fixture
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
+
+
+async def test_backend_udev_and_exact_count(udevd, system_bus, wqd_factory, client_factory):
+    await wqd_factory(system_bus, config=config())
+    client = await client_factory(system_bus.address)
+    assert (await client.get(MANAGER, IFACE, "Sources"))["devices"] == "udev"
+    path = await client.watch("devices", "mem")
+    n = 20
+    trigger(NULL_DEVPATH, "change", n)
+    await client.wait_for(lambda: len(device_signals(client, path, NULL_DEVPATH)) >= n)
+    udevd.settle()
+    got = device_signals(client, path, NULL_DEVPATH)
+    assert len(got) == n
+    for action, _devpath, props in got:
+        # udev's processed event: USEC_INITIALIZED is udev's, not the kernel's
+        assert action == "change" and props["DEVNAME"] == "/dev/null" and "USEC_INITIALIZED" in props
+        assert "UDEV_DATABASE_VERSION" not in props
+    assert await client.get(path, SUB_IFACE, "Delivered") == len(device_signals(client, path))
+
+
+async def test_loop_add_remove_with_udev_properties(udevd, system_bus, wqd_factory, client_factory):
+    await wqd_factory(system_bus, config=config())
+    client = await client_factory(system_bus.address)
+    path = await client.watch("devices", "block", {"actions": Variant("as", ["add", "remove"])})
+    with LoopDevice() as loop:
+        devpath = loop.devpath
+        await client.wait_for(lambda: device_signals(client, path, devpath))
+    await client.wait_for(lambda: len(device_signals(client, path, devpath)) >= 2)
+    (add, remove) = device_signals(client, path, devpath)
+    assert add[0] == "add" and remove[0] == "remove"
+    assert "USEC_INITIALIZED" in add[2] and add[2]["DEVTYPE"] == "disk"
+
+
+async def test_filter_is_in_the_kernel(udevd, system_bus, wqd_factory, client_factory):
+    """With a tiny receive buffer and the daemon stopped, uevents of subsystems nobody
+    watches never reach the socket: no overflow, no Lost (the uevent backend would drop)."""
+    daemon = await wqd_factory(system_bus, config=config("udev", "receive_buffer = 1024"))
+    client = await client_factory(system_bus.address)
+    mem = await client.watch("devices", "mem")
+    path = await client.watch("devices", "block")
+    await client.call(mem, SUB_IFACE, "Close")  # the filter shrinks to "block" (rebuilt)
+    daemon.proc.send_signal(signal.SIGSTOP)
+    try:
+        trigger(NULL_DEVPATH, "change", 200)
+        udevd.settle()
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    with LoopDevice() as loop:
+        devpath = loop.devpath
+        await client.wait_for(lambda: device_signals(client, path, devpath))
+    await client.wait_for(lambda: len(device_signals(client, path, devpath)) >= 2)
+    assert lost_total(client, path) == 0 and not device_signals(client, path, NULL_DEVPATH)
+    assert await client.get(path, SUB_IFACE, "Lost") == 0
+    # everything again ("" = no filter), then back to "block" only
+    everything = await client.watch("devices", "")
+    trigger(NULL_DEVPATH, "change")
+    await client.wait_for(lambda: device_signals(client, everything, NULL_DEVPATH))
+    await client.call(everything, SUB_IFACE, "Close")
+    with LoopDevice() as loop:
+        second = loop.devpath
+        await client.wait_for(lambda: device_signals(client, path, second))
+    assert not device_signals(client, path, NULL_DEVPATH)
+
+
+async def test_initial_snapshot_has_udev_database_properties(udevd, system_bus, wqd_factory, client_factory, tmp_path):
+    await wqd_factory(system_bus, config=config())
+    client = await client_factory(system_bus.address)
+    fs_uuid = str(uuid.uuid4())
+    image = ext4_image(tmp_path / "fs.img", "wqd-initial", fs_uuid)
+    with LoopDevice() as loop:
+        udevd.settle()
+        loop.attach(image)
+        udevd.settle()
+        path = await client.watch("devices", "block", {"initial": Variant("b", True)})
+        await client.wait_for(lambda: device_signals(client, path, loop.devpath))
+        (action, _devpath, props) = device_signals(client, path, loop.devpath)[0]
+        assert action == "add" and props["WQD_SYNTHETIC"] == "initial"
+        assert props["ID_FS_UUID"] == fs_uuid and props["ID_FS_LABEL"] == "wqd-initial"
+
+
+async def test_identifying_properties_only_for_who_may_open_the_node(udevd, system_bus, wqd_factory,
+                                                                     client_factory, tmp_path):
+    await wqd_factory(system_bus, config=config())
+    root = await client_factory(system_bus.address)
+    fs_uuid = str(uuid.uuid4())
+    image = ext4_image(tmp_path / "fs.img", "wqd-secret", fs_uuid)
+    with LoopDevice() as loop:
+        udevd.settle()
+        st = os.stat(loop.node)
+        assert st.st_mode & 0o007 == 0, oct(st.st_mode)  # udev's rules: not world-readable
+        outsider = ForeignClient(system_bus.address, 1000)
+        member = ForeignClient(system_bus.address, 1001, groups=(st.st_gid,))
+        try:
+            root_path = await root.watch("devices", "block")
+            paths = {}
+            for name, peer in (("outsider", outsider), ("member", member)):
+                reply = await peer.request("watch", source="devices", target="block")
+                assert reply["ok"], reply
+                paths[name] = reply["result"][0]
+            loop.attach(image)
+            udevd.settle()
+
+            def fs_event(bodies):
+                return [b for b in bodies if b[1] == loop.devpath and b[2].get("ID_FS_TYPE") == "ext4"]
+
+            await root.wait_for(lambda: fs_event(device_signals(root, root_path)))
+            root_props = fs_event(device_signals(root, root_path))[0][2]
+            assert root_props["ID_FS_UUID"] == fs_uuid and root_props["ID_FS_LABEL"] == "wqd-secret"
+            assert fs_uuid in root_props.get("DEVLINKS", fs_uuid)
+            seen = {}
+            for name, peer in (("outsider", outsider), ("member", member)):
+                for _ in range(50):
+                    signals = (await peer.request("signals", min=1, wait=0.2))["result"]
+                    mine = fs_event([s[2] for s in signals if s[0] == paths[name] and s[1] == "DeviceChanged"])
+                    if mine:
+                        seen[name] = mine[0][2]
+                        break
+                assert name in seen, signals
+            outsider_props, member_props = seen["outsider"], seen["member"]
+            assert member_props["ID_FS_UUID"] == fs_uuid and member_props["ID_FS_LABEL"] == "wqd-secret"
+            # the outsider learns the kind of device and filesystem, not which one
+            assert outsider_props["ID_FS_TYPE"] == "ext4" and outsider_props["DEVNAME"] == loop.node
+            assert not {"ID_FS_UUID", "ID_FS_UUID_ENC", "ID_FS_LABEL", "ID_FS_LABEL_ENC", "DEVLINKS"} & set(outsider_props)
+            assert not [v for v in outsider_props.values() if fs_uuid in v or "wqd-secret" in v]
+            assert set(outsider_props) < set(root_props)
+        finally:
+            outsider.close()
+            member.close()

@@ -1,0 +1,309 @@
+"""The ``devices`` source: udev and kernel uevents as ``DeviceChanged`` signals.
+
+``Watch("devices", TARGET, options)``:
+
+- ``TARGET``: a subsystem (``usb``, ``block``, ``mem``, ...) or ``""`` for all.
+- ``options``: ``"actions": as`` (any of ``add remove change move online offline
+  bind unbind``); ``"properties": as`` (only these property keys are delivered;
+  ``[]`` for none); ``"initial": b`` (first an ``add`` for every device of the
+  target that exists, then live events).
+
+Signal: ``DeviceChanged(action, devpath, properties)``: ``devpath`` as the kernel
+names it (``/devices/virtual/mem/null``), ``properties`` the uevent's (``ACTION``,
+``DEVPATH``, ``SUBSYSTEM``, ``SEQNUM``, ``DEVNAME``, ...; with the ``udev``
+backend also what udev's rules added), less what the policy withholds from the
+subscriber (``unix``: see ``wqd.policy.unix_devices``). Events wqd made up carry
+``WQD_SYNTHETIC``: ``initial`` (the snapshot of ``"initial"``) or ``resync``
+(after a loss), and no ``SEQNUM``; a notification listener can tell "was there"
+from "was plugged".
+
+One netlink monitor serves every subscription (``devices_monitor``), open only
+while there are subscriptions. Backends: ``udev`` when systemd-udevd runs
+(its control socket accepts), else ``uevent``; ``[devices] backend`` forces one.
+The backend is chosen when wqd starts.
+
+Filtering. The union of the subscribed subsystems is pushed into the socket's
+kernel filter (libudev's BPF) with the ``udev`` backend; one ``""`` subscription
+means no filter at all. The filter only ever lets more through than the
+subscriptions want (while it is rebuilt after an unsubscribe, and on hash
+collisions): the hub routes by subsystem, so nothing extra reaches anyone. The
+``uevent`` backend cannot be filtered in the kernel (see ``devices_monitor``).
+
+Initial snapshot and loss. wqd keeps a table of the devices of the subscribed
+subsystems (devpath -> properties): enumerated when a subsystem is first
+subscribed (the socket is already open, so nothing falls between), then kept up
+to date by the events themselves. ``"initial"`` is served from it, queued for that
+subscription alone ahead of its live events (``Hub.preload``): no second
+enumeration, and no event is both in the snapshot and after it. On ``ENOBUFS``
+the receive buffer is doubled, every subscriber of the source gets ``Lost(n)``
+(``n`` from the kernel's drop counter for the socket, ``/proc/net/netlink``; 1 if
+unreadable), and once the socket is read empty the subsystems are enumerated
+again and the differences with the table are delivered as synthesised ``add``,
+``remove`` and ``change`` events. Drops counted after the ``ENOBUFS`` (the kernel
+reports it once per overflow) are reported as a second ``Lost`` before the
+resync. A datagram from the kernel or udevd that cannot be parsed counts as a
+loss the same way.
+
+Back-pressure: while any subscriber's queue is more than half full the socket is
+not read, so uevents wait in the kernel (``receive_buffer``, 128 MiB by default)
+rather than in wqd; reading at most 64 datagrams per wakeup keeps method calls
+answered during a storm.
+
+Configuration (``[devices]``): ``backend`` = ``auto`` | ``udev`` | ``uevent``;
+``receive_buffer`` = bytes of socket receive buffer to ask for (1024 .. 1 GiB;
+beyond ``net.core.rmem_max`` needs ``CAP_NET_ADMIN``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import re
+from collections.abc import Hashable, Iterable
+
+from wqd.errors import InvalidArgument, LimitsExceeded, NotSupported
+from wqd.events import DeviceChanged, Event, SourceLoss, WatchTarget
+from wqd.kernel.netlink import RECEIVE_BUFFER_MAX
+from wqd.parse.uevent import diff, synthesise
+from wqd.peer import PeerCredentials
+from wqd.sources import ANY, Sink, string_list_option
+from wqd.sources.devices_monitor import UeventMonitor, udevd_running
+
+log = logging.getLogger(__name__)
+
+# The kernel's actions, lib/kobject_uevent.c kobject_actions[].
+ACTIONS = ("add", "remove", "change", "move", "online", "offline", "bind", "unbind")
+OPTIONS = frozenset({"actions", "properties", "initial"})
+SUBSYSTEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,63}\Z")
+PROPERTY = re.compile(r"[^=\0]{1,128}\Z")
+MAX_PROPERTIES = 256
+BACKENDS = ("auto", "udev", "uevent")
+SETTINGS = {"backend": str, "receive_buffer": int}
+DEFAULT_RECEIVE_BUFFER = 128 << 20  # as systemd-udevd asks for its own monitor
+
+
+def parse_subsystem(spec: str) -> str | None:
+    if spec == "":
+        return None
+    if not SUBSYSTEM.match(spec):
+        raise InvalidArgument('devices target must be a subsystem name ("usb", "block", ...) or "" for all')
+    return spec
+
+
+class DevicesSource:
+    name = "devices"
+
+    def __init__(self, backend: str, receive_buffer: int = DEFAULT_RECEIVE_BUFFER) -> None:
+        self.backend = backend
+        self.receive_buffer = receive_buffer
+        self.sink: Sink | None = None
+        self.monitor: UeventMonitor | None = None
+        self.subs: dict[str | None, set] = {}  # subsystem (None: all) -> subscriptions
+        self.tracked: frozenset[str] | None = frozenset()  # subsystems in the table; None: all
+        self.table: dict[str, tuple[str, dict[str, str]]] = {}  # devpath -> (subsystem, properties)
+        self.resync_pending = False
+
+    async def start(self, sink: Sink) -> None:
+        self.sink = sink
+
+    async def stop(self) -> None:
+        self._close()
+        self.subs.clear()
+
+    # -- Watch() ----------------------------------------------------------
+
+    async def resolve(self, peer: PeerCredentials, spec: str, options: dict) -> WatchTarget:
+        unknown = set(options) - OPTIONS
+        if unknown:
+            raise InvalidArgument(f"unknown option(s) for devices: {', '.join(sorted(unknown))}")
+        actions = string_list_option(options, "actions", ACTIONS)
+        if actions is not None and not actions:
+            raise InvalidArgument("option 'actions' must not be empty")
+        properties = string_list_option(options, "properties")
+        if properties is not None:
+            if len(properties) > MAX_PROPERTIES:
+                raise InvalidArgument(f"option 'properties' may name at most {MAX_PROPERTIES} keys")
+            if not all(PROPERTY.match(p) for p in properties):
+                raise InvalidArgument("option 'properties': keys are 1..128 characters without '=' or NUL")
+        initial = options.get("initial", False)
+        if not isinstance(initial, bool):
+            raise InvalidArgument("option 'initial' must be a boolean (b)")
+        subsystem = parse_subsystem(spec)
+        return WatchTarget("devices", spec, extra={
+            "subsystem": subsystem, "actions": actions, "properties": properties, "initial": initial})
+
+    def routes(self, sub) -> Iterable[Hashable]:
+        subsystem = sub.target.extra["subsystem"]
+        return (ANY,) if subsystem is None else (subsystem,)
+
+    def accepts(self, sub, event: Event) -> bool:
+        actions = sub.target.extra["actions"]
+        return actions is None or event.action in actions
+
+    def shape(self, sub, event: DeviceChanged) -> DeviceChanged:
+        """Only the properties the subscription asked for (``"properties"``)."""
+        wanted = sub.target.extra["properties"]
+        if wanted is None:
+            return event
+        props = event.properties
+        return event.redact(properties={k: props[k] for k in wanted if k in props})
+
+    def attach(self, sub) -> None:
+        subsystem = sub.target.extra["subsystem"]
+        opened = False
+        if self.monitor is None:
+            self._open()
+            opened = True
+        self.subs.setdefault(subsystem, set()).add(sub)
+        try:
+            self._track()
+            if sub.target.extra["initial"]:
+                snapshot = sorted((devpath, record) for devpath, record in self.table.items()
+                                  if subsystem is None or record[0] == subsystem)
+                self.sink.preload(sub, synthesise(
+                    (("add", devpath, sub_, props) for devpath, (sub_, props) in snapshot), "initial"))
+        except Exception:
+            self._forget(sub)
+            if opened and not self.subs:
+                self._close()
+            log.exception("devices: setting up subscription %d failed", sub.number)
+            raise NotSupported("cannot watch devices here") from None
+
+    def detach(self, sub) -> None:
+        self._forget(sub)
+        if not self.subs:
+            self._close()
+
+    def _forget(self, sub) -> None:
+        subsystem = sub.target.extra["subsystem"]
+        bucket = self.subs.get(subsystem)
+        if bucket is not None:
+            bucket.discard(sub)
+            if not bucket:
+                del self.subs[subsystem]
+                if self.monitor is not None and self.subs:
+                    self._track()
+
+    # -- the monitor, its filter and the device table -------------------------
+
+    def _open(self) -> None:
+        try:
+            self.monitor = UeventMonitor(self.backend, self.receive_buffer, self, self.sink)
+        except (OSError, ImportError) as exc:
+            log.error("devices: cannot open the uevent monitor: %s", exc)
+            if getattr(exc, "errno", None) in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise LimitsExceeded("cannot open another uevent monitor") from None
+            raise NotSupported("cannot open a uevent monitor here") from None
+        self.tracked = frozenset()
+        self.table = {}
+        self.resync_pending = False
+
+    def _close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
+        self.tracked = frozenset()
+        self.table = {}
+        self.resync_pending = False
+
+    def _wanted(self) -> frozenset[str] | None:
+        if None in self.subs:
+            return None
+        return frozenset(self.subs)
+
+    def _track(self) -> None:
+        """Make the kernel filter and the table follow the subscribed subsystems."""
+        wanted = self._wanted()
+        before = self.tracked
+        if wanted == before:
+            return
+        self.monitor.set_filter(wanted)
+        if wanted is None:
+            self.table = self.monitor.enumerate(None)
+        else:
+            self.table = {d: r for d, r in self.table.items() if r[0] in wanted}
+            new = frozenset() if before is None else wanted - before  # all were tracked: nothing new
+            if new:
+                self.table.update(self.monitor.enumerate(new))
+        self.tracked = wanted
+        log.debug("devices: tracking %s (%d devices)", "all" if wanted is None else ", ".join(sorted(wanted)),
+                  len(self.table))
+
+    def _record(self, event: DeviceChanged) -> None:
+        action = event.action
+        if action == "remove":
+            self.table.pop(event.devpath, None)
+            return
+        if action == "move":
+            old = event.properties.get("DEVPATH_OLD")
+            if old:
+                self.table.pop(old, None)
+        self.table[event.devpath] = (event.subsystem, event.properties)
+
+    # -- from the monitor ---------------------------------------------------------
+
+    def uevent(self, event: DeviceChanged) -> None:
+        tracked = self.tracked
+        if tracked is not None and event.subsystem not in tracked:
+            return  # uevent backend (no kernel filter), or a filter hash collision
+        self._record(event)
+        self.sink.dispatch(event)
+
+    def overrun(self) -> None:
+        monitor = self.monitor
+        lost = monitor.new_drops()
+        monitor.enlarge()
+        self._lost(max(lost or 1, 1), "the uevent socket overflowed (ENOBUFS)")
+
+    def malformed(self, why: str) -> None:
+        self._lost(1, f"a uevent could not be read: {why}")
+
+    def _lost(self, count: int, why: str) -> None:
+        log.warning("devices: %s; %d uevent(s) lost, resynchronising", why, count)
+        self.resync_pending = True
+        self.sink.dispatch(SourceLoss("devices", count))
+
+    def caught_up(self) -> None:
+        if not self.resync_pending or self.monitor is None:
+            return
+        self.resync_pending = False
+        later = self.monitor.new_drops()
+        if later:
+            self.sink.dispatch(SourceLoss("devices", later))
+        tracked = self.tracked
+        fresh = self.monitor.enumerate(tracked)
+        changes = diff(self.table, fresh)
+        self.table = fresh
+        log.info("devices: resynchronised %d device(s): %d difference(s)", len(fresh), len(changes))
+        for event in synthesise(changes, "resync"):
+            self.sink.dispatch(event)
+
+
+def _setting(conf: dict, key: str, default):
+    value = conf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, SETTINGS[key]):
+        raise ValueError(f"devices.{key} has the wrong type: {value!r}")
+    return value
+
+
+def open_source(cfg) -> DevicesSource:
+    """The source for this machine; raises ValueError (bad settings), ImportError
+    (no pyudev) or OSError (no netlink uevent socket here)."""
+    conf = cfg.raw.get("devices", {})
+    unknown = set(conf) - set(SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown setting(s) devices.{', devices.'.join(sorted(unknown))}")
+    backend = _setting(conf, "backend", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"devices.backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    receive_buffer = _setting(conf, "receive_buffer", DEFAULT_RECEIVE_BUFFER)
+    if not 1024 <= receive_buffer <= RECEIVE_BUFFER_MAX:
+        raise ValueError(f"devices.receive_buffer must be 1024..{RECEIVE_BUFFER_MAX} bytes")
+    import pyudev
+
+    if backend == "auto":
+        backend = "udev" if udevd_running() else "uevent"
+    # Fail now, not at the first Watch, where netlink is not allowed (a sandbox).
+    pyudev.Monitor.from_netlink(pyudev.Context(), source="udev" if backend == "udev" else "kernel")
+    log.info("devices: backend %s", backend)
+    return DevicesSource(backend, receive_buffer)
