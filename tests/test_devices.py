@@ -14,7 +14,7 @@ import pytest
 from dbus_fast import Variant
 
 from support import IFACE, MANAGER, SUB_IFACE, ForeignClient
-from test_devices_uevent import config, device_signals, lost_total
+from test_devices_uevent import config, device_signals, lost_total, storm
 from udev import NULL_DEVPATH, LoopDevice, ext4_image, trigger, udevd  # noqa: F401 - udevd is a fixture
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
@@ -146,3 +146,9 @@ async def test_identifying_properties_only_for_who_may_open_the_node(udevd, syst
         finally:
             outsider.close()
             member.close()
+
+
+async def test_storm_through_udevd(udevd, system_bus, wqd_factory, client_factory):
+    # udevd runs its rules for each uevent (about 350/s on this machine kind under load):
+    # a smaller storm than the 10,000 of the uevent backend keeps this test short.
+    await storm(system_bus, wqd_factory, client_factory, config(), 3_000)

@@ -66,10 +66,10 @@ class Malformed(Exception):
 def parse_properties(blob: bytes) -> dict[str, str]:
     """``KEY=VALUE\\0`` pairs -> dict. Entries without ``=`` are skipped, as libudev does."""
     props: dict[str, str] = {}
-    for entry in blob.split(b"\0"):
-        key, eq, value = entry.partition(b"=")
+    for entry in blob.decode("utf-8", "replace").split("\0"):  # NUL ends any UTF-8 sequence
+        key, eq, value = entry.partition("=")
         if eq and key:
-            props[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+            props[key] = value
     devname = props.get("DEVNAME")
     if devname is not None and not devname.startswith("/"):
         props["DEVNAME"] = "/dev/" + devname
