@@ -130,9 +130,9 @@ class Rig:
         finally:
             watcher.disconnect()
 
-    async def start_helper(self, module: str) -> Helper:
-        """A bench helper process (``bench.raw_emitter``, ``bench.caller``) speaking JSON lines."""
-        proc = subprocess.Popen([PYTHON, "-m", module, self.address], stdin=subprocess.PIPE,
+    async def start_helper(self, module: str, *args: str) -> Helper:
+        """A bench helper process (``bench.raw_emitter``, ``bench.caller``, ...) speaking JSON lines."""
+        proc = subprocess.Popen([PYTHON, "-m", module, self.address, *args], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True, cwd=REPO)
         self.procs.append(proc)
         helper = Helper(proc)

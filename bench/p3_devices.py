@@ -7,7 +7,10 @@ and by a plain pyudev netlink monitor from the same source the daemon's backend
 uses (``udev`` after systemd-udevd, else ``kernel``). Both arrival times are taken
 first thing in their callbacks, on this process's one event loop; the added
 latency is wqd's arrival minus pyudev's, per event. Events of other devices are
-ignored (matched on devpath).
+ignored (matched on devpath). In alternate blocks of events the daemon is
+replaced by ``bench.minimal_bridge`` (a pyudev monitor sending one dbus-fast
+signal per uevent, nothing else, in its own process like the daemon), measured
+the same way: the floor any Python uevent -> D-Bus bridge pays here.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dbus_fast import Message, MessageType
 from bench.harness import IFACE, MANAGER, Rig, Result, get_property, percentile, watch
 
 SPACING_S = 0.005  # between events, so each is measured on its own
-TIMEOUT_S = 3.0
+TIMEOUT_S = 1.0  # a uevent not seen by then was lost (e.g. a storm elsewhere overflowed a socket)
 
 
 class LoopDevice:
@@ -68,46 +71,62 @@ async def run(directory: Path, quick: bool) -> Result:
         import pyudev
     except ImportError as exc:
         return unavailable(f"pyudev is missing: {exc}")
-    count = 50 if quick else 500
+    blocks, per_block = (2, 25) if quick else (5, 100)
     with LoopDevice(directory) as loop:
         if not loop.node:
             return unavailable(loop.error)
         async with Rig(directory) as rig:
-            daemon = await rig.start_wqd("")
             client = await rig.connect()
-            backend = (await get_property(client, MANAGER, IFACE, "Sources")).get("devices", "")
-            if not backend:
-                return unavailable("the devices source is unavailable here: "
-                                   + " | ".join(l for l in daemon.log_text().splitlines() if "devices" in l)[:500])
-            await watch(client, "devices", "block")
-            monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="udev" if backend == "udev" else "kernel")
-            monitor.filter_by("block")
-            monitor.start()
-            try:
-                out = await _measure(client, monitor, loop, count)
-            finally:
-                asyncio.get_running_loop().remove_reader(monitor.fileno())
-                del monitor  # libudev closes the socket when the monitor is released
-    wqd_ms, udev_ms, added = out["wqd_ms"], out["pyudev_ms"], out["added_ms"]
+            wqd: dict = {"forwarder_ms": [], "pyudev_ms": [], "added_ms": [], "missed": 0}
+            bridge: dict = {"forwarder_ms": [], "pyudev_ms": [], "added_ms": [], "missed": 0}
+            backend = ""
+            for block in range(blocks):
+                # Only one forwarder runs at a time: on two cores a second one waking for every
+                # uevent would slow the other down.
+                daemon = await rig.start_wqd("", name=f"wqd{block}")
+                backend = (await get_property(client, MANAGER, IFACE, "Sources")).get("devices", "")
+                if not backend:
+                    return unavailable("the devices source is unavailable here: " + " | ".join(
+                        line for line in daemon.log_text().splitlines() if "devices" in line)[:500])
+                source = "udev" if backend == "udev" else "kernel"
+                await watch(client, "devices", "block")
+                await _measure(client, pyudev, source, loop, per_block, "DeviceChanged", wqd)
+                daemon.stop()
+                helper = await rig.start_helper("bench.minimal_bridge", source, loop.devpath)
+                helper.request(dest=client.unique_name)
+                await helper.read()
+                await _measure(client, pyudev, source, loop, per_block, "BridgeChanged", bridge)
+                helper.proc.stdin.close()
+                helper.proc.wait(10)
+    added = wqd["added_ms"]
     return Result(
-        values={"p3_added_latency_p50_ms": percentile(added, 50), "p3_added_latency_p99_ms": percentile(added, 99)},
-        details={"backend": backend, "pyudev_source": "udev" if backend == "udev" else "kernel", "events": count,
-                 "measured": len(added), "missed": out["missed"], "wqd_p50_ms": percentile(wqd_ms, 50),
-                 "wqd_p99_ms": percentile(wqd_ms, 99), "pyudev_p50_ms": percentile(udev_ms, 50),
-                 "pyudev_p99_ms": percentile(udev_ms, 99)},
-        series={"latency": {"p3 uevent -> DeviceChanged (wqd)": wqd_ms, "p3 uevent -> pyudev monitor": udev_ms,
-                            "p3 added by wqd": added}},
+        values={"p3_added_latency_p50_ms": percentile(added, 50), "p3_added_latency_p99_ms": percentile(added, 99),
+                "p3_bridge_added_latency_p50_ms": percentile(bridge["added_ms"], 50)},
+        details={"backend": backend, "pyudev_source": source, "events": blocks * per_block,
+                 "measured": len(added), "missed": wqd["missed"],
+                 "wqd_p50_ms": percentile(wqd["forwarder_ms"], 50), "wqd_p99_ms": percentile(wqd["forwarder_ms"], 99),
+                 "pyudev_p50_ms": percentile(wqd["pyudev_ms"], 50), "pyudev_p99_ms": percentile(wqd["pyudev_ms"], 99),
+                 "minimal_bridge_added_p50_ms": percentile(bridge["added_ms"], 50),
+                 "minimal_bridge_added_p99_ms": percentile(bridge["added_ms"], 99),
+                 "minimal_bridge_missed": bridge["missed"]},
+        series={"latency": {"p3 uevent -> DeviceChanged (wqd)": wqd["forwarder_ms"],
+                            "p3 uevent -> pyudev monitor": wqd["pyudev_ms"], "p3 added by wqd": added,
+                            "p3 added by a minimal bridge": bridge["added_ms"]}},
     )
 
 
-async def _measure(client, monitor, loop: LoopDevice, count: int) -> dict:
+async def _measure(client, pyudev, source: str, loop: LoopDevice, count: int, member: str, out: dict) -> None:
+    """*count* uevents; per event the forwarder's signal *member* and a pyudev monitor here, timed."""
     ev_loop = asyncio.get_running_loop()
+    monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source=source)
+    monitor.filter_by("block")
+    monitor.start()
     state: dict = {}
 
     def on_signal(msg: Message):
         now = time.perf_counter()
-        if msg.message_type == MessageType.SIGNAL and msg.member == "DeviceChanged" and msg.body[1] == loop.devpath:
-            fut = state.get("wqd")
+        if msg.message_type == MessageType.SIGNAL and msg.member == member and msg.body[1] == loop.devpath:
+            fut = state.get("forwarder")
             if fut is not None and not fut.done():
                 fut.set_result(now)
         return None
@@ -123,19 +142,21 @@ async def _measure(client, monitor, loop: LoopDevice, count: int) -> dict:
     client.add_message_handler(on_signal)
     ev_loop.add_reader(monitor.fileno(), on_uevent)
     uevent = Path(f"/sys/block/{loop.name}/uevent")
-    wqd_ms, udev_ms, added, missed = [], [], [], 0
-    for _ in range(count):
-        state["wqd"], state["pyudev"] = ev_loop.create_future(), ev_loop.create_future()
-        t0 = time.perf_counter()
-        uevent.write_text("change")
-        done, _ = await asyncio.wait([state["wqd"], state["pyudev"]], timeout=TIMEOUT_S)
-        if len(done) < 2:
-            missed += 1
-        else:
-            w, u = state["wqd"].result(), state["pyudev"].result()
-            wqd_ms.append((w - t0) * 1000)
-            udev_ms.append((u - t0) * 1000)
-            added.append((w - u) * 1000)
-        await asyncio.sleep(SPACING_S)
-    client.remove_message_handler(on_signal)
-    return {"wqd_ms": wqd_ms, "pyudev_ms": udev_ms, "added_ms": added, "missed": missed}
+    try:
+        for _ in range(count):
+            state["forwarder"], state["pyudev"] = ev_loop.create_future(), ev_loop.create_future()
+            t0 = time.perf_counter()
+            uevent.write_text("change")
+            done, _ = await asyncio.wait([state["forwarder"], state["pyudev"]], timeout=TIMEOUT_S)
+            if len(done) < 2:
+                out["missed"] += 1
+            else:
+                f, u = state["forwarder"].result(), state["pyudev"].result()
+                out["forwarder_ms"].append((f - t0) * 1000)
+                out["pyudev_ms"].append((u - t0) * 1000)
+                out["added_ms"].append((f - u) * 1000)
+            await asyncio.sleep(SPACING_S)
+    finally:
+        client.remove_message_handler(on_signal)
+        ev_loop.remove_reader(monitor.fileno())
+        del monitor  # libudev closes the socket when the monitor is released

@@ -21,6 +21,7 @@ TARGETS = {
 INFORMATIVE = {
     "bus_ceiling_signals_per_s": "bus ceiling: raw dbus-fast unicast signals/s, this run",
     "p5_start_floor_s": "exec -> name owned for a bare dbus-fast service (s), same run",
+    "p3_bridge_added_latency_p50_ms": "added by a minimal pyudev -> dbus-fast bridge, p50 (ms), same run",
 }
 
 
@@ -72,8 +73,10 @@ def markdown(name: str, run: dict) -> str:
     if "unavailable" in p3:
         lines.append(f"- p3: unavailable: {p3['unavailable']}")
     elif "wqd_p50_ms" in p3:
-        lines.append(f"- p3: backend {p3['backend']}; wqd p50 {p3['wqd_p50_ms']:.3f} ms, pyudev p50"
-                     f" {p3['pyudev_p50_ms']:.3f} ms ({p3['measured']} events, {p3['missed']} missed)")
+        lines.append(f"- p3: backend {p3['backend']}; uevent written -> received: wqd p50 {p3['wqd_p50_ms']:.3f} ms,"
+                     f" pyudev p50 {p3['pyudev_p50_ms']:.3f} ms ({p3['measured']} events, {p3['missed']} missed);"
+                     f" a minimal pyudev -> dbus-fast bridge adds p50 {p3['minimal_bridge_added_p50_ms']:.3f} ms,"
+                     f" p99 {p3['minimal_bridge_added_p99_ms']:.3f} ms (the floor for any bridge over this bus)")
     for run4 in details.get("p4", {}).get("runs", []):
         skipped = "; ".join(f"{k}: {v}" for k, v in run4["not_watched"].items())
         lines.append(f"- p4 {run4['label'] or '(nothing watched)'}: windows {run4['windows_per_s']}"
