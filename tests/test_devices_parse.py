@@ -207,3 +207,22 @@ def test_post_by_node_permissions(loop_node):
     # nothing identifying: the event as it was
     plain = DeviceChanged("add", "/devices/y", "net", {"ACTION": "add", "INTERFACE": "eth9"})
     assert post(_peer(2000), plain, {}) is plain
+
+
+@pytest.mark.parametrize("text", [
+    '[devices]\nbackend = "sideways"\n', "[devices]\nreceive_buffer = 10\n", '[devices]\nreceive_buffer = "big"\n',
+    "[devices]\nreceive_buffer = true\n", "[devices]\nnope = 1\n",
+])
+def test_bad_settings_make_the_source_unavailable(text):
+    from wqd.config import parse
+    from wqd.sources.devices import open_source
+
+    with pytest.raises(ValueError):  # the daemon reports the source unavailable ("") and logs why
+        open_source(parse(text))
+
+
+def test_forced_backend():
+    from wqd.config import parse
+    from wqd.sources.devices import open_source
+
+    assert open_source(parse('[devices]\nbackend = "uevent"\nreceive_buffer = 4096\n')).backend == "uevent"

@@ -161,12 +161,15 @@ class DevicesSource:
                 snapshot = sorted((devpath, record) for devpath, record in self.table.items()
                                   if subsystem is None or record[0] == subsystem)
                 self.sink.preload(sub, synthesise(
-                    (("add", devpath, sub_, props) for devpath, (sub_, props) in snapshot), "initial"))
+                    (("add", devpath, name, props) for devpath, (name, props) in snapshot), "initial"))
         except Exception:
-            self._forget(sub)
+            log.exception("devices: setting up subscription %d failed", sub.number)
+            try:
+                self._forget(sub)
+            except Exception:
+                log.exception("devices: undoing subscription %d failed", sub.number)
             if opened and not self.subs:
                 self._close()
-            log.exception("devices: setting up subscription %d failed", sub.number)
             raise NotSupported("cannot watch devices here") from None
 
     def detach(self, sub) -> None:
