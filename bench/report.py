@@ -22,6 +22,7 @@ INFORMATIVE = {
     "bus_ceiling_signals_per_s": "bus ceiling: raw dbus-fast unicast signals/s, this run",
     "p5_start_floor_s": "exec -> name owned for a bare dbus-fast service (s), same run",
     "p3_bridge_added_latency_p50_ms": "added by a minimal pyudev -> dbus-fast bridge, p50 (ms), same run",
+    "p6_call_p99_ms_under_bus_storm": "ListSubscriptions p99 while a raw sender storms the bus (ms), same run",
 }
 
 
@@ -84,7 +85,9 @@ def markdown(name: str, run: dict) -> str:
     p6 = details.get("p6", {})
     if "storm_p50_ms" in p6:
         lines.append(f"- p6: {p6['calls_during_storms']} calls during {len(p6['storms'])} storms; p50"
-                     f" {p6['storm_p50_ms']:.2f} ms, max {p6['storm_max_ms']:.1f} ms; idle p50 {p6['idle_p50_ms']:.2f} ms")
+                     f" {p6['storm_p50_ms']:.2f} ms, max {p6['storm_max_ms']:.1f} ms; idle p50 {p6['idle_p50_ms']:.2f} ms;"
+                     f" during as many raw-sender storms on the bus (wqd idle): p50 {p6['bus_storm_p50_ms']:.2f} ms,"
+                     f" p99 {p6['bus_storm_p99_ms']:.1f} ms")
     for bench, error in run.get("errors", {}).items():
         lines.append(f"- {bench}: **failed**: {error.strip().splitlines()[-1]}")
     lines += ["", f"Load average at start / end: {run['meta']['loadavg_start']} / {run['meta']['loadavg_end']}", ""]
