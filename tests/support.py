@@ -115,7 +115,7 @@ def start_bus(directory: Path, kind: str = "session", extra: str = "", args: tup
     return PrivateBus(kind, address, proc, sockdir)
 
 
-async def wait_for_name(address: str, name: str, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+async def wait_for_name(address: str, name: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     """Wait until *name* has an owner, from NameOwnerChanged (no sleep loop)."""
     bus = await MessageBus(bus_address=address).connect()
     try:
@@ -307,8 +307,16 @@ class ForeignClient:
                 f.close()
 
 
+class KeyctlError(Exception):
+    pass
+
+
 def keyctl(*args: str) -> str:
-    return subprocess.run(["keyctl", *args], check=True, capture_output=True, text=True).stdout.strip()
+    """Run the real keyctl(1); its stderr is in the error when it fails."""
+    proc = subprocess.run(["keyctl", *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise KeyctlError(f"keyctl {' '.join(args)}: exit {proc.returncode}: {proc.stderr.strip()}")
+    return proc.stdout.strip()
 
 
 def variant_options(**kw) -> dict:
