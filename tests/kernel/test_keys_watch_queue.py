@@ -191,10 +191,10 @@ async def test_idle_cost_watch_queue_vs_proc_keys(watch_queue_kernel, session_bu
             for k in keys:
                 await c.watch("keys", str(k))
         await asyncio.sleep(1)
-        before = {d: voluntary_switches(d.proc.pid) for d in (wq, pk)}
+        before = [voluntary_switches(d.proc.pid) for d in (wq, pk)]
         await asyncio.sleep(10)
-        after = {d: voluntary_switches(d.proc.pid) for d in (wq, pk)}
-        wq_wakeups, pk_wakeups = after[wq] - before[wq], after[pk] - before[pk]
+        after = [voluntary_switches(d.proc.pid) for d in (wq, pk)]
+        wq_wakeups, pk_wakeups = after[0] - before[0], after[1] - before[1]
         print(f"\nidle 10 s, 100 watched keys: watch_queue {wq_wakeups} voluntary context switches, "
               f"proc-keys {pk_wakeups}")
         assert wq_wakeups <= 1, "the watch-queue backend woke up on its own"
