@@ -11,7 +11,6 @@ access itself. The child shares the parent's fds (the notification pipe).
 from __future__ import annotations
 
 import os
-import pickle
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ def run_as(creds: Credentials | None, fn: Callable[..., T], *args) -> T:
         return fn(*args)
     if os.geteuid() != 0:
         raise PermissionDenied(1, "changing credentials needs root")
+    import pickle  # only when a helper runs: keeps daemon start-up lean
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # child: never return into the caller's code

@@ -8,7 +8,7 @@ Numbers from arch/x86/entry/syscalls/syscall_64.tbl
 from __future__ import annotations
 
 import ctypes
-import platform
+import os
 
 from wqd.kernel.errors import check
 
@@ -16,7 +16,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 
-if platform.machine() not in ("x86_64", "AMD64"):  # pragma: no cover
+if os.uname().machine != "x86_64":  # pragma: no cover
     raise ImportError("wqd.kernel.libc: syscall numbers are declared for x86_64 only")
 
 # name -> syscall number (asm/unistd_64.h)
