@@ -89,3 +89,32 @@ async def client_factory():
 @pytest_asyncio.fixture
 async def client(wqd, client_factory):
     return await client_factory(wqd.address)
+
+
+# -- skips must say why; in the qemu guest the kernel tier must not skip at all ------
+
+_skips: list[tuple[str, str, bool]] = []
+
+
+def _in_guest() -> bool:
+    try:
+        with open("/proc/1/cmdline", "rb") as f:
+            return b"guest-init" in f.read()
+    except OSError:
+        return False
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2]).removeprefix("Skipped: ").strip()
+        _skips.append((report.nodeid, reason, "kernel" in report.keywords))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    bad = [(n, r) for n, r, _ in _skips if not r or r in ("unconditional skip", "skipped")]
+    if _in_guest():
+        bad += [(n, f"kernel-tier test skipped inside the guest: {r}") for n, r, kernel in _skips if kernel]
+    if bad:
+        for nodeid, reason in bad:
+            print(f"\nskip not allowed: {nodeid}: {reason or '(no reason given)'}")
+        session.exitstatus = 1
