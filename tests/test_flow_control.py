@@ -119,3 +119,17 @@ async def test_100k_burst_bounded_memory_exact_accounting(session_bus, wqd_facto
     assert growth_mb < 64, f"peak RSS grew by {growth_mb:.1f} MB for a 100k burst"
     await client.wait_for(lambda: len(client.signals[path]) >= d + (1 if lost else 0), timeout=60)
     assert sum(1 for s in client.signals[path] if s[0] == "KeyChanged") == d
+
+
+async def test_replay_from_a_regular_file_is_read_to_its_end(session_bus, wqd_factory, client_factory, tmp_path):
+    """A regular file cannot be polled: it is read in batches from the loop, to its end."""
+    capture = tmp_path / "capture.bin"
+    capture.write_bytes(b"".join(encode_key_record(KEY, "linked", i) for i in range(5000)))
+    wqd = await wqd_factory(session_bus, config=replay_config(capture))
+    client = await client_factory(session_bus.address)
+    for _ in range(200):
+        if "read to its end" in wqd.log_text():
+            break
+        await asyncio.sleep(0.05)
+    assert "read to its end" in wqd.log_text()
+    assert await client.get("/io/wqd/WatchQueue1", "io.wqd.WatchQueue1", "Version") == "1"

@@ -24,7 +24,6 @@ subsystem in userspace.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import os
@@ -35,6 +34,7 @@ from collections.abc import Iterable
 from wqd.kernel import errors as kerr
 from wqd.kernel.netlink import RECEIVE_BUFFER_MAX, drops_table, sender_uid, set_receive_buffer, uevent_socket
 from wqd.parse.uevent import Malformed, Untrusted, netlink_drops, parse_datagram, parse_uevent_file
+from wqd.sources.reader import FdReader
 
 log = logging.getLogger(__name__)
 
@@ -91,19 +91,16 @@ class UeventMonitor:
             raise
         self.filter: frozenset[str] | None = None  # what the kernel lets through; None: everything
         self.drops_seen = self.drops() or 0
-        self.loop = asyncio.get_running_loop()
-        self.paused = False
         self.closed = False
         self._errors = 0
-        self.loop.add_reader(self.sock.fileno(), self._drain)
+        self.reader = FdReader(self.sock.fileno(), sink, self._read_one, "uevents", READS_PER_WAKEUP)
         log.debug("uevent monitor (%s) open, receive buffer %d bytes", backend, self.buffer)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        if not self.paused:
-            self.loop.remove_reader(self.sock.fileno())
+        self.reader.close()
         self.sock.close()
         self.monitor = None  # libudev closes its socket when the monitor is released
 
@@ -134,48 +131,37 @@ class UeventMonitor:
 
     # -- reading -------------------------------------------------------------
 
-    def _drain(self) -> None:
-        sink, handler, recvmsg = self.sink, self.handler, self.sock.recvmsg
-        for _ in range(READS_PER_WAKEUP):
-            if sink.congested:
-                # Back-pressure: leave uevents in the socket (a large buffer) until the
-                # subscribers' queues drain; if it overflows, ENOBUFS says so.
-                self.loop.remove_reader(self.sock.fileno())
-                self.paused = True
-                sink.on_relief(self._resume)
-                return
-            try:
-                data, ancdata, flags, address = recvmsg(DATAGRAM_MAX, ANCILLARY)
-            except BlockingIOError:
-                self._errors = 0
-                handler.caught_up()
-                return
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    handler.overrun()
-                    continue
-                self._errors += 1
-                if self._errors == 1 or self._errors % 1000 == 0:
-                    log.error("reading uevents: %s (%d time(s))", exc, self._errors)
-                return
-            if flags & socket.MSG_TRUNC:
-                handler.malformed(f"a uevent longer than {DATAGRAM_MAX} bytes")
-                continue
-            try:
-                event = parse_datagram(data, address[1], address[0], sender_uid(ancdata))
-            except Untrusted as exc:
-                log.debug("uevent ignored: %s", exc)
-                continue
-            except Malformed as exc:
-                handler.malformed(str(exc))
-                continue
-            handler.uevent(event)
-
-    def _resume(self) -> None:
-        if self.paused and not self.closed:
-            self.paused = False
-            self.loop.add_reader(self.sock.fileno(), self._drain)
-            self._drain()
+    def _read_one(self) -> bool:
+        """One datagram (FdReader pauses us while the hub is congested: uevents then wait
+        in the socket's large buffer; if that overflows, ENOBUFS says so)."""
+        handler = self.handler
+        try:
+            data, ancdata, flags, address = self.sock.recvmsg(DATAGRAM_MAX, ANCILLARY)
+        except BlockingIOError:
+            self._errors = 0
+            handler.caught_up()
+            return False
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                handler.overrun()
+                return True
+            self._errors += 1
+            if self._errors == 1 or self._errors % 1000 == 0:
+                log.error("reading uevents: %s (%d time(s))", exc, self._errors)
+            return False
+        if flags & socket.MSG_TRUNC:
+            handler.malformed(f"a uevent longer than {DATAGRAM_MAX} bytes")
+            return True
+        try:
+            event = parse_datagram(data, address[1], address[0], sender_uid(ancdata))
+        except Untrusted as exc:
+            log.debug("uevent ignored: %s", exc)
+            return True
+        except Malformed as exc:
+            handler.malformed(str(exc))
+            return True
+        handler.uevent(event)
+        return True
 
     # -- loss ------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from wqd.kernel import watch_queue as wq
 from wqd.kernel.credentials import run_as
 from wqd.parse.proc_keys import KeySnapshot, diff, parse_proc_keys
 from wqd.parse.watch_queue import WatchQueueParser
+from wqd.sources.reader import FdReader
 
 log = logging.getLogger(__name__)
 
@@ -32,57 +33,41 @@ READS_PER_WAKEUP = 16
 ALL_SUBTYPES = set(range(256))
 
 
-class _PipeReader:
-    """add_reader on one fd, reading until EAGAIN or until the hub is congested."""
+class _RecordReader:
+    """Reads kernel-format records from ``self.fd`` (via ``FdReader``) into the hub."""
 
     fd: int = -1
     final_reads = True  # notification pipes return whole records per read()
+    reader: FdReader | None = None
 
-    def _attach_reader(self, source, sink) -> None:
-        self.source = source
-        self.sink = sink
-        self.emit = sink.dispatch
-        self.loop = asyncio.get_running_loop()
-        self.paused = False
-        self.loop.add_reader(self.fd, self._drain)
+    def _start_reader(self, source, sink, pollable: bool = True) -> None:
+        self.source, self.sink, self.emit = source, sink, sink.dispatch
+        self.reader = FdReader(self.fd, sink, self._read_one, self.name, READS_PER_WAKEUP, pollable)
 
-    def _drain(self) -> None:
-        sink = self.sink
-        for _ in range(READS_PER_WAKEUP):
-            if sink.congested:
-                # Back-pressure: leave records in the kernel (which marks loss if
-                # its queue fills) rather than queue without bound here.
-                if self._keepalive_reader():
-                    self.loop.remove_reader(self.fd)
-                self.paused = True
-                sink.on_relief(self._resume)
-                return
-            try:
-                data = os.read(self.fd, READ_SIZE)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                log.error("reading %s: %s", self.name, exc)
-                return
-            if not data:
-                self._eof()
-                return
-            events = self.parser.feed(data, final=self.final_reads)
-            if debug_enabled():
-                log.debug("%s: read %d bytes, %d record(s)", self.name, len(data), len(events))
-            self.records(events)
-
-    def _keepalive_reader(self) -> bool:
+    def _read_one(self) -> bool:
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            log.error("reading %s: %s", self.name, exc)
+            return False
+        if not data:
+            self._eof()
+            return False
+        events = self.parser.feed(data, final=self.final_reads)
+        if debug_enabled():
+            log.debug("%s: read %d bytes, %d record(s)", self.name, len(data), len(events))
+        self.records(events)
         return True
 
-    def _resume(self) -> None:
-        if self.paused and self.fd >= 0:
-            self.paused = False
-            self.loop.add_reader(self.fd, self._drain)
-            self._drain()
-
     def _eof(self) -> None:
-        self.loop.remove_reader(self.fd)
+        pass
+
+    def _stop_reader(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
 
     def records(self, events) -> None:
         source = self.source
@@ -104,7 +89,7 @@ class _PipeReader:
         pass
 
 
-class WatchQueueBackend(_PipeReader):
+class WatchQueueBackend(_RecordReader):
     """One notification pipe; one kernel watch per watched key."""
 
     name = "watch_queue"
@@ -122,11 +107,10 @@ class WatchQueueBackend(_PipeReader):
         self._filter: frozenset[str] | None | bool = False  # False: never set
 
     async def start(self, source, sink) -> None:
-        self._attach_reader(source, sink)
+        self._start_reader(source, sink)
 
     async def stop(self) -> None:
-        if self.fd >= 0:
-            self.loop.remove_reader(self.fd)
+        self._stop_reader()
         self.close()
 
     def close(self) -> None:
@@ -272,7 +256,7 @@ class ProcKeysBackend:
             self._timer = self.loop.call_later(self.interval, self._tick)
 
 
-class ReplayBackend(_PipeReader):
+class ReplayBackend(_RecordReader):
     """Kernel-format records from a file or FIFO (captures, benchmarks)."""
 
     name = "replay"
@@ -287,48 +271,22 @@ class ReplayBackend(_PipeReader):
     async def start(self, source, sink) -> None:
         st = os.stat(self.path)
         self.fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        if stat.S_ISFIFO(st.st_mode):
+        fifo = stat.S_ISFIFO(st.st_mode)
+        if fifo:
             # Hold a writer ourselves, so that a client closing its end is not EOF.
             self._keepalive = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            self._attach_reader(source, sink)
-        else:
-            self.source, self.sink, self.emit = source, sink, sink.dispatch
-            self.loop = asyncio.get_running_loop()
-            self.paused = False
-            self._file_task = asyncio.ensure_future(self._read_file())
-
-    async def _read_file(self) -> None:
-        # Regular files cannot be polled: read them in batches, yielding between.
-        while self.fd >= 0:
-            self._drain()
-            await asyncio.sleep(0)
-            if self.paused:
-                return
-
-    def _keepalive_reader(self) -> bool:
-        return self._keepalive >= 0  # only FIFOs have a reader registered
+        self._start_reader(source, sink, pollable=fifo)
 
     def _eof(self) -> None:
-        if self._keepalive < 0 and self.fd >= 0:  # a regular file: done
-            os.close(self.fd)
-            self.fd = -1
-
-    def _resume(self) -> None:
-        if self._keepalive >= 0:
-            super()._resume()
-        elif self.paused and self.fd >= 0:
-            self.paused = False
-            self._file_task = asyncio.ensure_future(self._read_file())
+        if self._keepalive < 0:  # a regular file, read to its end
+            log.info("replay: %s read to its end", self.path)
 
     async def stop(self) -> None:
-        if self.fd >= 0:
-            if self._keepalive >= 0:
-                self.loop.remove_reader(self.fd)
-            os.close(self.fd)
-            self.fd = -1
-        if self._keepalive >= 0:
-            os.close(self._keepalive)
-            self._keepalive = -1
+        self._stop_reader()
+        for fd in (self.fd, self._keepalive):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self._keepalive = -1
 
     def arm(self, watch) -> None:
         pass

@@ -32,6 +32,7 @@ from wqd.kernel import errors as kerr
 from wqd.kernel import fanotify as fan
 from wqd.parse.fanotify import FanotifyEvent, FanotifyParser, MountInfo, mount_action
 from wqd.parse.mountinfo import MountDiff, MountEntry, MountinfoParser, diff, entry_from_statmount
+from wqd.sources.reader import FdReader
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ READS_PER_WAKEUP = 16
 
 
 class FanotifyReader:
-    """``add_reader`` on one fanotify fd: read until EAGAIN, pause while the sink is congested.
+    """One fanotify fd on the loop (``FdReader``): parsed events go to *handle*.
 
     While paused the events stay in the kernel's queue (16384 events by default);
     when it overflows the kernel queues ``FAN_Q_OVERFLOW`` and the handler reports loss.
@@ -50,50 +51,32 @@ class FanotifyReader:
 
     def __init__(self, fd: int, sink, handle: Callable[[list[FanotifyEvent]], None], name: str) -> None:
         self.fd = fd
-        self.sink = sink
         self.handle = handle
         self.name = name
         self.parser = FanotifyParser()
-        self.loop = asyncio.get_running_loop()
-        self.paused = False
-        self.loop.add_reader(fd, self._drain)
+        self.reader = FdReader(fd, sink, self._read_one, name, READS_PER_WAKEUP)
 
-    def _drain(self) -> None:
-        sink = self.sink
-        for _ in range(READS_PER_WAKEUP):
-            if self.fd < 0:
-                return
-            if sink.congested:
-                self.loop.remove_reader(self.fd)
-                self.paused = True
-                sink.on_relief(self._resume)
-                return
-            try:
-                data = os.read(self.fd, READ_SIZE)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                log.error("reading %s: %s", self.name, exc)
-                return
-            events = self.parser.feed(data, final=True)
-            for event in events:
-                for fd in event.fds:  # wqd asks for none; never leak one the kernel gave anyway
-                    os.close(fd)
-            try:
-                self.handle(events)
-            except Exception:
-                log.exception("handling %s events", self.name)
-
-    def _resume(self) -> None:
-        if self.paused and self.fd >= 0:
-            self.paused = False
-            self.loop.add_reader(self.fd, self._drain)
-            self._drain()
+    def _read_one(self) -> bool:
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            log.error("reading %s: %s", self.name, exc)
+            return False
+        events = self.parser.feed(data, final=True)
+        for event in events:
+            for fd in event.fds:  # wqd asks for none; never leak one the kernel gave anyway
+                os.close(fd)
+        try:
+            self.handle(events)
+        except Exception:
+            log.exception("handling %s events", self.name)
+        return True
 
     def close(self) -> None:
         if self.fd >= 0:
-            if not self.paused:
-                self.loop.remove_reader(self.fd)
+            self.reader.close()
             os.close(self.fd)
             self.fd = -1
 
