@@ -233,8 +233,14 @@ async def test_many_subscribers_share_few_kernel_watches(watch_queue_kernel, ses
         subprocess.run(["keyctl", "unlink", ring, "@s"], capture_output=True)
 
 
-async def test_key_under_construction_is_refused_without_stalling(wqd, client, tmp_path):
-    """KEYCTL_WATCH_KEY waits for construction to finish; wqd must not stall on it."""
+async def test_key_under_construction_is_refused_without_stalling(watch_test_oracle, wqd, client, tmp_path):
+    """KEYCTL_WATCH_KEY waits for construction to finish; wqd must not stall on it.
+
+    This is also why no watcher can receive ``instantiated`` from this kernel: the
+    kernel's own watch_test, pointed at the key under construction, is stuck in
+    KEYCTL_WATCH_KEY until the key is instantiated, and then reports no
+    ``instantiated`` record (the notification was posted before its watch existed).
+    """
     if not in_guest():
         pytest.skip("rewires /etc/request-key.conf: only inside the throwaway guest")
     handler = tmp_path / "handler.sh"
@@ -245,7 +251,7 @@ async def test_key_under_construction_is_refused_without_stalling(wqd, client, t
     conf = tmp_path / "request-key.conf"
     conf.write_text(f"create user wqd-uc:* * {handler} %k %S\n")
     subprocess.run(["mount", "--bind", str(conf), "/etc/request-key.conf"], check=True)
-    requester = None
+    requester = oracle = None
     try:
         requester = subprocess.Popen(["keyctl", "request2", "user", "wqd-uc:1", "info", "@s"],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -254,16 +260,29 @@ async def test_key_under_construction_is_refused_without_stalling(wqd, client, t
                 break
             await asyncio.sleep(0.05)
         serial = keyfile.read_text().strip()
+        oracle = subprocess.Popen([watch_test_oracle, serial], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
         with pytest.raises(BusError) as err:
             await asyncio.wait_for(client.watch("keys", serial), 10)
         assert err.value.name == "io.wqd.WatchQueue1.Error.NotSupported"
         assert "under construction" in err.value.text
         assert await client.get(MANAGER, IFACE, "Version") == "1"
+        assert oracle.poll() is None  # still waiting inside KEYCTL_WATCH_KEY
         gofile.touch()
         out, _ = requester.communicate(timeout=20)
         assert out.strip() == serial
         assert await client.watch("keys", serial)
+        assert "watching" in await asyncio.wait_for(asyncio.to_thread(oracle.stderr.readline), 20)
+        keyctl("update", serial, "later")  # something the oracle does see
+        seen = ""
+        while not seen.startswith("KEY"):  # skip its "read() = N" and "NOTIFY[...]" lines
+            seen = await asyncio.wait_for(asyncio.to_thread(oracle.stdout.readline), 20)
+            assert seen, "watch_test ended"
+        assert "change=1[updated]" in seen, seen  # the first key record: no "instantiated" before it
     finally:
+        if oracle is not None:
+            oracle.kill()
+            oracle.communicate()
         gofile.touch()
         if requester is not None and requester.poll() is None:
             requester.kill()
