@@ -3,6 +3,11 @@
 Version 1 of the contract (DESIGN.md, data/dbus/io.wqd.WatchQueue1.xml).
 """
 
+from pathlib import Path
+
+# The interface XML, shipped inside the package (a copy of data/dbus/ in wheels).
+INTERFACE_XML = Path(__file__).with_name("io.wqd.WatchQueue1.xml")
+
 BUS_NAME = "io.wqd.WatchQueue1"
 MANAGER_PATH = "/io/wqd/WatchQueue1"
 MANAGER_INTERFACE = "io.wqd.WatchQueue1"

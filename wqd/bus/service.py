@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import xml.etree.ElementTree as ET
-from importlib import resources
 
 from dbus_fast import Message, MessageType, Variant
 
@@ -45,7 +44,7 @@ DOCTYPE = ('<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspectio
 
 def load_interfaces() -> dict[str, str]:
     """Interface name -> its XML (comments dropped), from the shipped XML file."""
-    text = resources.files("wqd.bus").joinpath("io.wqd.WatchQueue1.xml").read_text()
+    text = names.INTERFACE_XML.read_text()
     root = ET.fromstring(text)
     return {iface.get("name"): "  " + ET.tostring(iface, encoding="unicode").strip() + "\n"
             for iface in root.findall("interface")}

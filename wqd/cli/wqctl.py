@@ -19,7 +19,6 @@ import os
 import signal
 import sys
 import xml.etree.ElementTree as ET
-from importlib import resources
 
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
@@ -35,7 +34,7 @@ class CliError(Exception):
 
 def signal_args() -> dict[str, list[str]]:
     """Signal name -> argument names, from the shipped interface XML."""
-    root = ET.fromstring(resources.files("wqd.bus").joinpath("io.wqd.WatchQueue1.xml").read_text())
+    root = ET.fromstring(names.INTERFACE_XML.read_text())
     out = {}
     for sig in root.iter("signal"):
         out[sig.get("name")] = [a.get("name") for a in sig.findall("arg")]
