@@ -54,40 +54,58 @@ def test_link_into_watched_keyring_gives_16_byte_record(notification_pipe, fresh
     assert aux == key                       # ...by linking the new key
 
 
-def _readline(stream, deadline):
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([stream], [], [], max(0, deadline - time.monotonic()))
-        if r:
-            return stream.readline()
-    raise AssertionError("timed out waiting for watch_test output")
+class _Lines:
+    """Line reader over a raw pipe fd with a deadline (select() on a buffered
+    file object would miss lines already sitting in its buffer)."""
+
+    def __init__(self, stream):
+        self.fd = stream.fileno()
+        self.buf = b""
+
+    def readline(self, deadline):
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            r, _, _ = select.select([self.fd], [], [], max(0, left))
+            if not r:
+                raise AssertionError(f"timed out waiting for a line; got so far: {self.buf!r}")
+            chunk = os.read(self.fd, 4096)
+            if not chunk:
+                raise AssertionError(f"EOF while waiting for a line; got so far: {self.buf!r}")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode()
 
 
 def test_watch_test_oracle_decodes_the_same_event(notification_pipe, fresh_keyring,
                                                    watch_test_oracle, wq):
+    """watch_test (the kernel's own sample decoder) and we watch the same keyring
+    and must agree on the record that linking a key produces."""
     r, _ = notification_pipe
     wq.watch_key(fresh_keyring, r, 1)
-    oracle = subprocess.Popen([watch_test_oracle, str(fresh_keyring)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, bufsize=1)
-    try:
-        deadline = time.monotonic() + 20
-        ready = _readline(oracle.stderr, deadline)
-        assert ready.startswith(f"watch_test: watching {fresh_keyring}"), ready
-        key = wq.add_key("user", f"wqd-oracle-{uuid.uuid4().hex[:8]}", b"x", fresh_keyring)
+    with subprocess.Popen([watch_test_oracle, str(fresh_keyring)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, bufsize=0) as oracle:
+        try:
+            deadline = time.monotonic() + 20
+            ready = _Lines(oracle.stderr).readline(deadline)
+            assert ready.startswith(f"watch_test: watching {fresh_keyring}"), ready
+            key = wq.add_key("user", f"wqd-oracle-{uuid.uuid4().hex[:8]}", b"x", fresh_keyring)
 
-        (rtype, subtype, info, payload), = wq.parse_records(wq.read_notes(r))
-        ours = (rtype, subtype, int.from_bytes(payload[:4], "little"),
-                int.from_bytes(payload[4:], "little"))
-
-        lines = [_readline(oracle.stdout, deadline).strip() for _ in range(3)]
-    finally:
-        oracle.kill()
-        oracle.wait()
-    # watch_test prints: "read() = 16", "NOTIFY[000]: ty=000001 sy=02 i=00000110",
-    # "KEY <id> change=2[linked] aux=<serial>"
-    assert lines[0] == "read() = 16", lines
-    assert lines[1] == f"NOTIFY[000]: ty={ours[0]:06x} sy={ours[1]:02x} i={info:08x}", lines
-    assert lines[2] == f"KEY {ours[2]:08x} change={ours[1]}[linked] aux={ours[3]}", lines
-    assert ours == (wq.WATCH_TYPE_KEY_NOTIFY, wq.NOTIFY_KEY_LINKED, fresh_keyring, key)
+            (rtype, subtype, info, payload), = wq.parse_records(wq.read_notes(r))
+            key_id, aux = (int.from_bytes(payload[:4], "little"),
+                           int.from_bytes(payload[4:], "little"))
+            out = _Lines(oracle.stdout)
+            lines = [out.readline(deadline).strip() for _ in range(3)]
+        finally:
+            oracle.kill()
+    assert (rtype, subtype, key_id, aux) == (wq.WATCH_TYPE_KEY_NOTIFY, wq.NOTIFY_KEY_LINKED,
+                                             fresh_keyring, key)
+    # watch_test's decode of the same record, e.g.
+    #   read() = 16 / NOTIFY[000]: ty=000001 sy=02 i=00000110 / KEY 2f3b1c4d change=2[linked] aux=123
+    assert lines == [
+        "read() = 16",
+        f"NOTIFY[000]: ty={rtype:06x} sy={subtype:02x} i={info:08x}",
+        f"KEY {key_id:08x} change={subtype}[linked] aux={aux}",
+    ]
 
 
 def test_keyctl_tool_works(watch_queue_kernel):
@@ -115,18 +133,21 @@ def test_private_dbus_daemon_starts(watch_queue_kernel, tmp_path):
   </policy>
 </busconfig>
 """)
-    bus = subprocess.Popen(["dbus-daemon", "--config-file", str(conf), "--nofork", "--nopidfile",
-                            "--print-address=1"], stdout=subprocess.PIPE, text=True)
-    try:
-        addr = _readline(bus.stdout, time.monotonic() + 30).strip()
-        assert addr.startswith(f"unix:path={tmp_path}/bus"), addr
-        assert (tmp_path / "bus").is_socket()
-        if shutil.which("dbus-send"):
-            ping = subprocess.run(["dbus-send", f"--bus={addr}", "--print-reply",
-                                   "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus",
-                                   "org.freedesktop.DBus.GetId"],
-                                  capture_output=True, text=True, timeout=30)
-            assert ping.returncode == 0, ping.stderr
-    finally:
-        bus.terminate()
-        bus.wait(10)
+    with subprocess.Popen(["dbus-daemon", "--config-file", str(conf), "--nofork", "--nopidfile",
+                           "--print-address=1"], stdout=subprocess.PIPE, bufsize=0) as bus:
+        try:
+            _check_bus(bus, tmp_path)
+        finally:
+            bus.terminate()
+
+
+def _check_bus(bus, tmp_path):
+    addr = _Lines(bus.stdout).readline(time.monotonic() + 30).strip()
+    assert addr.startswith(f"unix:path={tmp_path}/bus"), addr
+    assert (tmp_path / "bus").is_socket()
+    if shutil.which("dbus-send"):
+        ping = subprocess.run(["dbus-send", f"--bus={addr}", "--print-reply",
+                               "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus",
+                               "org.freedesktop.DBus.GetId"],
+                              capture_output=True, text=True, timeout=30)
+        assert ping.returncode == 0, ping.stderr
