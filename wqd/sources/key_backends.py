@@ -20,7 +20,7 @@ from wqd.kernel import watch_queue as wq
 from wqd.kernel.credentials import run_as
 from wqd.parse.proc_keys import KeySnapshot, diff, parse_proc_keys
 from wqd.parse.watch_queue import WatchQueueParser
-from wqd.sources.reader import FdReader
+from wqd.sources.reader import FdReader, read_available
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,8 @@ class _RecordReader:
         self.reader = FdReader(self.fd, sink, self._read_one, self.name, READS_PER_WAKEUP, pollable)
 
     def _read_one(self) -> bool:
-        try:
-            data = os.read(self.fd, READ_SIZE)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            log.error("reading %s: %s", self.name, exc)
+        data = read_available(self.fd, READ_SIZE, self.name)
+        if data is None:
             return False
         if not data:
             self._eof()

@@ -32,7 +32,7 @@ from wqd.kernel import errors as kerr
 from wqd.kernel import fanotify as fan
 from wqd.parse.fanotify import FanotifyEvent, FanotifyParser, MountInfo, mount_action
 from wqd.parse.mountinfo import MountDiff, MountEntry, MountinfoParser, diff, entry_from_statmount
-from wqd.sources.reader import FdReader
+from wqd.sources.reader import FdReader, read_available
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +57,8 @@ class FanotifyReader:
         self.reader = FdReader(fd, sink, self._read_one, name, READS_PER_WAKEUP)
 
     def _read_one(self) -> bool:
-        try:
-            data = os.read(self.fd, READ_SIZE)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            log.error("reading %s: %s", self.name, exc)
+        data = read_available(self.fd, READ_SIZE, self.name)
+        if not data:
             return False
         events = self.parser.feed(data, final=True)
         for event in events:

@@ -15,9 +15,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
+
+
+def read_available(fd: int, size: int, name: str) -> bytes | None:
+    """One non-blocking read: the bytes (``b""`` at the end), or None when there is
+    nothing to read now (EAGAIN) or the read failed (logged)."""
+    try:
+        return os.read(fd, size)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        log.error("reading %s: %s", name, exc)
+        return None
 
 
 class FdReader:
