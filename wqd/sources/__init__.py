@@ -25,6 +25,9 @@ class Sink(Protocol):
     def congested(self) -> bool:
         """Subscriber queues are filling: stop reading the kernel until relief."""
 
+    def preload(self, sub: Subscription, events) -> int:
+        """Queue *events* (an initial snapshot) for *sub* alone, ahead of live ones."""
+
     def on_relief(self, callback: Callable[[], None]) -> None:
         """Call *callback* once, when no longer congested."""
 
@@ -50,6 +53,9 @@ class Source(Protocol):
 
     def accepts(self, sub: Subscription, event: Event) -> bool:
         """Per-subscription filter (options such as ``changes``)."""
+
+    # Optional: ``shape(sub, event) -> Event``, per-subscription trimming applied
+    # after policy (devices: the ``properties`` option).
 
 
 class _Any:
