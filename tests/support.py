@@ -194,9 +194,13 @@ async def start_wqd(address: str, directory: Path, config: str = "", args: tuple
              "--log-level", "debug", *args],
             stdout=subprocess.DEVNULL, stderr=log_file, cwd=REPO, env={**os.environ, **(env or {})},
         )
-    wqd = Wqd(address, proc, log)
+    return await ready(Wqd(address, proc, log))
+
+
+async def ready(wqd: Wqd) -> Wqd:
+    """Wait until *wqd* owns its name; if it does not, stop it and fail with its log."""
     try:
-        await wait_for_name(address, BUS_NAME, proc)
+        await wait_for_name(wqd.address, BUS_NAME, wqd.proc)
     except RuntimeError as exc:
         wqd.stop()
         raise RuntimeError(f"{exc}\n--- wqd log ---\n{wqd.log_text()}") from None

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from support import BUS_NAME, PYTHON, REPO, ForeignClient, Wqd, call, keyctl, wait_for_name
+from support import BUS_NAME, PYTHON, REPO, ForeignClient, Wqd, call, keyctl, ready
 
 from dbus_fast.aio import MessageBus
 
@@ -206,13 +206,7 @@ async def start_journaled_wqd(address: str, directory: Path, config: str, prefix
              str(directory / "journal"), *prefix,
              PYTHON, "-m", "wqd.daemon", "--address", address, "--config", str(conf), "--log-level", "debug"],
             stdout=subprocess.DEVNULL, stderr=log_file, cwd=REPO, env=env)
-    wqd = Wqd(address, proc, log)
-    try:
-        await wait_for_name(address, BUS_NAME, proc)
-    except RuntimeError as exc:
-        wqd.stop()
-        raise RuntimeError(f"{exc}\n--- wqd log ---\n{wqd.log_text()}") from None
-    return wqd
+    return await ready(Wqd(address, proc, log))
 
 
 def entries(collector: DatagramCollector) -> list[dict[str, str]]:
