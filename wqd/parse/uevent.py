@@ -65,8 +65,14 @@ class Malformed(Exception):
 
 def parse_properties(blob: bytes) -> dict[str, str]:
     """``KEY=VALUE\\0`` pairs -> dict. Entries without ``=`` are skipped, as libudev does."""
-    props: dict[str, str] = {}
-    for entry in blob.decode("utf-8", "replace").split("\0"):  # NUL ends any UTF-8 sequence
+    # NUL ends any UTF-8 sequence, so decoding first cannot merge two entries
+    return _properties(blob.decode("utf-8", "replace").split("\0"), {})
+
+
+def _properties(entries, props: dict[str, str]) -> dict[str, str]:
+    """Add ``KEY=VALUE`` *entries* to *props* (those without ``=`` are skipped, as
+    libudev does); a relative ``DEVNAME`` becomes a ``/dev`` path."""
+    for entry in entries:
         key, eq, value = entry.partition("=")
         if eq and key:
             props[key] = value
@@ -125,15 +131,7 @@ def _udev_header(data: bytes) -> tuple:
 def parse_uevent_file(text: str, devpath: str, subsystem: str) -> dict[str, str]:
     """A device's ``/sys/DEVPATH/uevent`` -> its properties, as a kernel message would carry them
     (without ``ACTION`` and ``SEQNUM``)."""
-    props = {"DEVPATH": devpath, "SUBSYSTEM": subsystem}
-    for line in text.splitlines():
-        key, eq, value = line.partition("=")
-        if eq and key:
-            props[key] = value
-    devname = props.get("DEVNAME")
-    if devname is not None and not devname.startswith("/"):
-        props["DEVNAME"] = "/dev/" + devname
-    return props
+    return _properties(text.splitlines(), {"DEVPATH": devpath, "SUBSYSTEM": subsystem})
 
 
 def comparable(props: Mapping[str, str]) -> dict[str, str]:
