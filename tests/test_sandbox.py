@@ -22,16 +22,16 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
 
 APP = "org.wqd.TestApp"
 
-# Run as root in a new mount namespace: a tmpfs root with the host's trees bound in
+# Run as root in a new mount namespace: a tmpfs root with all the host's top-level trees bound in
 # and a .flatpak-info on top, then chroot into it and drop to the peer's uid.
 FLATPAK_ROOT = r"""
 set -e
 R=$1; APP=$2; shift 2
 mount --make-rprivate /
 mount -t tmpfs -o size=1m,mode=755 wqd-flatpak "$R"
-for d in usr etc dev proc sys tmp work root var; do
-    [ -d "/$d" ] || continue
-    mkdir -p "$R/$d"; mount --rbind "/$d" "$R/$d"
+for d in /*; do  # every top-level tree, wherever the checkout lives (/work, /check, /home, ...)
+    [ -d "$d" ] && [ ! -L "$d" ] || continue
+    mkdir -p "$R$d"; mount --rbind "$d" "$R$d"
 done
 for l in bin sbin lib lib32 lib64 libx32; do
     [ -L "/$l" ] && ln -s "$(readlink "/$l")" "$R/$l"
