@@ -60,6 +60,16 @@ def ext4(base):
     fs.close()
 
 
+@pytest.fixture
+def bound(ext4):
+    """A bind mount of the ext4 filesystem, next to its first mount point."""
+    path = ext4.mount_point + "-bind"
+    os.mkdir(path)
+    sh("mount", "--bind", ext4.mount_point, path)
+    yield path
+    subprocess.run(["umount", path], capture_output=True)
+
+
 async def errors_of(client, path: str, n: int = 1) -> list:
     await client.wait_for(lambda: len([s for s in client.signals[path] if s[0] == "FilesystemError"]) >= n)
     return [body for member, body in client.signals[path] if member == "FilesystemError"]
@@ -80,23 +90,70 @@ async def test_injected_error_is_reported(system_bus, wqd_factory, client_factor
     assert reports[1][0] == ext4.mount_point and reports[1][1] == EFSCORRUPTED and 1 <= reports[1][2] <= 2
 
 
-async def test_every_mount_point_of_the_filesystem(system_bus, wqd_factory, client_factory, ext4):
+async def test_every_mount_point_of_the_filesystem(system_bus, wqd_factory, client_factory, ext4, bound):
     await wqd_factory(system_bus)
     client = await client_factory(system_bus.address)
-    bound = ext4.mount_point + "-bind"
-    os.mkdir(bound)
-    sh("mount", "--bind", ext4.mount_point, bound)
-    try:
-        a = await client.watch("fs-errors", ext4.mount_point)
-        b = await client.watch("fs-errors", bound + "/")  # normalised
-        ext4.error()
-        assert (await errors_of(client, a))[0][:2] == [ext4.mount_point, EFSCORRUPTED]
-        assert (await errors_of(client, b))[0][:2] == [bound, EFSCORRUPTED]
-        await client.call(a, "io.wqd.Subscription1", "Close")
-        ext4.error()
-        assert len(await errors_of(client, b, 2)) == 2  # b still marked though a left
-    finally:
-        subprocess.run(["umount", bound], capture_output=True)
+    a = await client.watch("fs-errors", ext4.mount_point)
+    b = await client.watch("fs-errors", bound + "/")  # normalised
+    ext4.error()
+    assert (await errors_of(client, a))[0][:2] == [ext4.mount_point, EFSCORRUPTED]
+    assert (await errors_of(client, b))[0][:2] == [bound, EFSCORRUPTED]
+    await client.call(a, "io.wqd.Subscription1", "Close")
+    ext4.error()
+    assert len(await errors_of(client, b, 2)) == 2  # b still marked though a left
+
+
+def sb_marks(pid: int) -> int:
+    """How many filesystem (superblock) marks the fanotify groups of process *pid* hold."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:[fanotify]":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                n += sum(line.startswith("fanotify sdev:") for line in f)
+        except FileNotFoundError:
+            continue
+    return n
+
+
+async def test_unmount_ends_the_subscription(system_bus, wqd_factory, client_factory, ext4, bound):
+    """An unmounted mount point ends its subscriptions with Removed("unmounted"); wqd
+    holds nothing that makes umount fail, and its mark goes with the last subscription
+    (removed through another mount of the filesystem while one is left)."""
+    wqd = await wqd_factory(system_bus)
+    client = await client_factory(system_bus.address)
+    a = await client.watch("fs-errors", ext4.mount_point)
+    b = await client.watch("fs-errors", bound)
+    assert sb_marks(wqd.proc.pid) == 1  # one mark serves both mount points
+    sh("umount", ext4.mount_point)  # not busy: wqd keeps no fd there
+    await client.wait_for(lambda: ("Removed", ["unmounted"]) in client.signals[a])
+    ext4.error()
+    assert (await errors_of(client, b))[0][:2] == [bound, EFSCORRUPTED]  # the bind mount still reports
+    assert sb_marks(wqd.proc.pid) == 1
+    assert (await client.call(MANAGER, IFACE, "ListSubscriptions")).body == [[b]]
+    sh("umount", bound)
+    await client.wait_for(lambda: ("Removed", ["unmounted"]) in client.signals[b])
+    assert (await client.call(MANAGER, IFACE, "ListSubscriptions")).body == [[]]
+    assert sb_marks(wqd.proc.pid) == 0
+    # Mounted again: a new subscription works, the old ones stay ended.
+    sh("mount", "-o", "errors=continue", ext4.loop, ext4.mount_point)
+    c = await client.watch("fs-errors", ext4.mount_point)
+    ext4.error()
+    assert (await errors_of(client, c))[0][:2] == [ext4.mount_point, EFSCORRUPTED]
+    assert not any(m == "FilesystemError" for m, _ in client.signals[a])
+
+
+async def test_mark_removed_through_a_remaining_mount(system_bus, wqd_factory, client_factory, ext4, bound):
+    """The only watched mount point is unmounted while the filesystem stays mounted
+    elsewhere: the subscription ends and wqd removes its mark through the other mount."""
+    wqd = await wqd_factory(system_bus)
+    client = await client_factory(system_bus.address)
+    a = await client.watch("fs-errors", ext4.mount_point)
+    assert sb_marks(wqd.proc.pid) == 1
+    sh("umount", ext4.mount_point)
+    await client.wait_for(lambda: ("Removed", ["unmounted"]) in client.signals[a])
+    assert os.path.ismount(bound) and sb_marks(wqd.proc.pid) == 0
 
 
 async def test_root_only_by_default_and_groups_setting(system_bus, wqd_factory, client_factory, ext4):

@@ -76,6 +76,23 @@ class KeyRemoved(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class TargetGone(Event):
+    """What a subscription watches is gone (a filesystem unmounted): its subscriptions
+    end with ``Removed(reason)``. ``object_id``, when not 0, narrows it to the
+    subscriptions whose ``WatchTarget.object_id`` is that (the mount id: a path may
+    name another mount by now)."""
+
+    source_name: str
+    target: str
+    reason: str
+    object_id: int = 0
+
+    @property
+    def route(self) -> str:
+        return self.target
+
+
+@dataclass(frozen=True, slots=True)
 class SourceLoss(Event):
     """A source lost events (kernel loss record, ENOBUFS, FAN_Q_OVERFLOW).
 

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from wqd import journal
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NoSuchObject, NotSupported
-from wqd.events import Event, KeyRemoved, SourceLoss, WatchTarget
+from wqd.events import Event, KeyRemoved, SourceLoss, TargetGone, WatchTarget
 from wqd.peer import PeerCredentials
 from wqd.policy import PolicyStack
 from wqd.sources import ANY, Source
@@ -242,6 +242,11 @@ class Hub:
         if isinstance(event, KeyRemoved):
             for sub in self.subscribers("keys", event.key):
                 self.end(sub, event.reason)
+            return
+        if isinstance(event, TargetGone):
+            for sub in self.subscribers(event.source_name, event.route):
+                if not event.object_id or sub.target.object_id == event.object_id:
+                    self.end(sub, event.reason)
             return
         source = self.sources[event.source]
         post = self.policy.post

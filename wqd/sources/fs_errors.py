@@ -16,26 +16,35 @@ report errors (no file handles, e.g. proc) makes that Watch ``NotSupported``.
 One fanotify group serves every watched filesystem; events name the filesystem
 by its fsid. ``FAN_Q_OVERFLOW`` -> ``Lost`` to every subscriber (errors are
 counts, not state: there is nothing to resynchronise).
+
+Unmounts. A subscription watches the mount its path named at ``Watch`` time (the
+mount id, checked again on the directory wqd opened, so a mount replaced in
+between is refused, never confused). While any subscription exists wqd waits for
+``POLLPRI`` on its mountinfo; when the watched mount is gone its subscriptions end
+with ``Removed("unmounted")``. wqd holds no fd on the filesystem (that would make
+``umount`` fail with EBUSY).
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
 import posixpath
+import select
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NotSupported
-from wqd.events import Event, FilesystemError, SourceLoss, WatchTarget
+from wqd.events import Event, FilesystemError, SourceLoss, TargetGone, WatchTarget
 from wqd.kernel import errors as kerr
 from wqd.kernel import fanotify as fan
 from wqd.parse.fanotify import ErrorInfo, FanotifyEvent, FidInfo
 from wqd.parse.mountinfo import parse_mountinfo
 from wqd.peer import PeerCredentials
 from wqd.sources import Sink
-from wqd.sources.mount_backends import FanotifyReader
+from wqd.sources.mount_backends import FanotifyReader, read_mountinfo
 from wqd.sources.mounts import own_namespace
 
 log = logging.getLogger(__name__)
@@ -50,6 +59,64 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 class WatchedFilesystem:
     fsid: tuple[int, int]
     mount_points: dict[str, int] = field(default_factory=dict)  # mount point -> subscriptions
+
+
+class MountTableWatch:
+    """Calls *changed* (at most every *coalesce* seconds) after wqd's mount table changed.
+
+    mountinfo is always readable, so the loop (which waits for input) watches an
+    epoll set holding it for ``EPOLLPRI``; checking the set consumes the change.
+    """
+
+    def __init__(self, changed, coalesce: float = 0.05) -> None:
+        self.changed = changed
+        self.coalesce = coalesce
+        self.loop = asyncio.get_running_loop()
+        self.timer: asyncio.TimerHandle | None = None
+        self.fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        self.epoll = select.epoll()
+        try:
+            self.epoll.register(self.fd, select.EPOLLPRI)
+            self.epoll.poll(0)  # armed from now: a change after this wakes us
+            self.loop.add_reader(self.epoll.fileno(), self._ready)
+        except BaseException:
+            self.close()
+            raise
+
+    def table(self) -> dict:
+        return read_mountinfo(self.fd)
+
+    def _ready(self) -> None:
+        self.epoll.poll(0)
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.coalesce, self._fire)
+
+    def _fire(self) -> None:
+        self.timer = None
+        self.changed()
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        try:
+            self.loop.remove_reader(self.epoll.fileno())
+        except (ValueError, OSError):
+            pass
+        self.epoll.close()
+        os.close(self.fd)
+
+
+def mount_id_of(fd: int) -> int | None:
+    """The (mountinfo) id of the mount *fd* is on, from ``/proc/self/fdinfo``."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"mnt_id:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def has_cap_sys_admin() -> bool:
@@ -68,6 +135,8 @@ class FsErrorsSource:
         self.fd = fd
         self.own_ns = own_namespace()
         self.filesystems: dict[tuple[int, int], WatchedFilesystem] = {}
+        self.mounts: dict[int, tuple[str, int]] = {}  # watched mount id -> (mount point, subscriptions)
+        self.table_watch: MountTableWatch | None = None
         self.reader: FanotifyReader | None = None
         self.sink: Sink | None = None
 
@@ -76,6 +145,10 @@ class FsErrorsSource:
         self.reader = FanotifyReader(self.fd, sink, self._events, "filesystem errors")
 
     async def stop(self) -> None:
+        if self.table_watch is not None:
+            self.table_watch.close()
+            self.table_watch = None
+        self.mounts.clear()
         if self.reader is not None:
             self.reader.close()
             self.reader = None
@@ -102,7 +175,7 @@ class FsErrorsSource:
         entry = next((e for e in reversed(table.values()) if e.mount_point == path), None)
         if entry is None:
             raise InvalidArgument(f"{path} is not a mount point")
-        return WatchTarget("fs-errors", path, entry.mount_id, extra={"fstype": entry.fstype})
+        return WatchTarget("fs-errors", path, entry.mount_id, extra={"fstype": entry.fstype, "device": entry.device})
 
     def routes(self, sub) -> Iterable[Hashable]:
         return (sub.target.spec,)
@@ -113,11 +186,19 @@ class FsErrorsSource:
     def attach(self, sub) -> None:
         path = sub.target.spec
         fstype = sub.target.extra.get("fstype", "this filesystem")
+        if self.table_watch is None:  # first, so an unmount from here on is seen
+            try:
+                self.table_watch = MountTableWatch(self._table_changed)
+            except OSError as exc:
+                raise NotSupported(f"cannot follow the mount table: {exc.strerror}") from None
         try:
             dirfd = os.open(path, _DIR)
         except OSError:
+            self._unwatch_table_if_idle()
             raise InvalidArgument(f"{path} is not a mount point") from None
         try:
+            if mount_id_of(dirfd) != sub.target.object_id:
+                raise InvalidArgument(f"{path} is not the mount it was a moment ago (unmounted or replaced)")
             fsid = fan.fsid_of(dirfd)
             fs = self.filesystems.get(fsid)
             if fs is None:
@@ -133,8 +214,14 @@ class FsErrorsSource:
                 self.filesystems[fsid] = fs
             fs.mount_points[path] = fs.mount_points.get(path, 0) + 1
             sub.state["fsid"] = fsid
+            mount_id = sub.target.object_id
+            self.mounts[mount_id] = (path, self.mounts.get(mount_id, (path, 0))[1] + 1)
         except kerr.KernelError as exc:
+            self._unwatch_table_if_idle()
             raise NotSupported(f"cannot watch {path}: {exc.strerror}") from None
+        except BaseException:
+            self._unwatch_table_if_idle()
+            raise
         finally:
             os.close(dirfd)
 
@@ -143,6 +230,13 @@ class FsErrorsSource:
         fs = self.filesystems.get(fsid)
         if fs is None:
             return
+        mount_id = sub.target.object_id
+        path, n = self.mounts.get(mount_id, ("", 1))
+        if n > 1:
+            self.mounts[mount_id] = (path, n - 1)
+        else:
+            self.mounts.pop(mount_id, None)
+            self._unwatch_table_if_idle()
         path = sub.target.spec
         left = fs.mount_points.get(path, 0) - 1
         if left > 0:
@@ -152,15 +246,48 @@ class FsErrorsSource:
         if fs.mount_points:
             return
         del self.filesystems[fsid]
-        try:  # the filesystem may be gone (unmounted): its mark went with it
-            dirfd = os.open(path, _DIR)
+        # The mark is on the filesystem: remove it through any mount of it that is
+        # left (the path may be unmounted, or name another filesystem by now). When
+        # none is left, the filesystem is gone and its mark with it.
+        # Only mounts of the same device are opened (opening others could trigger automounts).
+        device = sub.target.extra.get("device")
+        candidates = [path]
+        try:
+            with open("/proc/self/mountinfo", "rb") as f:
+                candidates += [e.mount_point for e in parse_mountinfo(f.read()).values()
+                               if e.device == device and e.mount_point != path]
+        except OSError:
+            pass
+        for candidate in candidates:
+            try:
+                dirfd = os.open(candidate, _DIR)
+            except OSError:
+                continue
             try:
                 if fan.fsid_of(dirfd) == fsid:
                     fan.mark_filesystem_errors(self.fd, dirfd, remove=True)
+                    return
+            except OSError as exc:
+                log.debug("unmarking %s through %s: %s", fsid, candidate, exc)
             finally:
                 os.close(dirfd)
+
+    def _unwatch_table_if_idle(self) -> None:
+        if not self.mounts and self.table_watch is not None:
+            self.table_watch.close()
+            self.table_watch = None
+
+    def _table_changed(self) -> None:
+        if self.table_watch is None:
+            return
+        try:
+            present = self.table_watch.table()
         except OSError as exc:
-            log.debug("unmarking %s: %s", path, exc)
+            log.error("reading the mount table: %s", exc)
+            return
+        for mount_id, (path, _) in list(self.mounts.items()):
+            if mount_id not in present:
+                self.sink.dispatch(TargetGone("fs-errors", path, "unmounted", mount_id))
 
     # -- kernel events ------------------------------------------------------
 
