@@ -7,7 +7,9 @@ and stops it afterwards. Counts are taken on the test's own devpaths.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import uuid
 
 import pytest
@@ -98,8 +100,10 @@ async def test_initial_snapshot_has_udev_database_properties(udevd, system_bus, 
         assert props["ID_FS_UUID"] == fs_uuid and props["ID_FS_LABEL"] == "wqd-initial"
 
 
-async def test_identifying_properties_only_for_who_may_open_the_node(udevd, system_bus, wqd_factory,
-                                                                     client_factory, tmp_path):
+async def identifying_seen(udevd, system_bus, wqd_factory, client_factory, tmp_path, peers: dict, on_node=None):
+    """An ext4 image attached to a fresh loop device, watched by root and by *peers*
+    (name -> (uid, groups)); *on_node(path)* runs on the node before the image is
+    attached. Returns (root's properties, {name: properties}, the fs uuid, the node)."""
     await wqd_factory(system_bus, config=config())
     root = await client_factory(system_bus.address)
     fs_uuid = str(uuid.uuid4())
@@ -108,12 +112,14 @@ async def test_identifying_properties_only_for_who_may_open_the_node(udevd, syst
         udevd.settle()
         st = os.stat(loop.node)
         assert st.st_mode & 0o007 == 0, oct(st.st_mode)  # udev's rules: not world-readable
-        outsider = ForeignClient(system_bus.address, 1000)
-        member = ForeignClient(system_bus.address, 1001, groups=(st.st_gid,))
+        if on_node is not None:
+            on_node(loop.node)
+        clients = {name: ForeignClient(system_bus.address, uid, groups=groups(st)) for name, (uid, groups) in
+                   peers.items()}
         try:
             root_path = await root.watch("devices", "block")
             paths = {}
-            for name, peer in (("outsider", outsider), ("member", member)):
+            for name, peer in clients.items():
                 reply = await peer.request("watch", source="devices", target="block")
                 assert reply["ok"], reply
                 paths[name] = reply["result"][0]
@@ -128,7 +134,7 @@ async def test_identifying_properties_only_for_who_may_open_the_node(udevd, syst
             assert root_props["ID_FS_UUID"] == fs_uuid and root_props["ID_FS_LABEL"] == "wqd-secret"
             assert fs_uuid in root_props.get("DEVLINKS", fs_uuid)
             seen = {}
-            for name, peer in (("outsider", outsider), ("member", member)):
+            for name, peer in clients.items():
                 for _ in range(50):
                     signals = (await peer.request("signals", min=1, wait=0.2))["result"]
                     mine = fs_event([s[2] for s in signals if s[0] == paths[name] and s[1] == "DeviceChanged"])
@@ -136,16 +142,43 @@ async def test_identifying_properties_only_for_who_may_open_the_node(udevd, syst
                         seen[name] = mine[0][2]
                         break
                 assert name in seen, signals
-            outsider_props, member_props = seen["outsider"], seen["member"]
-            assert member_props["ID_FS_UUID"] == fs_uuid and member_props["ID_FS_LABEL"] == "wqd-secret"
-            # the outsider learns the kind of device and filesystem, not which one
-            assert outsider_props["ID_FS_TYPE"] == "ext4" and outsider_props["DEVNAME"] == loop.node
-            assert not {"ID_FS_UUID", "ID_FS_UUID_ENC", "ID_FS_LABEL", "ID_FS_LABEL_ENC", "DEVLINKS"} & set(outsider_props)
-            assert not [v for v in outsider_props.values() if fs_uuid in v or "wqd-secret" in v]
-            assert set(outsider_props) < set(root_props)
+            return root_props, seen, fs_uuid, loop.node
         finally:
-            outsider.close()
-            member.close()
+            for peer in clients.values():
+                peer.close()
+
+
+def assert_redacted(props: dict, root_props: dict, fs_uuid: str, node: str) -> None:
+    """The kind of device and filesystem, not which one."""
+    assert props["ID_FS_TYPE"] == "ext4" and props["DEVNAME"] == node
+    assert not {"ID_FS_UUID", "ID_FS_UUID_ENC", "ID_FS_LABEL", "ID_FS_LABEL_ENC", "DEVLINKS"} & set(props)
+    assert not [v for v in props.values() if fs_uuid in v or "wqd-secret" in v]
+    assert set(props) < set(root_props)
+
+
+async def test_identifying_properties_only_for_who_may_open_the_node(udevd, system_bus, wqd_factory,
+                                                                     client_factory, tmp_path):
+    root_props, seen, fs_uuid, node = await identifying_seen(
+        udevd, system_bus, wqd_factory, client_factory, tmp_path,
+        {"outsider": (1000, lambda st: ()), "member": (1001, lambda st: (st.st_gid,))})
+    assert seen["member"]["ID_FS_UUID"] == fs_uuid and seen["member"]["ID_FS_LABEL"] == "wqd-secret"
+    assert_redacted(seen["outsider"], root_props, fs_uuid, node)
+
+
+async def test_acl_on_the_node_counts(udevd, system_bus, wqd_factory, client_factory, tmp_path):
+    """logind's uaccess gives the seat's user an ACL entry on the node: that user may
+    open it, so gets the identifying properties; a user without one does not."""
+    if shutil.which("setfacl") is None:
+        pytest.skip("setfacl is not installed (Debian package acl; scripts/setup installs it)")
+
+    def seat_acl(node: str) -> None:
+        subprocess.run(["setfacl", "-m", "u:1000:rw", node], check=True)
+
+    root_props, seen, fs_uuid, node = await identifying_seen(
+        udevd, system_bus, wqd_factory, client_factory, tmp_path,
+        {"seat": (1000, lambda st: ()), "other": (1001, lambda st: ())}, on_node=seat_acl)
+    assert seen["seat"]["ID_FS_UUID"] == fs_uuid and seen["seat"]["ID_FS_LABEL"] == "wqd-secret"
+    assert_redacted(seen["other"], root_props, fs_uuid, node)
 
 
 async def test_storm_through_udevd(udevd, system_bus, wqd_factory, client_factory):

@@ -18,10 +18,13 @@ something the owner chose (a label, a partition name). They go only to root
 and to a peer that may open the device node for reading: the node named by
 ``DEVNAME``, under ``/dev/``, a block or character device whose number is the
 event's ``MAJOR``:``MINOR``, whose owner, group and mode grant the peer read
-permission (owner bits if the peer's uid owns it, else group bits if the node's
-group is the peer's primary or a supplementary group, else the other bits; the
-same order the kernel uses). POSIX ACLs on the node (logind's ``uaccess``) are
-not consulted: such a peer gets the redacted event. A device without a node
+permission, decided as the kernel decides it (``posix_acl_permission()``): the
+owner bits if the peer's uid owns it; else, when the node has a POSIX ACL (logind's
+``uaccess`` gives the seat's user one), a named-user entry for the peer's uid,
+then the owning group and named-group entries of the peer's groups (masked by
+the ACL's mask); without an ACL the group bits if the node's group is the peer's
+primary or a supplementary group; else the other bits. An ACL wqd cannot read or
+parse denies (fail closed). A device without a node
 (network interfaces, USB interfaces), and a removed device whose node is gone,
 give non-root peers no identifying property (fail closed). The list:
 
@@ -45,8 +48,10 @@ synthetic uevent, names an event, not a device: everyone gets it.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import struct
 from functools import lru_cache
 
 from wqd.events import DeviceChanged, Event, WatchTarget
@@ -70,6 +75,80 @@ def identifying(key: str) -> bool:
     return not IDENTIFYING_WORDS.isdisjoint(key.split("_"))
 
 
+# The xattr a POSIX ACL is stored in, and its layout (include/uapi/linux/posix_acl_xattr.h:
+# a u32 version, then {u16 e_tag, u16 e_perm, u32 e_id} entries, little endian).
+ACL_XATTR = "system.posix_acl_access"
+ACL_VERSION = 2  # POSIX_ACL_XATTR_VERSION
+_ACL_HEADER = struct.Struct("<I")
+_ACL_ENTRY = struct.Struct("<HHI")
+# include/uapi/linux/posix_acl.h
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+ACL_READ = 0x04
+
+
+class BadAcl(ValueError):
+    """An ACL xattr wqd cannot make sense of: treated as "no access"."""
+
+
+def parse_acl(data: bytes) -> list[tuple[int, int, int]]:
+    """(tag, perm, id) entries of a ``system.posix_acl_access`` value."""
+    if len(data) < _ACL_HEADER.size or (len(data) - _ACL_HEADER.size) % _ACL_ENTRY.size:
+        raise BadAcl(f"ACL of {len(data)} bytes")
+    (version,) = _ACL_HEADER.unpack_from(data)
+    if version != ACL_VERSION:
+        raise BadAcl(f"ACL version {version}")
+    return [entry for entry in _ACL_ENTRY.iter_unpack(data[_ACL_HEADER.size:])]
+
+
+def acl_permits(peer: PeerCredentials, owner: int, group: int, entries: list[tuple[int, int, int]],
+                want: int = ACL_READ) -> bool:
+    """The kernel's ``posix_acl_permission()`` for a non-root *peer*: owner entry
+    first, then a named-user entry, then any matching group entry (one that grants
+    suffices; matching ones that do not, deny), then other."""
+    mask = next((perm for tag, perm, _ in entries if tag == ACL_MASK), None)
+
+    def masked(perm: int) -> bool:
+        return (perm & (mask if mask is not None else 0x7) & want) == want
+
+    if peer.uid == owner:
+        return any(tag == ACL_USER_OBJ and perm & want == want for tag, perm, _ in entries)
+    for tag, perm, ident in entries:
+        if tag == ACL_USER and ident == peer.uid:
+            return masked(perm)
+    found = False
+    for tag, perm, ident in entries:
+        if (tag == ACL_GROUP_OBJ and peer.in_group(group)) or (tag == ACL_GROUP and peer.in_group(ident)):
+            if masked(perm):
+                return True
+            found = True
+    if found:
+        return False
+    return any(tag == ACL_OTHER and perm & want == want for tag, perm, _ in entries)
+
+
+def mode_permits(peer: PeerCredentials, st: os.stat_result) -> bool:
+    """Read permission from owner, group and mode alone (no ACL)."""
+    if peer.uid == st.st_uid:
+        return bool(st.st_mode & stat.S_IRUSR)
+    if peer.in_group(st.st_gid):
+        return bool(st.st_mode & stat.S_IRGRP)
+    return bool(st.st_mode & stat.S_IROTH)
+
+
+def readable_by(peer: PeerCredentials, path: str, st: os.stat_result) -> bool:
+    """Whether non-root *peer* may open *path* (``lstat`` result *st*) for reading."""
+    try:
+        data = os.getxattr(path, ACL_XATTR, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+            return mode_permits(peer, st)
+        return False
+    try:
+        return acl_permits(peer, st.st_uid, st.st_gid, parse_acl(data))
+    except BadAcl:
+        return False
+
+
 def may_open(peer: PeerCredentials, props: dict[str, str]) -> bool:
     """Whether *peer* may open the event's device node for reading (see the module doc)."""
     devname = props.get("DEVNAME", "")
@@ -84,11 +163,7 @@ def may_open(peer: PeerCredentials, props: dict[str, str]) -> bool:
         return False
     if st.st_rdev != os.makedev(int(major), int(minor)):
         return False
-    if peer.uid == st.st_uid:
-        return bool(st.st_mode & stat.S_IRUSR)
-    if peer.in_group(st.st_gid):
-        return bool(st.st_mode & stat.S_IRGRP)
-    return bool(st.st_mode & stat.S_IROTH)
+    return readable_by(peer, devname, st)
 
 
 def redact(event: DeviceChanged) -> DeviceChanged:
