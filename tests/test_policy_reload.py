@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from policy_support import CommandPeer, NotifySocket, as_uid, policy_config, watch, world_keyring, write_rules
-from support import SUB_IFACE, Client, keyctl
+from support import SUB_IFACE, BusError, Client, keyctl
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
 
@@ -95,5 +95,33 @@ async def test_sighup_switches_the_plugin_list(tmp_path, system_bus, wqd_factory
             assert (await notify.next("READY"))["STATUS"] == "reloaded: 1 subscription(s) revoked"
             sigs = await root.wait_signals(path, 1)
             assert sigs == [("Removed", ["access revoked"])]
+        finally:
+            root.close()
+
+
+async def test_sighup_applies_limits_and_names_what_needs_a_restart(tmp_path, system_bus, wqd_factory, notify):
+    """[daemon] limits take effect on SIGHUP (subscriptions over a lowered cap stay,
+    new ones are refused); a changed source section is logged as needing a restart."""
+    rules = tmp_path / "rules.d"
+    write_rules(rules, "10.rules", "# none\n")
+    with world_keyring("wqd-reload-3") as ring:
+        wqd = await wqd_factory(system_bus, policy_config(rules, ("unix",)), env=notify.env)
+        await notify.next("READY")
+        root = await Client.connect(wqd.address)
+        try:
+            first = await root.watch("keys", str(ring))
+            await root.watch("keys", "@u")
+            (wqd.log.parent / "wqd.conf").write_text(
+                policy_config(rules, ("unix",), "[daemon]\nsubscriptions_per_peer = 1\n")
+                .replace("poll_interval = 0.05", "poll_interval = 2"))
+            wqd.proc.send_signal(signal.SIGHUP)
+            assert (await notify.next("READY"))["STATUS"] == "reloaded: 0 subscription(s) revoked"
+            with pytest.raises(BusError) as err:
+                await root.watch("keys", "@us")
+            assert err.value.name == "io.wqd.WatchQueue1.Error.LimitsExceeded"
+            assert await root.get(first, SUB_IFACE, "Source") == "keys"  # kept
+            log = wqd.log_text()
+            assert "limits now: queue_length 1024, subscriptions_per_peer 1, subscriptions_total 65536" in log
+            assert "changed settings in [keys] take effect when wqd restarts" in log
         finally:
             root.close()

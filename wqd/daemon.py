@@ -41,12 +41,17 @@ def open_keys(cfg: configuration.Config):
 
 # source name -> "module:function" taking the Config and returning a Source
 # (raising OSError/ValueError/ImportError when the source cannot run here).
+def limits_of(cfg: configuration.Config) -> Limits:
+    return Limits(cfg.queue_length, cfg.subscriptions_per_peer, cfg.subscriptions_total)
+
+
 SOURCE_FACTORIES = {
     "keys": "wqd.daemon:open_keys",
     "devices": "wqd.sources.devices:open_source",
     "mounts": "wqd.sources.mounts:open_source",
     "fs-errors": "wqd.sources.fs_errors:open_source",
 }
+SOURCE_SECTIONS = tuple(SOURCE_FACTORIES)  # [keys], [devices], ...: read when the sources open
 
 
 def build_sources(cfg: configuration.Config) -> dict:
@@ -82,8 +87,9 @@ class Daemon:
 
     async def reload(self, hub: Hub) -> bool:
         """SIGHUP: re-read the configuration and rules files, swap in the new policy
-        and re-check every subscription by it (keeping the bus and the subscriptions).
-        A bad file leaves the previous policy in force. Other settings need a restart."""
+        and the ``[daemon]`` limits, and re-check every subscription by the policy
+        (keeping the bus and the subscriptions). A bad file changes nothing. The
+        sources' settings need a restart: a change there is logged as such."""
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             cfg = configuration.load(self.cfg.path)
@@ -94,6 +100,17 @@ class Daemon:
             return False
         revoked = await hub.recheck(policy)
         self.cfg.policy_plugins, self.cfg.policy_ruleset = cfg.policy_plugins, cfg.policy_ruleset
+        limits = limits_of(cfg)
+        if limits != hub.limits:
+            hub.set_limits(limits)
+            log.info("limits now: queue_length %d, subscriptions_per_peer %d, subscriptions_total %d",
+                     limits.queue_length, limits.subscriptions_per_peer, limits.subscriptions_total)
+        pending = sorted(section for section in SOURCE_SECTIONS
+                         if cfg.raw.get(section, {}) != self.cfg.raw.get(section, {}))
+        if pending:
+            log.warning("changed settings in %s take effect when wqd restarts",
+                        ", ".join(f"[{section}]" for section in pending))
+        self.cfg.raw = {**cfg.raw, **{section: self.cfg.raw.get(section, {}) for section in SOURCE_SECTIONS}}
         log.info("reloaded %s: policy %s, %d rule(s); %d subscription(s) revoked", cfg.path or "defaults",
                  " ".join(policy.names), len(cfg.policy_ruleset or ()), revoked)
         sd_notify(f"READY=1\nSTATUS=reloaded: {revoked} subscription(s) revoked")
@@ -119,7 +136,7 @@ class Daemon:
         cfg = self.cfg
         policy = self.load_policy(cfg)
         sources = build_sources(cfg)
-        hub = Hub(sources, policy, Limits(cfg.queue_length, cfg.subscriptions_per_peer, cfg.subscriptions_total))
+        hub = Hub(sources, policy, limits_of(cfg))
         bus = await connect(self.address, self.system)
         self.policy_services["polkit"] = BusAuthority(bus)
         service = WatchQueueService(bus, hub)

@@ -306,6 +306,17 @@ class Hub:
                 self._unpressure()
         return item
 
+    def set_limits(self, limits: Limits) -> None:
+        """New limits (SIGHUP). Subscriptions over a lowered cap stay (new ones are
+        refused); a queue longer than a lowered length keeps what it holds and loses
+        from then on. Back-pressure is recounted against the new half-way mark."""
+        self.limits = limits
+        half = limits.queue_length // 2
+        self._pressured = sum(1 for sub in self.subscriptions.values() if sub.queued_events > half)
+        if not self._pressured:
+            self._pressured = 1
+            self._unpressure()  # wake sources paused by the old length
+
     def _unpressure(self) -> None:
         self._pressured -= 1
         if not self._pressured and self._relief:
