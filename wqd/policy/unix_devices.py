@@ -18,13 +18,14 @@ something the owner chose (a label, a partition name). They go only to root
 and to a peer that may open the device node for reading: the node named by
 ``DEVNAME``, under ``/dev/``, a block or character device whose number is the
 event's ``MAJOR``:``MINOR``, whose owner, group and mode grant the peer read
-permission, decided as the kernel decides it (``posix_acl_permission()``): the
+permission, decided as the kernel decides it (``acl_permission_check()``): the
 owner bits if the peer's uid owns it; else, when the node has a POSIX ACL (logind's
-``uaccess`` gives the seat's user one), a named-user entry for the peer's uid,
-then the owning group and named-group entries of the peer's groups (masked by
-the ACL's mask); without an ACL the group bits if the node's group is the peer's
-primary or a supplementary group; else the other bits. An ACL wqd cannot read or
-parse denies (fail closed). A device without a node
+``uaccess`` gives the seat's user one) and its mask is not empty, a named-user
+entry for the peer's uid, then the owning group and named-group entries of the
+peer's groups (under the mask), then the ACL's other entry; otherwise the group
+bits if the node's group is the peer's primary or a supplementary group, else
+the other bits. An ACL wqd cannot read or parse denies (fail closed). A device
+without a node
 (network interfaces, USB interfaces), and a removed device whose node is gone,
 give non-root peers no identifying property (fail closed). The list:
 
@@ -100,25 +101,20 @@ def parse_acl(data: bytes) -> list[tuple[int, int, int]]:
     return [entry for entry in _ACL_ENTRY.iter_unpack(data[_ACL_HEADER.size:])]
 
 
-def acl_permits(peer: PeerCredentials, owner: int, group: int, entries: list[tuple[int, int, int]],
+def acl_permits(peer: PeerCredentials, group: int, entries: list[tuple[int, int, int]],
                 want: int = ACL_READ) -> bool:
-    """The kernel's ``posix_acl_permission()`` for a non-root *peer*: owner entry
-    first, then a named-user entry, then any matching group entry (one that grants
-    suffices; matching ones that do not, deny), then other."""
-    mask = next((perm for tag, perm, _ in entries if tag == ACL_MASK), None)
-
-    def masked(perm: int) -> bool:
-        return (perm & (mask if mask is not None else 0x7) & want) == want
-
-    if peer.uid == owner:
-        return any(tag == ACL_USER_OBJ and perm & want == want for tag, perm, _ in entries)
+    """The kernel's ``posix_acl_permission()`` for a peer that does not own the file:
+    a named-user entry for its uid decides (under the mask); else any matching group
+    entry (owning group or named) that grants decides yes, and matching ones that do
+    not decide no; else the other entry."""
+    mask = next((perm for tag, perm, _ in entries if tag == ACL_MASK), 0x7)
     for tag, perm, ident in entries:
         if tag == ACL_USER and ident == peer.uid:
-            return masked(perm)
+            return perm & mask & want == want
     found = False
     for tag, perm, ident in entries:
         if (tag == ACL_GROUP_OBJ and peer.in_group(group)) or (tag == ACL_GROUP and peer.in_group(ident)):
-            if masked(perm):
+            if perm & mask & want == want:
                 return True
             found = True
     if found:
@@ -127,26 +123,31 @@ def acl_permits(peer: PeerCredentials, owner: int, group: int, entries: list[tup
 
 
 def mode_permits(peer: PeerCredentials, st: os.stat_result) -> bool:
-    """Read permission from owner, group and mode alone (no ACL)."""
-    if peer.uid == st.st_uid:
-        return bool(st.st_mode & stat.S_IRUSR)
+    """Read permission from the group and other bits (the peer does not own the file)."""
     if peer.in_group(st.st_gid):
         return bool(st.st_mode & stat.S_IRGRP)
     return bool(st.st_mode & stat.S_IROTH)
 
 
 def readable_by(peer: PeerCredentials, path: str, st: os.stat_result) -> bool:
-    """Whether non-root *peer* may open *path* (``lstat`` result *st*) for reading."""
-    try:
-        data = os.getxattr(path, ACL_XATTR, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
-            return mode_permits(peer, st)
-        return False
-    try:
-        return acl_permits(peer, st.st_uid, st.st_gid, parse_acl(data))
-    except BadAcl:
-        return False
+    """Whether non-root *peer* may open *path* (``lstat`` result *st*) for reading:
+    the kernel's ``acl_permission_check()``. The owner is judged by the owner bits
+    alone; the ACL only when the mode's group bits (the ACL's mask) are not all
+    clear (the kernel skips it otherwise, and so does this); then group or other."""
+    if peer.uid == st.st_uid:
+        return bool(st.st_mode & stat.S_IRUSR)
+    if st.st_mode & stat.S_IRWXG:
+        try:
+            data = os.getxattr(path, ACL_XATTR, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                return False
+        else:
+            try:
+                return acl_permits(peer, st.st_gid, parse_acl(data))
+            except BadAcl:
+                return False
+    return mode_permits(peer, st)
 
 
 def may_open(peer: PeerCredentials, props: dict[str, str]) -> bool:
