@@ -17,7 +17,7 @@ from dbus_fast import Variant
 
 from support import IFACE, MANAGER, SUB_IFACE, ForeignClient
 from test_devices_uevent import config, device_signals, lost_total, storm
-from udev import NULL_DEVPATH, LoopDevice, ext4_image, trigger, udevd  # noqa: F401 - udevd is a fixture
+from udev import NULL_DEVPATH, LoopDevice, Udevd, ext4_image, no_udevd, trigger, udevd  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
 
@@ -185,3 +185,27 @@ async def test_storm_through_udevd(udevd, system_bus, wqd_factory, client_factor
     # udevd runs its rules for each uevent (about 350/s on this machine kind under load):
     # a smaller storm than the 10,000 of the uevent backend keeps this test short.
     await storm(system_bus, wqd_factory, client_factory, config(), 3_000)
+
+
+async def test_auto_backend_follows_udevd(no_udevd, tmp_path, system_bus, wqd_factory, client_factory):
+    """With backend auto the choice is made again whenever the monitor opens: a udevd
+    that starts after wqd serves the next first subscription, and after it stops
+    the kernel's uevents do."""
+    await wqd_factory(system_bus, config=config())
+    client = await client_factory(system_bus.address)
+    assert (await client.get(MANAGER, IFACE, "Sources"))["devices"] == "uevent"
+    daemon = Udevd(tmp_path / "udevd").start()
+    try:
+        path = await client.watch("devices", "mem")
+        assert (await client.get(MANAGER, IFACE, "Sources"))["devices"] == "udev"
+        trigger(NULL_DEVPATH, "change")
+        await client.wait_for(lambda: device_signals(client, path, NULL_DEVPATH))
+        assert "USEC_INITIALIZED" in device_signals(client, path, NULL_DEVPATH)[0][2]  # processed by udevd
+        await client.call(path, SUB_IFACE, "Close")
+    finally:
+        daemon.stop()
+    path = await client.watch("devices", "mem")
+    assert (await client.get(MANAGER, IFACE, "Sources"))["devices"] == "uevent"
+    trigger(NULL_DEVPATH, "change")
+    await client.wait_for(lambda: device_signals(client, path, NULL_DEVPATH))
+    assert "USEC_INITIALIZED" not in device_signals(client, path, NULL_DEVPATH)[0][2]  # the kernel's own

@@ -20,7 +20,8 @@ from "was plugged".
 One netlink monitor serves every subscription (``devices_monitor``), open only
 while there are subscriptions. Backends: ``udev`` when systemd-udevd runs
 (its control socket accepts), else ``uevent``; ``[devices] backend`` forces one.
-The backend is chosen when wqd starts.
+With ``auto`` the choice is made again whenever the monitor opens (the first
+subscription after none), so a udevd that started after wqd is used from then on.
 
 Filtering. The union of the subscribed subsystems is pushed into the socket's
 kernel filter (libudev's BPF) with the ``udev`` backend; one ``""`` subscription
@@ -93,8 +94,9 @@ def parse_subsystem(spec: str) -> str | None:
 class DevicesSource:
     name = "devices"
 
-    def __init__(self, backend: str, receive_buffer: int = DEFAULT_RECEIVE_BUFFER) -> None:
+    def __init__(self, backend: str, receive_buffer: int = DEFAULT_RECEIVE_BUFFER, auto: bool = False) -> None:
         self.backend = backend
+        self.auto = auto  # probe again whenever the monitor opens
         self.receive_buffer = receive_buffer
         self.sink: Sink | None = None
         self.monitor: UeventMonitor | None = None
@@ -190,6 +192,11 @@ class DevicesSource:
     # -- the monitor, its filter and the device table -------------------------
 
     def _open(self) -> None:
+        if self.auto:  # udevd may have started (or stopped) since wqd did
+            backend = "udev" if udevd_running() else "uevent"
+            if backend != self.backend:
+                log.info("devices: backend now %s", backend)
+                self.backend = backend
         try:
             self.monitor = UeventMonitor(self.backend, self.receive_buffer, self, self.sink)
         except (OSError, ImportError) as exc:
@@ -304,9 +311,10 @@ def open_source(cfg) -> DevicesSource:
         raise ValueError(f"devices.receive_buffer must be 1024..{RECEIVE_BUFFER_MAX} bytes")
     import pyudev
 
-    if backend == "auto":
+    auto = backend == "auto"
+    if auto:
         backend = "udev" if udevd_running() else "uevent"
     # Fail now, not at the first Watch, where netlink is not allowed (a sandbox).
     pyudev.Monitor.from_netlink(pyudev.Context(), source="udev" if backend == "udev" else "kernel")
     log.info("devices: backend %s", backend)
-    return DevicesSource(backend, receive_buffer)
+    return DevicesSource(backend, receive_buffer, auto)
