@@ -8,6 +8,7 @@ Both backends: ``fanotify`` (FAN_MNT_ATTACH/DETACH on the namespace) and
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import tempfile
@@ -259,6 +260,35 @@ async def test_other_namespaces_can_be_denied(system_bus, wqd_factory, client_fa
     assert out["error"] == "io.wqd.WatchQueue1.Error.AccessDenied", out
     same_ns = await peers(1000, namespace=False).request("watch", source="mounts", target=base)
     assert same_ns["ok"], same_ns
+
+
+@BACKENDS
+async def test_other_namespaces_are_capped(system_bus, wqd_factory, client_factory, peers, base, config):
+    """Anyone can make mount namespaces, and each watched one costs wqd a fanotify
+    group (128 per user) or fds: one uid may not use them all up."""
+    await start(system_bus, wqd_factory, client_factory,
+                config + "namespaces_per_uid = 2\nnamespaces_total = 3\n")
+    a, b, c = peers(1000), peers(1000), peers(1000)
+    assert (await a.request("watch", source="mounts", target=""))["ok"]
+    assert (await b.request("watch", source="mounts", target=""))["ok"]
+    out = await c.request("watch", source="mounts", target="")
+    assert out["error"] == "io.wqd.WatchQueue1.Error.LimitsExceeded", out
+    assert "uid 1000 already has 2 other mount namespaces watched" in out["text"]
+    # another uid still gets in, up to the total
+    assert (await peers(1001).request("watch", source="mounts", target=""))["ok"]
+    out = await peers(0).request("watch", source="mounts", target="")
+    assert out["error"] == "io.wqd.WatchQueue1.Error.LimitsExceeded", out
+    assert "already watches 3 other mount namespaces" in out["text"]
+    # wqd's own namespace is never counted, nor refused
+    assert (await peers(1000, namespace=False).request("watch", source="mounts", target=""))["ok"]
+    # one of uid 1000's namespaces released: its third gets in
+    a.close()
+    for _ in range(100):
+        out = await c.request("watch", source="mounts", target="")
+        if out["ok"]:
+            break
+        await asyncio.sleep(0.05)  # until the bus has told wqd that a left
+    assert out["ok"], out
 
 
 async def test_redacted_for_non_root(system_bus, wqd_factory, client_factory, peers, base):

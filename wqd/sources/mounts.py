@@ -29,7 +29,14 @@ namespace's events never reach another's subscribers.
 Configuration (``[mounts]``): ``backend`` = ``auto`` | ``fanotify`` | ``mountinfo``;
 ``coalesce`` = seconds between mountinfo rescans in a storm (0.05); ``resolver`` =
 ``auto`` | ``statmount`` | ``mountinfo`` (how the fanotify backend names a mount
-id; ``mountinfo`` where statmount is filtered, e.g. by seccomp).
+id; ``mountinfo`` where statmount is filtered, e.g. by seccomp);
+``namespaces_per_uid`` (8) and ``namespaces_total`` (64): how many mount
+namespaces other than wqd's own may be watched for one uid, and at all. Each
+costs a fanotify group (the kernel allows 128 per user, wqd's own namespace and
+``fs-errors`` included) or a few fds: anyone can make namespaces (``unshare
+-Urm``), so without these caps one user could use them all up. Beyond them
+``Watch`` answers ``LimitsExceeded``; root's peers are exempt from the per-uid
+cap. Joining a namespace already watched costs nothing and is not counted.
 """
 
 from __future__ import annotations
@@ -53,7 +60,10 @@ log = logging.getLogger(__name__)
 
 ACTIONS = ("attached", "detached", "moved")
 OPTIONS = frozenset({"actions"})
-SETTINGS = {"backend": str, "coalesce": (int, float), "resolver": str}
+SETTINGS = {"backend": str, "coalesce": (int, float), "resolver": str, "namespaces_per_uid": int,
+            "namespaces_total": int}
+NAMESPACES_PER_UID = 8
+NAMESPACES_TOTAL = 64
 _RO = os.O_RDONLY | os.O_CLOEXEC
 
 
@@ -134,9 +144,12 @@ def open_peer_namespace(peer: PeerCredentials, ns: int, need_nsfd: bool) -> tupl
 class MountsSource:
     name = "mounts"
 
-    def __init__(self, backend, own_ns: int | None = None) -> None:
+    def __init__(self, backend, own_ns: int | None = None, *, namespaces_per_uid: int = NAMESPACES_PER_UID,
+                 namespaces_total: int = NAMESPACES_TOTAL) -> None:
         self.impl = backend
         self.own_ns = own_namespace() if own_ns is None else own_ns
+        self.namespaces_per_uid = namespaces_per_uid
+        self.namespaces_total = namespaces_total
         self.watches: dict[int, NamespaceWatch] = {}
         self.sink: Sink | None = None
 
@@ -192,6 +205,8 @@ class MountsSource:
             raise AccessDenied("a peer may watch its own mount namespace only")
         watch = self.watches.get(ns)
         if watch is None:
+            if ns != self.own_ns:
+                self._check_namespace_caps(sub.owner.uid)
             watch = self._open(sub.owner, ns)
             try:
                 self.impl.arm(watch)
@@ -212,6 +227,15 @@ class MountsSource:
             log.info("watching mount namespace %d (%s, %d mounts)", ns, "own" if watch.own else "a peer's",
                      len(watch.table) or len(watch.mountinfo))
         watch.subs.add(sub)
+
+    def _check_namespace_caps(self, uid: int) -> None:
+        foreign = [w for w in self.watches.values() if not w.own]
+        if len(foreign) >= self.namespaces_total:
+            raise LimitsExceeded(f"wqd already watches {len(foreign)} other mount namespaces, its limit")
+        if uid != 0:
+            mine = sum(1 for w in foreign if any(s.owner.uid == uid for s in w.subs))
+            if mine >= self.namespaces_per_uid:
+                raise LimitsExceeded(f"uid {uid} already has {mine} other mount namespaces watched, the limit")
 
     def _open(self, peer: PeerCredentials, ns: int) -> NamespaceWatch:
         need_nsfd = self.impl.needs_nsfd
@@ -274,6 +298,11 @@ def open_source(cfg) -> MountsSource:
     coalesce = float(_setting(conf, "coalesce", 0.05))
     if not 0 <= coalesce <= 60:
         raise ValueError("mounts.coalesce must be 0..60 seconds")
+    caps = {}
+    for key, default in (("namespaces_per_uid", NAMESPACES_PER_UID), ("namespaces_total", NAMESPACES_TOTAL)):
+        caps[key] = _setting(conf, key, default)
+        if not 0 <= caps[key] <= 100_000:
+            raise ValueError(f"mounts.{key} must be 0..100000")
     backend = open_backend(_setting(conf, "backend", "auto"), coalesce=coalesce,
                            resolver=_setting(conf, "resolver", "auto"))
-    return MountsSource(backend)
+    return MountsSource(backend, **caps)
