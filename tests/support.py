@@ -274,6 +274,17 @@ class BusError(Exception):
         self.text = text
 
 
+async def request_until_ok(peer, op: str, attempts: int = 100, **kw) -> dict:
+    """*peer*'s request until wqd grants it: for a state wqd reaches when the bus tells
+    it something (another peer left) that no signal to *peer* announces."""
+    for _ in range(attempts):
+        out = await peer.request(op, **kw)
+        if out["ok"]:
+            break
+        await asyncio.sleep(0.05)
+    return out
+
+
 class ForeignClient:
     """A bus client in another process, as another uid (setpriv), driven by JSON lines.
 

@@ -8,14 +8,14 @@ Both backends: ``fanotify`` (FAN_MNT_ATTACH/DETACH on the namespace) and
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import tempfile
 
 import pytest
 
-from support import IFACE, MANAGER, PYTHON, REPO, SUB_IFACE, BusError, ForeignClient, variant_options
+from support import IFACE, MANAGER, PYTHON, REPO, SUB_IFACE, BusError, ForeignClient, request_until_ok, \
+    variant_options
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
 
@@ -283,11 +283,7 @@ async def test_other_namespaces_are_capped(system_bus, wqd_factory, client_facto
     assert (await peers(1000, namespace=False).request("watch", source="mounts", target=""))["ok"]
     # one of uid 1000's namespaces released: its third gets in
     a.close()
-    for _ in range(100):
-        out = await c.request("watch", source="mounts", target="")
-        if out["ok"]:
-            break
-        await asyncio.sleep(0.05)  # until the bus has told wqd that a left
+    out = await request_until_ok(c, "watch", source="mounts", target="")
     assert out["ok"], out
 
 

@@ -121,7 +121,8 @@ async def test_sighup_applies_limits_and_names_what_needs_a_restart(tmp_path, sy
             assert err.value.name == "io.wqd.WatchQueue1.Error.LimitsExceeded"
             assert await root.get(first, SUB_IFACE, "Source") == "keys"  # kept
             log = wqd.log_text()
-            assert "limits now: queue_length 1024, subscriptions_per_peer 1, subscriptions_total 65536" in log
+            assert ("limits now: queue_length 1024, subscriptions_per_peer 1, subscriptions_per_uid 16384, "
+                    "subscriptions_total 65536") in log
             assert "changed settings in [keys] take effect when wqd restarts" in log
         finally:
             root.close()

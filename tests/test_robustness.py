@@ -6,7 +6,8 @@ import pytest
 from dbus_fast import Message, MessageType, Variant
 
 from wqd.bus.connection import FlowControlledBus
-from support import BUS_NAME, IFACE, MANAGER, SUB_IFACE, BusError, Client, keyctl, variant_options
+from support import BUS_NAME, IFACE, MANAGER, SUB_IFACE, BusError, Client, ForeignClient, keyctl, request_until_ok, \
+    variant_options
 
 pytestmark = pytest.mark.asyncio
 
@@ -116,6 +117,33 @@ async def test_limits_exceeded(session_bus, wqd_factory, client_factory):
         assert await other.watch("keys", ring)
     finally:
         keyctl("unlink", ring, "@u")
+
+
+@pytest.mark.root
+@pytest.mark.bus
+async def test_subscriptions_per_uid(system_bus, wqd_factory):
+    """All the connections of one uid share one allowance (root's are not counted)."""
+    await wqd_factory(system_bus, config="""
+        [daemon]
+        subscriptions_per_uid = 3
+        [keys]
+        backend = "proc-keys"
+        poll_interval = 0.05
+    """)
+    first, second, other = (ForeignClient(system_bus.address, uid) for uid in (1000, 1000, 1001))
+    try:
+        for client in (first, first, second):
+            assert (await client.request("watch", source="mounts", target=""))["ok"]
+        out = await second.request("watch", source="mounts", target="")
+        assert out["error"] == "io.wqd.WatchQueue1.Error.LimitsExceeded", out
+        assert out["text"] == "too many subscriptions for uid 1000"
+        assert (await other.request("watch", source="mounts", target=""))["ok"]  # uid 1001: its own
+        first.close()  # its two subscriptions end with its connection
+        out = await request_until_ok(second, "watch", source="mounts", target="")
+        assert out["ok"], out
+    finally:
+        for client in (first, second, other):
+            client.close()
 
 
 async def test_a_storm_of_bad_calls_from_one_peer_does_not_stop_others(client_factory, wqd):

@@ -5,6 +5,7 @@
     [daemon]
     queue_length = 1024            # events queued per subscriber before Lost
     subscriptions_per_peer = 4096
+    subscriptions_per_uid = 16384  # all connections of one uid (root: no cap)
     subscriptions_total = 65536
 
     [keys]
@@ -48,6 +49,7 @@ class ConfigError(Exception):
 class Config:
     queue_length: int = 1024
     subscriptions_per_peer: int = 4096
+    subscriptions_per_uid: int = 16384
     subscriptions_total: int = 65536
     keys_backend: str = "auto"
     keys_poll_interval: float = 1.0
@@ -65,6 +67,7 @@ class Config:
 _SCHEMA = {
     ("daemon", "queue_length"): ("queue_length", int, lambda v: 2 <= v <= 1_000_000, "2..1000000"),
     ("daemon", "subscriptions_per_peer"): ("subscriptions_per_peer", int, lambda v: v >= 1, ">= 1"),
+    ("daemon", "subscriptions_per_uid"): ("subscriptions_per_uid", int, lambda v: v >= 1, ">= 1"),
     ("daemon", "subscriptions_total"): ("subscriptions_total", int, lambda v: v >= 1, ">= 1"),
     ("keys", "backend"): ("keys_backend", str, lambda v: v in ("auto", "watch_queue", "proc-keys", "replay"),
                           "auto, watch_queue, proc-keys or replay"),

@@ -42,7 +42,8 @@ def open_keys(cfg: configuration.Config):
 # source name -> "module:function" taking the Config and returning a Source
 # (raising OSError/ValueError/ImportError when the source cannot run here).
 def limits_of(cfg: configuration.Config) -> Limits:
-    return Limits(cfg.queue_length, cfg.subscriptions_per_peer, cfg.subscriptions_total)
+    return Limits(cfg.queue_length, cfg.subscriptions_per_peer, cfg.subscriptions_total,
+                  subscriptions_per_uid=cfg.subscriptions_per_uid)
 
 
 SOURCE_FACTORIES = {
@@ -103,8 +104,9 @@ class Daemon:
         limits = limits_of(cfg)
         if limits != hub.limits:
             hub.set_limits(limits)
-            log.info("limits now: queue_length %d, subscriptions_per_peer %d, subscriptions_total %d",
-                     limits.queue_length, limits.subscriptions_per_peer, limits.subscriptions_total)
+            log.info("limits now: queue_length %d, subscriptions_per_peer %d, subscriptions_per_uid %d, "
+                     "subscriptions_total %d", limits.queue_length, limits.subscriptions_per_peer,
+                     limits.subscriptions_per_uid, limits.subscriptions_total)
         pending = sorted(section for section in SOURCE_SECTIONS
                          if cfg.raw.get(section, {}) != self.cfg.raw.get(section, {}))
         if pending:

@@ -52,6 +52,7 @@ class Limits:
     subscriptions_per_peer: int = 4096
     subscriptions_total: int = 65536
     target_length: int = 4096  # bytes
+    subscriptions_per_uid: int = 16384  # all connections of one uid but root's
 
 
 @dataclass(eq=False, slots=True)
@@ -99,6 +100,7 @@ class Hub:
         self.subscriptions: dict[int, Subscription] = {}
         self._by_route: dict[tuple[str, Hashable], set[Subscription]] = {}
         self._by_owner: dict[str, set[Subscription]] = {}
+        self._per_uid: dict[int, int] = {}  # active subscriptions of each uid
         self._next = 1
         self._pressured = 0  # subscriptions with a queue at least half full
         self._relief: list = []
@@ -115,6 +117,8 @@ class Hub:
             raise InvalidArgument("target is too long")
         if len(self._by_owner.get(peer.unique_name, ())) >= self.limits.subscriptions_per_peer:
             raise LimitsExceeded("too many subscriptions for this connection")
+        if peer.uid != 0 and self._per_uid.get(peer.uid, 0) >= self.limits.subscriptions_per_uid:
+            raise LimitsExceeded(f"too many subscriptions for uid {peer.uid}")
         if len(self.subscriptions) >= self.limits.subscriptions_total:
             raise LimitsExceeded("too many subscriptions")
         target = await source.resolve(peer, spec, options)
@@ -133,6 +137,7 @@ class Hub:
         self._next += 1
         self.subscriptions[sub.number] = sub
         self._by_owner.setdefault(peer.unique_name, set()).add(sub)
+        self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
         for route in sub.routes:
             self._by_route.setdefault((source_name, route), set()).add(sub)
         log.info("subscription %d: %s watches %s %r", sub.number, peer.unique_name, source_name, spec,
@@ -170,6 +175,12 @@ class Hub:
             owned.discard(sub)
             if not owned:
                 del self._by_owner[sub.peer]
+        uid = sub.owner.uid
+        left = self._per_uid.get(uid, 0) - 1
+        if left > 0:
+            self._per_uid[uid] = left
+        else:
+            self._per_uid.pop(uid, None)
         try:
             self.sources[sub.source].detach(sub)
         except Exception:
