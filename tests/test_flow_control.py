@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from support import SUB_IFACE, Client, ForeignClient
+from support import IFACE, MANAGER, SUB_IFACE, Client, ForeignClient, start_bus
 from wqd.parse.watch_queue import encode_key_record
 
 pytestmark = pytest.mark.asyncio
@@ -68,16 +68,10 @@ async def test_burst_with_a_stopped_reader_accounts_for_every_event(session_bus,
         await asyncio.to_thread(writer.join, 60)
         await asyncio.sleep(1.0)
         os.kill(slow.proc.pid, signal.SIGCONT)
-        for _ in range(600):
-            d = (await slow.request("get", path=path, iface=SUB_IFACE, prop="Delivered"))["result"][0]
-            lost = (await slow.request("get", path=path, iface=SUB_IFACE, prop="Lost"))["result"][0]
-            if d + lost >= generated:
-                break
-            await asyncio.sleep(0.1)
+        d, lost, got = await accounted(slow, path, generated)
         assert d + lost == generated
         # A 64-event queue against 256-record reads must overflow: loss is exercised.
         assert lost > 0 and d > 0
-        got = (await slow.request("signals", min=d, wait=60))["result"]
         changed = [s for s in got if s[1] == "KeyChanged"]
         lost_signals = [s[2][0] for s in got if s[1] == "Lost"]
         assert len(changed) == d, "every delivered event reached the client"
@@ -133,3 +127,131 @@ async def test_replay_from_a_regular_file_is_read_to_its_end(session_bus, wqd_fa
         await asyncio.sleep(0.05)
     assert "read to its end" in wqd.log_text()
     assert await client.get("/io/wqd/WatchQueue1", "io.wqd.WatchQueue1", "Version") == "1"
+
+
+QUOTA = 1_000_000  # the bus's quotas in these tests; a default system bus has 127 MiB
+
+
+@pytest.fixture
+def quota_bus(tmp_path):
+    """A system-type bus with the shipped policy and small quotas (*extra* adds to its
+    configuration), so that a few MB show what 127 MiB would on a default system bus."""
+    if os.geteuid() != 0:
+        pytest.skip("a system-type bus with clients as other uids needs root")
+    made = []
+
+    def make(extra: str = ""):
+        bus = start_bus(tmp_path / f"bus{len(made)}", "system",
+                        extra=f'<limit name="max_incoming_bytes">{QUOTA}</limit>'
+                              f'<limit name="max_outgoing_bytes">{QUOTA}</limit>{extra}')
+        made.append(bus)
+        return bus
+
+    yield make
+    for bus in made:
+        bus.stop()
+
+
+async def replay_daemon(tmp_path, wqd_factory, bus):
+    fifo = tmp_path / "replay"
+    os.mkfifo(fifo)
+    return await wqd_factory(bus, config=replay_config(fifo)), fifo
+
+
+async def accounted(peer, path: str, generated: int) -> tuple[int, int, list]:
+    """(Delivered, Lost, the signals received) once every event is one or the other."""
+    for _ in range(600):
+        d = (await peer.request("get", path=path, iface=SUB_IFACE, prop="Delivered"))["result"][0]
+        lost = (await peer.request("get", path=path, iface=SUB_IFACE, prop="Lost"))["result"][0]
+        if d + lost >= generated:
+            break
+        await asyncio.sleep(0.1)
+    got = (await peer.request("signals", min=d, wait=60))["result"]
+    return d, lost, got
+
+
+@pytest.mark.root
+@pytest.mark.bus
+async def test_a_peer_that_stops_reading_does_not_stall_the_others(tmp_path, wqd_factory, quota_bus):
+    """The bus counts what it holds for a peer against wqd's own allowance: a peer
+    that stops reading would, given enough events, make the bus stop reading from
+    wqd, for everyone. wqd pings its peers and holds back a peer that does not
+    answer; that peer loses (and is told), the others go on."""
+    bus = quota_bus()
+    wqd, fifo = await replay_daemon(tmp_path, wqd_factory, bus)
+    normal = ForeignClient(bus.address, 0)  # a reader of its own, as fast as it can
+    stalled = ForeignClient(bus.address, 0)
+    try:
+        mine = (await normal.request("watch", source="keys", target=str(KEY)))["result"][0]
+        theirs = (await stalled.request("watch", source="keys", target=str(KEY)))["result"][0]
+        os.kill(stalled.proc.pid, signal.SIGSTOP)
+        generated = 20_000  # ~4 MB of signals: four times the bus's quota
+        writer = feed(fifo, generated)
+        observer = await Client.connect(bus.address)
+        worst = 0.0
+        while writer.is_alive():  # wqd answers all along
+            started = asyncio.get_running_loop().time()
+            await asyncio.wait_for(observer.call(MANAGER, IFACE, "ListSubscriptions"), 10)
+            worst = max(worst, asyncio.get_running_loop().time() - started)
+            await asyncio.sleep(0.05)
+        observer.close()
+        d, lost, got = await accounted(normal, mine, generated)
+        assert (d, lost) == (generated, 0)  # the reader lost nothing
+        assert sum(1 for s in got if s[1] == "KeyChanged") == generated
+        log = wqd.log_text()
+        assert "bytes of signals unread: nothing more goes to it until it reads" in log
+        assert "stopped reading its signals" in log
+
+        os.kill(stalled.proc.pid, signal.SIGCONT)
+        d, lost, got = await accounted(stalled, theirs, generated)
+        assert d + lost == generated and lost > 0
+        assert sum(1 for s in got if s[1] == "KeyChanged") == d
+        assert sum(s[2][0] for s in got if s[1] == "Lost") == lost
+        print(f"stalled peer: {d} delivered, {lost} lost; ListSubscriptions worst {worst * 1000:.0f} ms")
+    finally:
+        stalled.close()
+        normal.close()
+
+
+@pytest.mark.root
+@pytest.mark.bus
+async def test_a_reader_that_pauses_briefly_loses_nothing(tmp_path, wqd_factory, quota_bus):
+    """Paused for less than STALL_AFTER, a peer still holds the sources back: the
+    events wait in the kernel (here: the FIFO) and it gets every one."""
+    bus = quota_bus()
+    wqd, fifo = await replay_daemon(tmp_path, wqd_factory, bus)
+    slow = ForeignClient(bus.address, 0)
+    try:
+        path = (await slow.request("watch", source="keys", target=str(KEY)))["result"][0]
+        os.kill(slow.proc.pid, signal.SIGSTOP)
+        generated = 20_000
+        writer = feed(fifo, generated)
+        await asyncio.sleep(0.3)
+        os.kill(slow.proc.pid, signal.SIGCONT)
+        await asyncio.to_thread(writer.join, 60)
+        d, lost, got = await accounted(slow, path, generated)
+        assert (d, lost) == (generated, 0)
+        assert "bytes of signals unread: nothing more goes to it until it reads" in wqd.log_text()
+        assert "stopped reading" not in wqd.log_text()
+    finally:
+        slow.close()
+
+
+@pytest.mark.root
+@pytest.mark.bus
+async def test_without_leave_to_ping_wqd_says_so_and_delivers(tmp_path, wqd_factory, quota_bus):
+    """A bus policy that forbids the Ping (an old io.wqd.WatchQueue1.conf): wqd logs
+    what that costs and delivers as before."""
+    bus = quota_bus('<policy user="root"><deny send_type="method_call" send_interface="org.freedesktop.DBus.Peer"'
+                    ' send_member="Ping"/></policy>')
+    wqd, fifo = await replay_daemon(tmp_path, wqd_factory, bus)
+    reader = ForeignClient(bus.address, 0)
+    try:
+        path = (await reader.request("watch", source="keys", target=str(KEY)))["result"][0]
+        generated = 2_000  # ~400 KB: past the first Ping
+        await asyncio.to_thread(feed(fifo, generated).join, 60)
+        d, lost, got = await accounted(reader, path, generated)
+        assert (d, lost) == (generated, 0)
+        assert "the bus policy does not let wqd ping its subscribers" in wqd.log_text()
+    finally:
+        reader.close()

@@ -67,6 +67,8 @@ class Subscription:
     delivered: int = 0
     lost: int = 0
     active: bool = True
+    paused: bool = False  # the outlet waits for the peer to read before sending more (wqd.bus.emitter)
+    stalled: bool = False  # ... and has waited too long: its queue no longer pauses the sources
     routes: tuple = ()
     state: dict = field(default_factory=dict)  # the source's per-subscription data
 
@@ -90,6 +92,9 @@ class Outlet(Protocol):
     def forget(self, sub: Subscription) -> None:
         """*sub* is gone: drop its object and queue."""
 
+    def peer_gone(self, peer: str) -> None:
+        """*peer* left the bus: drop what is kept about it."""
+
 
 class Hub:
     def __init__(self, sources: dict[str, Source], policy: PolicyStack, limits: Limits | None = None) -> None:
@@ -102,7 +107,7 @@ class Hub:
         self._by_owner: dict[str, set[Subscription]] = {}
         self._per_uid: dict[int, int] = {}  # active subscriptions of each uid
         self._next = 1
-        self._pressured = 0  # subscriptions with a queue at least half full
+        self._pressured = 0  # subscriptions not stalled with a queue more than half full
         self._relief: list = []
 
     # -- subscribing ------------------------------------------------------
@@ -194,7 +199,7 @@ class Hub:
             self.forget(sub)
 
     def forget(self, sub: Subscription) -> None:
-        if sub.queued_events > self.limits.queue_length // 2:
+        if sub.queued_events > self.limits.queue_length // 2 and not sub.stalled:
             self._unpressure()
         sub.queue.clear()
         sub.queued_events = 0
@@ -207,6 +212,8 @@ class Hub:
         for sub in subs:
             self.end(sub)
         self.policy.forget(peer)
+        if self.outlet is not None:
+            self.outlet.peer_gone(peer)
         return len(subs)
 
     async def recheck(self, policy: PolicyStack, concurrency: int = 64) -> int:
@@ -293,7 +300,7 @@ class Hub:
             return
         sub.queue.append(item)
         sub.queued_events = n + 1
-        if n + 1 == self.limits.queue_length // 2 + 1:
+        if n + 1 == self.limits.queue_length // 2 + 1 and not sub.stalled:
             self._pressured += 1
         if self.outlet is not None:
             self.outlet.wake(sub)
@@ -313,9 +320,23 @@ class Hub:
             n = sub.queued_events
             sub.queued_events = n - 1
             sub.delivered += 1
-            if n == self.limits.queue_length // 2 + 1:
+            if n == self.limits.queue_length // 2 + 1 and not sub.stalled:
                 self._unpressure()
         return item
+
+    def stall(self, sub: Subscription, stalled: bool) -> None:
+        """*sub*'s peer has stopped reading (the outlet gave up waiting), or reads
+        again. While stalled its queue fills and then loses, like any full queue,
+        but does not pause the sources: a peer that does not read must not stall
+        everyone else."""
+        if sub.stalled == stalled:
+            return
+        sub.stalled = stalled
+        if sub.queued_events > self.limits.queue_length // 2:
+            if stalled:
+                self._unpressure()
+            else:
+                self._pressured += 1
 
     def set_limits(self, limits: Limits) -> None:
         """New limits (SIGHUP). Subscriptions over a lowered cap stay (new ones are
@@ -323,7 +344,7 @@ class Hub:
         from then on. Back-pressure is recounted against the new half-way mark."""
         self.limits = limits
         half = limits.queue_length // 2
-        self._pressured = sum(1 for sub in self.subscriptions.values() if sub.queued_events > half)
+        self._pressured = sum(1 for sub in self.subscriptions.values() if sub.queued_events > half and not sub.stalled)
         if not self._pressured:
             self._pressured = 1
             self._unpressure()  # wake sources paused by the old length

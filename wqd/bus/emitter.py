@@ -9,6 +9,25 @@ high-water mark, so a burst never turns into unbounded buffering or
 Signals are marshalled by ``wqd.bus.signals``: each subscription's header once
 per member, each event's body once however many subscribers get it; a batch is
 queued on the writer and flushed together (several messages per ``sendmsg``).
+
+Peers that do not read. The bus queues what wqd sends to a peer until the peer
+reads it, and dbus-daemon counts those bytes against *wqd's* allowance
+(``max_incoming_bytes``, 127 MiB on a system bus): a subscriber that stops
+reading would, given enough events, make the bus stop reading from wqd, and
+every other peer would wait with it. So wqd keeps account per peer: after
+``PING_EVERY`` bytes of signals it sends the peer ``org.freedesktop.DBus.Peer.Ping``
+(every bus library answers it; an answer *from the peer* proves it read what
+came before, since the bus keeps order). A peer with ``PEER_BUDGET`` bytes
+unacknowledged, or whose uid's peers have ``UID_BUDGET``, is *paused*: nothing
+more is sent to it until it answers. Its queues still hold the sources back
+(``Hub``'s back-pressure), so a slow reader loses nothing; but a peer paused for
+``STALL_AFTER`` seconds is *stalled*: its queues stop holding the sources back,
+fill, and count ``Lost`` like any full queue. A uid that had a peer stalled in
+the last ``GRACE_COOLDOWN`` seconds gets no grace: its paused peers stall at
+once (so opening connection after connection cannot keep the sources waiting).
+When the peer answers it gets what is queued, then ``Lost(n)``, then what
+follows. If the bus policy forbids the Ping (an old ``io.wqd.WatchQueue1.conf``)
+wqd logs it and goes without.
 """
 
 from __future__ import annotations
@@ -16,6 +35,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from dataclasses import dataclass
+from functools import partial
+
+from dbus_fast import Message, MessageType
 
 from wqd.bus.names import SUBSCRIPTION_INTERFACE, subscription_path
 from wqd.bus.signals import encode, marshal_body, signal_header
@@ -26,6 +49,33 @@ log = logging.getLogger(__name__)
 
 HIGH_WATER = 64  # messages waiting in the connection's writer
 BATCH = 256  # signals per loop iteration before yielding
+PING_EVERY = 32 << 10  # bytes of signals to one peer between acknowledgements asked for
+PEER_BUDGET = 256 << 10  # bytes one peer may leave unread before its signals wait
+UID_BUDGET = 8 << 20  # the same, for all the connections of one uid together
+RETRY = 1.0  # seconds before asking again when the bus refused to pass a Ping on
+STALL_AFTER = 2.0  # seconds a paused peer's queues may hold the sources back
+GRACE_COOLDOWN = 60.0  # seconds after a stall during which the uid's peers get no grace
+BUS = "org.freedesktop.DBus"
+
+
+@dataclass(eq=False, slots=True)
+class Credit:
+    """What one peer has been sent and has shown it read (bytes of signals)."""
+
+    peer: str
+    uid: int
+    sent: int = 0
+    acked: int = 0
+    ping: int | None = None  # ``sent`` when the unanswered Ping went out
+    paused: bool = False
+    stalled: bool = False
+    subs: set | None = None  # the subscriptions paused for it, ended ones included
+    retry: asyncio.TimerHandle | None = None
+    stall_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def unacked(self) -> int:
+        return self.sent - self.acked
 
 
 class SignalEmitter:
@@ -38,15 +88,31 @@ class SignalEmitter:
         self._scheduled = False
         self._waiting: asyncio.Task | None = None
         self._headers: dict[Subscription, dict[str, bytes]] = {}  # marshalled once per member
+        self._credit: dict[str, Credit] = {}
+        self._uid_unacked: dict[int, int] = {}
+        self._uid_stalled: dict[int, float] = {}  # uid -> when one of its peers last stalled
+        self.pinging = True  # False once the bus policy refused a Ping
         hub.outlet = self
 
     def wake(self, sub: Subscription) -> None:
+        if sub.paused:
+            return  # woken again when its peer reads
         if sub not in self._queued:
             self._queued.add(sub)
             self._ready.append(sub)
         if not self._scheduled and self._waiting is None:
             self._scheduled = True
             self.loop.call_soon(self._drain)
+
+    def peer_gone(self, peer: str) -> None:
+        credit = self._credit.pop(peer, None)
+        if credit is None:
+            return
+        self._settle(credit, credit.sent)
+        self._cancel_timers(credit)
+        for sub in credit.subs or ():
+            if not sub.active:  # ended while paused: its Removed can no longer be delivered
+                self.hub.forget(sub)
 
     def forget(self, sub: Subscription) -> None:
         self._headers.pop(sub, None)
@@ -84,6 +150,10 @@ class SignalEmitter:
                 self.loop.call_soon(self._drain)
                 return
             sub = ready[0]
+            if sub.paused:  # its peer went over budget earlier in this batch
+                ready.popleft()
+                self._queued.discard(sub)
+                continue
             item = take(sub)
             if not sub.queue:
                 ready.popleft()
@@ -107,10 +177,159 @@ class SignalEmitter:
             if header is None:
                 header = mine[member] = signal_header(sub.peer, subscription_path(sub.number),
                                                       SUBSCRIPTION_INTERFACE, member, signature)
-            queue(encode(header, body, next_serial()))
+            message = encode(header, body, next_serial())
+            queue(message)
             sent += 1
             if isinstance(item, EndMark):
                 hub.forget(sub)
+            if self.pinging:
+                self._account(sub, len(message), queue, next_serial)
+
+    # -- acknowledgements ----------------------------------------------------
+
+    def _account(self, sub: Subscription, size: int, queue, next_serial) -> None:
+        credit = self._credit.get(sub.peer)
+        if credit is None:
+            credit = self._credit[sub.peer] = Credit(sub.peer, sub.owner.uid)
+        credit.sent += size
+        uid_unacked = self._uid_unacked[credit.uid] = self._uid_unacked.get(credit.uid, 0) + size
+        unacked = credit.unacked
+        over = unacked >= PEER_BUDGET or uid_unacked >= UID_BUDGET
+        if credit.ping is None and (unacked >= PING_EVERY or over):
+            self._ping(credit, queue, next_serial)
+        if over and not credit.paused:
+            self._pause(credit)
+        elif credit.paused and not sub.paused:  # made while its peer was paused
+            self._pause_sub(credit, sub)
+
+    def _ping(self, credit: Credit, queue=None, next_serial=None) -> None:
+        bus = self.bus
+        if queue is None:
+            writer = bus._writer
+            if writer is None:
+                return
+            queue, next_serial = writer.queue, bus.next_serial
+        msg = Message(destination=credit.peer, path="/", interface="org.freedesktop.DBus.Peer", member="Ping",
+                      serial=next_serial())
+        credit.ping = credit.sent
+        bus._method_return_handlers[msg.serial] = partial(self._pong, credit, credit.sent)
+        queue(msg._marshall(False))
+
+    def _pong(self, credit: Credit, mark: int, reply: Message | None, err: Exception | None) -> None:
+        if credit.ping == mark:
+            credit.ping = None
+        if self._credit.get(credit.peer) is not credit:
+            return  # the peer left
+        uid_was_over = self._uid_unacked.get(credit.uid, 0) >= UID_BUDGET
+        if reply is not None and reply.sender == credit.peer:
+            self._settle(credit, mark)  # answered (even with an error): it read all before the Ping
+        elif reply is not None and reply.message_type == MessageType.ERROR and reply.sender == BUS:
+            if reply.error_name == "org.freedesktop.DBus.Error.AccessDenied":
+                log.warning("the bus policy does not let wqd ping its subscribers (install the shipped "
+                            "io.wqd.WatchQueue1.conf): a subscriber that stops reading can now stall wqd")
+                self._stop_pinging()
+                return
+            if reply.error_name in ("org.freedesktop.DBus.Error.ServiceUnknown",
+                                    "org.freedesktop.DBus.Error.NameHasNoOwner"):
+                return  # gone; NameOwnerChanged ends its subscriptions
+            # The bus did not pass it on (its queue for the peer is full, ...): ask again later.
+            if credit.retry is None:
+                credit.retry = self.loop.call_later(RETRY, self._retry, credit)
+            return
+        else:
+            return  # the connection is closing
+        if credit.paused and credit.unacked < PEER_BUDGET and self._uid_unacked.get(credit.uid, 0) < UID_BUDGET:
+            self._resume(credit)
+        elif credit.unacked >= PING_EVERY and credit.ping is None:
+            self._ping(credit)
+            self._flush()
+        if uid_was_over and self._uid_unacked.get(credit.uid, 0) < UID_BUDGET:
+            for other in list(self._credit.values()):  # paused for the uid's total, not their own
+                if other.paused and other.uid == credit.uid and other.unacked < PEER_BUDGET:
+                    self._resume(other)
+
+    def _retry(self, credit: Credit) -> None:
+        credit.retry = None
+        if self._credit.get(credit.peer) is credit and credit.ping is None and credit.unacked:
+            self._ping(credit)
+            self._flush()
+
+    def _settle(self, credit: Credit, mark: int) -> None:
+        """The peer has read everything up to *mark*."""
+        if mark <= credit.acked:
+            return
+        done = mark - credit.acked
+        credit.acked = mark
+        left = self._uid_unacked.get(credit.uid, 0) - done
+        if left > 0:
+            self._uid_unacked[credit.uid] = left
+        else:
+            self._uid_unacked.pop(credit.uid, None)
+
+    def _pause(self, credit: Credit) -> None:
+        credit.paused = True
+        credit.subs = set()
+        for sub in self.hub.owned_by(credit.peer):
+            self._pause_sub(credit, sub)
+        uid = credit.uid
+        if uid != 0 and self.loop.time() - self._uid_stalled.get(uid, -GRACE_COOLDOWN) < GRACE_COOLDOWN:
+            self._stall(credit)  # no grace: a peer of this uid stalled a moment ago
+        else:
+            credit.stall_timer = self.loop.call_later(STALL_AFTER, self._stall, credit)
+        log.info("%s has %d bytes of signals unread: nothing more goes to it until it reads",
+                 credit.peer, credit.unacked)
+
+    def _pause_sub(self, credit: Credit, sub: Subscription) -> None:
+        sub.paused = True
+        credit.subs.add(sub)
+        if credit.stalled:
+            self.hub.stall(sub, True)
+
+    def _stall(self, credit: Credit) -> None:
+        credit.stall_timer = None
+        if not credit.paused or credit.stalled or self._credit.get(credit.peer) is not credit:
+            return
+        credit.stalled = True
+        self._uid_stalled[credit.uid] = self.loop.time()
+        for sub in credit.subs:
+            self.hub.stall(sub, True)
+        log.warning("%s stopped reading its signals: its subscriptions no longer hold the sources back and "
+                    "count Lost until it reads", credit.peer)
+
+    def _resume(self, credit: Credit) -> None:
+        if credit.stall_timer is not None:
+            credit.stall_timer.cancel()
+            credit.stall_timer = None
+        was_stalled = credit.stalled
+        credit.paused = credit.stalled = False
+        subs, credit.subs = credit.subs or (), None
+        for sub in subs:
+            sub.paused = False
+            self.hub.stall(sub, False)
+            if sub.queue:
+                self.wake(sub)
+        if was_stalled:
+            log.info("%s reads again: delivering to it", credit.peer)
+
+    def _cancel_timers(self, credit: Credit) -> None:
+        for timer in (credit.retry, credit.stall_timer):
+            if timer is not None:
+                timer.cancel()
+        credit.retry = credit.stall_timer = None
+
+    def _stop_pinging(self) -> None:
+        self.pinging = False
+        for credit in list(self._credit.values()):
+            if credit.paused:
+                self._resume(credit)
+            self._cancel_timers(credit)
+        self._credit.clear()
+        self._uid_unacked.clear()
+
+    def _flush(self) -> None:
+        writer = self.bus._writer
+        if writer is not None:
+            writer.flush()
 
     async def _wait_writer(self) -> None:
         try:
