@@ -10,6 +10,7 @@ import threading
 import pytest
 
 from support import IFACE, MANAGER, SUB_IFACE, Client, ForeignClient, start_bus
+from udev import NULL_DEVPATH, trigger
 from wqd.parse.watch_queue import encode_key_record
 
 pytestmark = pytest.mark.asyncio
@@ -255,3 +256,48 @@ async def test_without_leave_to_ping_wqd_says_so_and_delivers(tmp_path, wqd_fact
         assert "the bus policy does not let wqd ping its subscribers" in wqd.log_text()
     finally:
         reader.close()
+
+
+@pytest.mark.root
+@pytest.mark.bus
+async def test_a_uid_that_stalled_gets_no_grace(tmp_path, wqd_factory, quota_bus):
+    """One peer of uid 1000 stops reading and, after its grace, stalls. Within the
+    next minute a second peer of the same uid that stops reading stalls at once:
+    opening connection after connection cannot keep the sources waiting. (The log
+    says so in order: stalled before the pause is announced, no grace between.)"""
+    bus = quota_bus()
+    wqd = await wqd_factory(bus, config='[devices]\nbackend = "uevent"\n')
+    first, second = ForeignClient(bus.address, 1000), ForeignClient(bus.address, 1000)
+    try:
+        paths, names = {}, {}
+        for peer in (first, second):
+            paths[peer] = (await peer.request("watch", source="devices", target="mem"))["result"][0]
+            names[peer] = (await peer.request("unique_name"))["result"]
+        generated = {first: 0, second: 0}
+        for peer in (first, second):
+            os.kill(peer.proc.pid, signal.SIGSTOP)
+            for _ in range(100):  # ~400 bytes a signal: past the 256 KiB budget soon
+                await asyncio.to_thread(trigger, NULL_DEVPATH, "change", 100)
+                for p in generated:
+                    generated[p] += 100
+                if f"{names[peer]} stopped reading its signals" in wqd.log_text():
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"{names[peer]} never stalled:\n{wqd.log_text()}")
+        log = wqd.log_text()
+        paused = "{} has".format
+        stalled = "{} stopped reading".format
+        # the first had its grace: paused, then (2 s later) stalled; the second stalled at once
+        assert log.index(paused(names[first])) < log.index(stalled(names[first]))
+        assert log.index(stalled(names[second])) < log.index(paused(names[second]))
+        for peer in (first, second):
+            os.kill(peer.proc.pid, signal.SIGCONT)
+        for peer in (first, second):
+            d, lost, got = await accounted(peer, paths[peer], generated[peer])
+            assert d + lost == generated[peer] and lost > 0
+            assert sum(s[2][0] for s in got if s[1] == "Lost") == lost
+    finally:
+        first.close()
+        second.close()
+
