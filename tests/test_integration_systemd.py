@@ -405,3 +405,21 @@ def test_check_config_runs_the_rules_file_checks(tmp_path):
     rules.write_text("allow keys * uid:0\n")
     result = check_config("--check-config", str(conf))
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ('[mounts]\nnamespaces_per_uid = "x"\n', 2, "mounts.namespaces_per_uid must be 0..100000, not 'x'"),
+    ("[mounts]\ncoalesce = 0.1\nresolver = \"fast\"\n", 3, "mounts.resolver must be auto, statmount or mountinfo"),
+    ("[devices]\n\nreceive_buffer = 5\n", 3, "devices.receive_buffer must be 1024..1073741824 bytes, not 5"),
+    ('[devices]\nbackend = "hal"\n', 2, "devices.backend must be one of auto, udev, uevent, not 'hal'"),
+    ("[fs-errors]\nbogus = 1\n", 2, "unknown setting fs-errors.bogus"),
+])
+def test_check_config_checks_the_sources_sections(tmp_path, text, line, message):
+    """The sources' own sections are checked too (the daemon would start and report
+    that source unavailable, the log saying why; --check-config says it first)."""
+    conf = tmp_path / "wqd.conf"
+    conf.write_text(text)
+    result = check_config("--check-config", str(conf))
+    assert result.returncode == 1 and f"{conf}:{line}: {message}" in result.stderr, result.stderr
+    conf.write_text('[mounts]\nnamespaces_per_uid = 3\n[devices]\nbackend = "uevent"\nreceive_buffer = 4096\n')
+    assert check_config("--check-config", str(conf)).returncode == 0

@@ -32,6 +32,7 @@ rules files are read and checked when the configuration is loaded (``load``,
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +141,26 @@ def _check_plugin_settings(text: str, path: str, name: str, settings: dict) -> N
             setting = next((k for k in settings if f"policy.polkit.{k}" in str(exc)), None)
             line = _line_of(text, "policy.polkit", setting) if setting else None
             raise ConfigError(f"{path}:{line or '?'}: {exc}") from None
+
+
+def check_source_settings(cfg: Config, checks: dict) -> None:
+    """Each source's section (``[devices]``, ...) by the source's own checker
+    (*checks*: section -> callable raising ValueError that names ``section.key``),
+    as ``ConfigError`` with the file and line. The daemon itself does not stop
+    for these: the source reports itself unavailable and the log says why."""
+    text = ""
+    if cfg.path and not cfg.path.startswith("<"):
+        try:
+            text = Path(cfg.path).read_text()
+        except OSError:
+            pass
+    for section, check in checks.items():
+        try:
+            check(cfg.raw.get(section, {}))
+        except ValueError as exc:
+            named = re.search(rf"{re.escape(section)}\.([A-Za-z0-9_-]+)", str(exc))
+            line = _line_of(text, section, named.group(1)) if named and text else None
+            raise ConfigError(f"{cfg.path or '<config>'}:{line or '?'}: {exc}") from None
 
 
 def validate(cfg: Config) -> Config:

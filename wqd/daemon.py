@@ -220,9 +220,13 @@ def check_config(path: str | None) -> int:
         print(f"wqd: {exc}", file=sys.stderr)
         return 1
     try:
-        validate = getattr(configuration, "validate", None)  # deeper checks (policy, rules files), where present
-        if validate is not None:
-            validate(cfg)
+        configuration.validate(cfg)  # the rules files
+        checks = {}
+        for name, ref in SOURCE_FACTORIES.items():
+            check = getattr(importlib.import_module(ref.split(":")[0]), "check_settings", None)
+            if check is not None:
+                checks[name] = check
+        configuration.check_source_settings(cfg, checks)
         Daemon(cfg, None, False).load_policy(cfg)  # the plugins check their own settings
     except configuration.ConfigError as exc:
         print(f"wqd: {exc}", file=sys.stderr)

@@ -67,7 +67,7 @@ from wqd.events import DeviceChanged, Event, SourceLoss, WatchTarget
 from wqd.kernel.netlink import RECEIVE_BUFFER_MAX
 from wqd.parse.uevent import diff, synthesise
 from wqd.peer import PeerCredentials
-from wqd.sources import ANY, Sink, string_list_option
+from wqd.sources import ANY, Sink, read_settings, string_list_option
 from wqd.sources.devices_monitor import UeventMonitor, udevd_running
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,12 @@ SUBSYSTEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,63}\Z")
 PROPERTY = re.compile(r"[^=\0]{1,128}\Z")
 MAX_PROPERTIES = 256
 BACKENDS = ("auto", "udev", "uevent")
-SETTINGS = {"backend": str, "receive_buffer": int}
 DEFAULT_RECEIVE_BUFFER = 128 << 20  # as systemd-udevd asks for its own monitor
+SCHEMA = {  # [devices]
+    "backend": (str, "auto", lambda v: v in BACKENDS, "one of " + ", ".join(BACKENDS)),
+    "receive_buffer": (int, DEFAULT_RECEIVE_BUFFER, lambda v: 1024 <= v <= RECEIVE_BUFFER_MAX,
+                       f"1024..{RECEIVE_BUFFER_MAX} bytes"),
+}
 
 
 def parse_subsystem(spec: str) -> str | None:
@@ -289,26 +293,15 @@ class DevicesSource:
             self.sink.dispatch(event)
 
 
-def _setting(conf: dict, key: str, default):
-    value = conf.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, SETTINGS[key]):
-        raise ValueError(f"devices.{key} has the wrong type: {value!r}")
-    return value
+def check_settings(conf: dict) -> dict:
+    return read_settings("devices", conf, SCHEMA)
 
 
 def open_source(cfg) -> DevicesSource:
     """The source for this machine; raises ValueError (bad settings), ImportError
     (no pyudev) or OSError (no netlink uevent socket here)."""
-    conf = cfg.raw.get("devices", {})
-    unknown = set(conf) - set(SETTINGS)
-    if unknown:
-        raise ValueError(f"unknown setting(s) devices.{', devices.'.join(sorted(unknown))}")
-    backend = _setting(conf, "backend", "auto")
-    if backend not in BACKENDS:
-        raise ValueError(f"devices.backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    receive_buffer = _setting(conf, "receive_buffer", DEFAULT_RECEIVE_BUFFER)
-    if not 1024 <= receive_buffer <= RECEIVE_BUFFER_MAX:
-        raise ValueError(f"devices.receive_buffer must be 1024..{RECEIVE_BUFFER_MAX} bytes")
+    settings = check_settings(cfg.raw.get("devices", {}))
+    backend, receive_buffer = settings["backend"], settings["receive_buffer"]
     import pyudev
 
     auto = backend == "auto"

@@ -43,7 +43,7 @@ from wqd.kernel import fanotify as fan
 from wqd.parse.fanotify import ErrorInfo, FanotifyEvent, FidInfo
 from wqd.parse.mountinfo import parse_mountinfo
 from wqd.peer import PeerCredentials
-from wqd.sources import Sink
+from wqd.sources import Sink, read_settings
 from wqd.sources.mount_backends import FanotifyReader, read_mountinfo
 from wqd.sources.mounts import own_namespace
 
@@ -309,10 +309,12 @@ class FsErrorsSource:
                 self.sink.dispatch(FilesystemError(mount_point, error.error, error.count & 0xFFFFFFFF))
 
 
+def check_settings(conf: dict) -> dict:
+    return read_settings("fs-errors", conf, {})  # none yet
+
+
 def open_source(cfg) -> FsErrorsSource:
-    conf = cfg.raw.get("fs-errors", {})
-    if conf:
-        raise ValueError(f"unknown setting(s) fs-errors.{', fs-errors.'.join(sorted(conf))}")
+    check_settings(cfg.raw.get("fs-errors", {}))
     if not has_cap_sys_admin():
         raise PermissionError(errno.EPERM, "filesystem error notifications need CAP_SYS_ADMIN")
     return FsErrorsSource(fan.open_error_notifications())

@@ -53,17 +53,22 @@ from wqd.events import Event, MountChanged, WatchTarget
 from wqd.kernel import errors as kerr
 from wqd.parse.mountinfo import MountEntry
 from wqd.peer import IdentityUnclear, PeerCredentials, reopen
-from wqd.sources import Sink, string_list_option
+from wqd.sources import Sink, read_settings, string_list_option
 from wqd.sources.mount_backends import open_backend
 
 log = logging.getLogger(__name__)
 
 ACTIONS = ("attached", "detached", "moved")
 OPTIONS = frozenset({"actions"})
-SETTINGS = {"backend": str, "coalesce": (int, float), "resolver": str, "namespaces_per_uid": int,
-            "namespaces_total": int}
 NAMESPACES_PER_UID = 8
 NAMESPACES_TOTAL = 64
+SCHEMA = {  # [mounts]
+    "backend": (str, "auto", lambda v: v in ("auto", "fanotify", "mountinfo"), "auto, fanotify or mountinfo"),
+    "coalesce": ((int, float), 0.05, lambda v: 0 <= v <= 60, "0..60 seconds"),
+    "resolver": (str, "auto", lambda v: v in ("auto", "statmount", "mountinfo"), "auto, statmount or mountinfo"),
+    "namespaces_per_uid": (int, NAMESPACES_PER_UID, lambda v: 0 <= v <= 100_000, "0..100000"),
+    "namespaces_total": (int, NAMESPACES_TOTAL, lambda v: 0 <= v <= 100_000, "0..100000"),
+}
 _RO = os.O_RDONLY | os.O_CLOEXEC
 
 
@@ -282,27 +287,11 @@ class MountsSource:
         self.sink.dispatch(event)
 
 
-def _setting(conf: dict, key: str, default):
-    value = conf.get(key, default)
-    typ = SETTINGS[key]
-    if isinstance(value, bool) or not isinstance(value, typ):
-        raise ValueError(f"mounts.{key} has the wrong type: {value!r}")
-    return value
+def check_settings(conf: dict) -> dict:
+    return read_settings("mounts", conf, SCHEMA)
 
 
 def open_source(cfg) -> MountsSource:
-    conf = cfg.raw.get("mounts", {})
-    unknown = set(conf) - set(SETTINGS)
-    if unknown:
-        raise ValueError(f"unknown setting(s) mounts.{', mounts.'.join(sorted(unknown))}")
-    coalesce = float(_setting(conf, "coalesce", 0.05))
-    if not 0 <= coalesce <= 60:
-        raise ValueError("mounts.coalesce must be 0..60 seconds")
-    caps = {}
-    for key, default in (("namespaces_per_uid", NAMESPACES_PER_UID), ("namespaces_total", NAMESPACES_TOTAL)):
-        caps[key] = _setting(conf, key, default)
-        if not 0 <= caps[key] <= 100_000:
-            raise ValueError(f"mounts.{key} must be 0..100000")
-    backend = open_backend(_setting(conf, "backend", "auto"), coalesce=coalesce,
-                           resolver=_setting(conf, "resolver", "auto"))
-    return MountsSource(backend, **caps)
+    s = check_settings(cfg.raw.get("mounts", {}))
+    backend = open_backend(s["backend"], coalesce=float(s["coalesce"]), resolver=s["resolver"])
+    return MountsSource(backend, namespaces_per_uid=s["namespaces_per_uid"], namespaces_total=s["namespaces_total"])
