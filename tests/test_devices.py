@@ -172,7 +172,9 @@ async def test_acl_on_the_node_counts(udevd, system_bus, wqd_factory, client_fac
         pytest.skip("setfacl is not installed (Debian package acl; scripts/setup installs it)")
 
     def seat_acl(node: str) -> None:
-        subprocess.run(["setfacl", "-m", "u:1000:rw", node], check=True)
+        out = subprocess.run(["setfacl", "-m", "u:1000:rw", node], capture_output=True, text=True)
+        if out.returncode:
+            pytest.skip(f"no POSIX ACLs on /dev here: {out.stderr.strip()}")
 
     root_props, seen, fs_uuid, node = await identifying_seen(
         udevd, system_bus, wqd_factory, client_factory, tmp_path,

@@ -50,8 +50,24 @@ def directory():
         pytest.skip("setfacl is not installed (Debian package acl; scripts/setup installs it)")
     path = tempfile.mkdtemp(prefix="wqd-acl-")
     os.chmod(path, 0o755)  # every peer may reach the file; only its own permissions decide
+    why = acl_unsupported(path)
+    if why:
+        shutil.rmtree(path)
+        pytest.skip(why)
     yield path
     shutil.rmtree(path)
+
+
+def acl_unsupported(directory: str) -> str | None:
+    """Why POSIX ACLs cannot be set on the filesystem of *directory*, or None."""
+    probe = os.path.join(directory, ".acl-probe")
+    with open(probe, "w"):
+        pass
+    try:
+        out = subprocess.run(["setfacl", "-m", "u:1000:r", probe], capture_output=True, text=True)
+        return None if out.returncode == 0 else f"no POSIX ACLs on {directory}'s filesystem: {out.stderr.strip()}"
+    finally:
+        os.unlink(probe)
 
 
 # Cases that once disagreed or that matter most, always tried:
