@@ -75,6 +75,18 @@ SYSTEM_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Confi
 """
 
 
+def terminate(proc: subprocess.Popen, grace: float = 10) -> int:
+    """SIGTERM, then SIGKILL after *grace* seconds; the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 @dataclass
 class PrivateBus:
     kind: str
@@ -83,13 +95,7 @@ class PrivateBus:
     dir: Path
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 5)
         for f in (self.proc.stdout, self.proc.stderr):
             if f is not None:
                 f.close()
@@ -166,14 +172,7 @@ class Wqd:
             return ""
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc)
 
 
 async def start_wqd(address: str, directory: Path, config: str = "", args: tuple = (), env: dict | None = None,

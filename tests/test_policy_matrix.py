@@ -70,13 +70,7 @@ async def test_sources_by_peers(tmp_path, system_bus, wqd_factory, base):
             backend = "fanotify"
             """)
         wqd = await wqd_factory(system_bus, config)
-        me = await Client.connect(wqd.address)
-        try:
-            sources = await me.get(MANAGER, IFACE, "Sources")
-        finally:
-            me.close()
-        if not sources.get("mounts"):
-            pytest.skip(f"the mounts source is not available here: {sources}")
+        sources = await sources_or_skip(wqd.address, "mounts")
 
         peers = start_peers(system_bus.address, group)
         try:
@@ -84,6 +78,18 @@ async def test_sources_by_peers(tmp_path, system_bus, wqd_factory, base):
         finally:
             for p in peers.values():
                 p.close()
+
+
+async def sources_or_skip(address: str, needed: str) -> dict:
+    """wqd's ``Sources``; skips the test when *needed* is unavailable here."""
+    me = await Client.connect(address)
+    try:
+        sources = await me.get(MANAGER, IFACE, "Sources")
+    finally:
+        me.close()
+    if not sources.get(needed):
+        pytest.skip(f"the {needed} source is not available here: {sources}")
+    return sources
 
 
 def start_peers(a: str, group) -> dict[str, CommandPeer]:
@@ -105,13 +111,7 @@ async def test_devices_by_peers(tmp_path, system_bus, wqd_factory):
     rules = tmp_path / "rules.d"
     write_rules(rules, "10-matrix.rules", "deny * * uid:1001\n")
     wqd = await wqd_factory(system_bus, policy_config(rules))
-    me = await Client.connect(wqd.address)
-    try:
-        sources = await me.get(MANAGER, IFACE, "Sources")
-    finally:
-        me.close()
-    if not sources.get("devices"):
-        pytest.skip(f"the devices source is not available here: {sources}")
+    await sources_or_skip(wqd.address, "devices")
     peers = start_peers(system_bus.address, group)
     try:
         got = {name: await watch(peer, "devices", "mem") for name, peer in peers.items()}

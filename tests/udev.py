@@ -23,13 +23,13 @@ import fcntl
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from support import terminate
 from wqd.sources.devices_monitor import udevd_running
 
 UDEVD = "/lib/systemd/systemd-udevd"
@@ -84,13 +84,8 @@ class Udevd:
         subprocess.run(["udevadm", "settle", f"--timeout={timeout}"], check=False, capture_output=True)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc)
         self.proc = None
         if self.made_run_udev:
             shutil.rmtree(RUN_UDEV, ignore_errors=True)

@@ -39,13 +39,13 @@ def open_keys(cfg: configuration.Config):
     return KeysSource(backend, resolve_keys=backend.name != "replay")
 
 
-# source name -> "module:function" taking the Config and returning a Source
-# (raising OSError/ValueError/ImportError when the source cannot run here).
 def limits_of(cfg: configuration.Config) -> Limits:
     return Limits(cfg.queue_length, cfg.subscriptions_per_peer, cfg.subscriptions_total,
                   subscriptions_per_uid=cfg.subscriptions_per_uid)
 
 
+# source name -> "module:function" taking the Config and returning a Source
+# (raising OSError/ValueError/ImportError when the source cannot run here).
 SOURCE_FACTORIES = {
     "keys": "wqd.daemon:open_keys",
     "devices": "wqd.sources.devices:open_source",

@@ -184,17 +184,27 @@ class FsErrorsSource:
         return True
 
     def attach(self, sub) -> None:
-        path = sub.target.spec
-        fstype = sub.target.extra.get("fstype", "this filesystem")
         if self.table_watch is None:  # first, so an unmount from here on is seen
             try:
                 self.table_watch = MountTableWatch(self._table_changed)
             except OSError as exc:
                 raise NotSupported(f"cannot follow the mount table: {exc.strerror}") from None
         try:
+            self._mark(sub)
+        except BaseException:
+            self._unwatch_table_if_idle()
+            raise
+        mount_id = sub.target.object_id
+        path, n = self.mounts.get(mount_id, (sub.target.spec, 0))
+        self.mounts[mount_id] = (path, n + 1)
+
+    def _mark(self, sub) -> None:
+        """Mark the filesystem at *sub*'s mount point (once per filesystem) and count it."""
+        path = sub.target.spec
+        fstype = sub.target.extra.get("fstype", "this filesystem")
+        try:
             dirfd = os.open(path, _DIR)
         except OSError:
-            self._unwatch_table_if_idle()
             raise InvalidArgument(f"{path} is not a mount point") from None
         try:
             if mount_id_of(dirfd) != sub.target.object_id:
@@ -214,14 +224,8 @@ class FsErrorsSource:
                 self.filesystems[fsid] = fs
             fs.mount_points[path] = fs.mount_points.get(path, 0) + 1
             sub.state["fsid"] = fsid
-            mount_id = sub.target.object_id
-            self.mounts[mount_id] = (path, self.mounts.get(mount_id, (path, 0))[1] + 1)
         except kerr.KernelError as exc:
-            self._unwatch_table_if_idle()
             raise NotSupported(f"cannot watch {path}: {exc.strerror}") from None
-        except BaseException:
-            self._unwatch_table_if_idle()
-            raise
         finally:
             os.close(dirfd)
 
