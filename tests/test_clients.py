@@ -345,3 +345,17 @@ async def test_example_names_the_error_when_watch_is_refused(name, system_bus, w
     err = await client.stderr()
     assert "io.wqd.WatchQueue1.Error.InvalidArgument" in err, err
     assert client.lines == []
+
+
+@pytest.mark.parametrize("name", ["dbus-fast", "jeepney"])
+async def test_python_examples_pass_the_changes_option(name, system_bus, wqd_factory, run_client, ring):
+    """--changes becomes Watch's "changes" option (as): only unlinked comes."""
+    await wqd_factory(system_bus)
+    client = await run_client(name, "--address", system_bus.address, "--changes", "unlinked", str(ring))
+    await client.subscribed()
+    await asyncio.sleep(0.3)
+    new = int(keyctl("add", "user", "matrix", "v", str(ring)))
+    await asyncio.sleep(0.3)  # a few polls: the linked is seen, and filtered out
+    keyctl("unlink", str(new), str(ring))
+    await client.wait_line(lambda line: line.startswith("KeyChanged"))
+    assert client.events == [f"KeyChanged {ring} unlinked {new}"]
