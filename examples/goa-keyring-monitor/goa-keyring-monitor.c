@@ -82,7 +82,7 @@ connect_bus (const gchar *address, gboolean system, GError **error)
 int
 main (int argc, char **argv)
 {
-  gchar *address = NULL;
+  g_autofree gchar *address = NULL;
   gboolean system = FALSE;
   GOptionEntry entries[] = {
     { "address", 0, 0, G_OPTION_ARG_STRING, &address, "Bus address", "ADDRESS" },
@@ -158,6 +158,5 @@ main (int argc, char **argv)
   loop = g_main_loop_new (NULL, FALSE);
   g_main_loop_run (loop);
   g_main_loop_unref (loop);
-  g_free (address);
   return exit_status;
 }
