@@ -10,16 +10,18 @@ All of them print the same lines (examples/README.md), which the tests read:
 
 - exact values: a real keyctl change on the proc-keys backend arrives as
   KeyChanged(key, change, aux) with the right numbers, and Removed ends it;
-- a burst of replayed kernel records to a reader stopped (SIGSTOP) until wqd has
-  given up waiting for it: afterwards, KeyChanged received + sum(Lost) == generated,
-  exactly, and in order;
+- a burst of replayed kernel records, to a slow reader (running one moment in
+  five) and to a reader stopped (SIGSTOP) until wqd has given up waiting for it:
+  KeyChanged received + sum(Lost) == generated, exactly, each Lost where its gap is;
 - the examples run as their users would start them (GOA: the persistent keyring,
   the bus from DBUS_SESSION_BUS_ADDRESS).
 
-The burst stops the reader's whole process rather than slowing its handler: GDBus
+The bursts slow or stop the reader's whole process rather than its handler: GDBus
 reads the socket and answers Peer.Ping on a worker thread, whatever its main loop
 does, and queues in memory what the main loop has not handled, so for GDBus a slow
 handler is never a slow reader as wqd sees it. SIGSTOP stops every library alike.
+jeepney without Ping answers is deaf after its first 256 KiB in both bursts today:
+those two cases are xfail(strict) until the interop branch's flow control lands.
 
 C clients are built once per session in a temporary directory, the GOA example
 through its own Makefile (so the build instructions cannot rot either); a missing
@@ -252,28 +254,71 @@ async def test_client_gets_exact_values_and_removed(name, system_bus, wqd_factor
 
 
 GENERATED = 5_000  # ~1 MB of signals: four times what wqd lets one peer leave unread
+SLOW_GENERATED = 3_000  # a slow reader needs longer for each: still twice that
+
+# issue 13: fixed by the interop branch (drop this mark when it is merged)
+JEEPNEY_DEAF = pytest.mark.xfail(strict=True, reason=(
+    "jeepney does not answer Peer.Ping: once wqd has paused it, it never resumes and no Lost "
+    "signal comes (issue 13, item 1)"))
+BURST_CLIENTS = [pytest.param(name, marks=JEEPNEY_DEAF) if name == "jeepney" else name for name in CLIENTS]
 
 
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("name", [
-    # issue 13: fixed by the interop branch (drop this mark when it is merged)
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=(
-        "jeepney does not answer Peer.Ping: after wqd stalls it, it never resumes and no Lost "
-        "signal comes (issue 13, item 1)")))
-    if name == "jeepney" else name
-    for name in CLIENTS
-])
-async def test_burst_to_a_stopped_reader_is_received_or_lost_exactly(name, system_bus, wqd_factory, run_client,
-                                                                      tmp_path):
+async def replay_to(name, system_bus, wqd_factory, run_client, tmp_path):
+    """wqd on the replay backend, and client *name* watching the replayed key: (wqd, client, fifo)."""
     fifo = tmp_path / "replay"
     os.mkfifo(fifo)
     wqd = await wqd_factory(system_bus, config=replay_config(fifo))
     client = await run_client(name, "--address", system_bus.address, str(KEY))
     await client.subscribed()
+    return wqd, client, fifo
+
+
+def accounted(client: ClientProcess) -> tuple[int, int]:
+    """(KeyChanged received, the sum of the Lost signals) so far."""
+    events = client.events
+    received = sum(1 for line in events if line.startswith("KeyChanged"))
+    lost = sum(int(line.split()[1]) for line in events if line.startswith("Lost"))
+    return received, lost
+
+
+async def until_accounted(client: ClientProcess, generated: int, quiet: float = 10) -> tuple[int, int]:
+    """Wait until every event is received or announced lost, or the client has
+    printed nothing for *quiet* seconds (then it will print nothing more); then a
+    little longer, for the exactness: no more may come."""
+    loop = asyncio.get_running_loop()
+    quiet_since, seen = loop.time(), 0
+    while sum(accounted(client)) < generated and loop.time() - quiet_since < quiet:
+        await asyncio.sleep(0.2)
+        if len(client.lines) != seen:
+            quiet_since, seen = loop.time(), len(client.lines)
+    await asyncio.sleep(0.5)
+    return accounted(client)
+
+
+def assert_in_order(client: ClientProcess) -> None:
+    """Every KeyChanged where it belongs, each Lost exactly where its gap is: the
+    replayed records' aux numbers them 0..N-1."""
+    position = 0
+    for line in client.events:
+        if line.startswith("Lost"):
+            position += int(line.split()[1])
+            continue
+        kind, key, change, aux = line.split()
+        assert (kind, int(key)) == ("KeyChanged", KEY), line
+        assert int(aux) == position, f"record {aux} came at position {position}: a Lost is not where its gap is"
+        position += 1
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("name", BURST_CLIENTS)
+async def test_burst_to_a_stopped_reader_is_received_or_lost_exactly(name, system_bus, wqd_factory, run_client,
+                                                                      tmp_path):
+    """The reader is stopped until wqd has given up waiting for it (STALL_AFTER) and
+    the rest of the burst has gone by: wqd must count what did not fit, and say so
+    once the reader reads again."""
+    wqd, client, fifo = await replay_to(name, system_bus, wqd_factory, run_client, tmp_path)
     client.signal(signal.SIGSTOP)
     writer = feed(fifo, GENERATED)
-    # Stopped until wqd has given up waiting for it (STALL_AFTER), and the rest of the
-    # burst has gone by: wqd must count what did not fit and say so.
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 60
     while "stopped reading its signals" not in wqd.log_text():
@@ -283,36 +328,43 @@ async def test_burst_to_a_stopped_reader_is_received_or_lost_exactly(name, syste
     assert not writer.is_alive()
     await asyncio.sleep(0.5)
     client.signal(signal.SIGCONT)
-
-    def accounted() -> tuple[int, int]:
-        events = client.events
-        received = sum(1 for line in events if line.startswith("KeyChanged"))
-        lost = sum(int(line.split()[1]) for line in events if line.startswith("Lost"))
-        return received, lost
-
-    # Until every event is received or counted lost; a client that has printed
-    # nothing new for 15 s will print nothing more.
-    quiet_since, seen = loop.time(), 0
-    while sum(accounted()) < GENERATED and loop.time() - quiet_since < 15:
-        await asyncio.sleep(0.2)
-        if len(client.lines) != seen:
-            quiet_since, seen = loop.time(), len(client.lines)
-    await asyncio.sleep(0.5)  # nothing more may come: exactly, not at least
-    received, lost = accounted()
-    print(f"{name}: {received} received, {lost} announced lost, of {GENERATED}")
+    received, lost = await until_accounted(client, GENERATED)
+    print(f"{name}, stopped: {received} received, {lost} announced lost, of {GENERATED}")
     assert received + lost == GENERATED, f"{received} received + {lost} lost != {GENERATED} generated"
     assert lost > 0 and received > 0, "a reader stopped past the stall loses some, and gets the rest"
-    # In order, with each Lost where its gap is: aux numbers the records 0..N-1.
-    position, expected = 0, []
-    for line in client.events:
-        if line.startswith("Lost"):
-            position += int(line.split()[1])
-        else:
-            kind, key, change, aux = line.split()
-            assert (kind, int(key)) == ("KeyChanged", KEY)
-            expected.append((position, int(aux)))
-            position += 1
-    assert all(want == got for want, got in expected), "a KeyChanged out of place: a Lost is not where its gap is"
+    assert_in_order(client)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("name", BURST_CLIENTS)
+async def test_burst_to_a_slow_reader_is_received_or_lost_exactly(name, system_bus, wqd_factory, run_client,
+                                                                   tmp_path):
+    """The reader runs one moment in five (SIGSTOP/SIGCONT, each pause far below
+    STALL_AFTER), whatever its library: slow, never stopped for long. What it gets
+    and what it is told it lost add up to the burst; how much is lost depends on
+    the machine's load, so that is not asserted."""
+    wqd, client, fifo = await replay_to(name, system_bus, wqd_factory, run_client, tmp_path)
+    running = True
+
+    async def slow_down():
+        while running:
+            client.signal(signal.SIGSTOP)
+            await asyncio.sleep(0.04)
+            client.signal(signal.SIGCONT)
+            await asyncio.sleep(0.01)
+
+    throttle = asyncio.ensure_future(slow_down())
+    try:
+        writer = feed(fifo, SLOW_GENERATED)
+        await until_accounted(client, SLOW_GENERATED)
+    finally:
+        running = False
+        await throttle
+    await asyncio.to_thread(writer.join, 10)
+    received, lost = await until_accounted(client, SLOW_GENERATED, quiet=3)  # any rest, at full speed
+    print(f"{name}, slow: {received} received, {lost} announced lost, of {SLOW_GENERATED}")
+    assert received + lost == SLOW_GENERATED, f"{received} received + {lost} lost != {SLOW_GENERATED} generated"
+    assert_in_order(client)
 
 
 # -- the examples as their users start them -----------------------------------------------
