@@ -114,7 +114,7 @@ class Monitor:
         self.bus.add_message_handler(self._seen)
         reply = await call(self.bus, "org.freedesktop.DBus", "/org/freedesktop/DBus",
                            "org.freedesktop.DBus.Monitoring", "BecomeMonitor", "asu",
-                           [[f"type='method_call',destination='{POLKIT_NAME}'"], 0])
+                           [["type='method_call',interface='org.freedesktop.PolicyKit1.Authority'"], 0])
         assert reply.message_type == MessageType.METHOD_RETURN, reply.body
 
     def _seen(self, msg: Message):

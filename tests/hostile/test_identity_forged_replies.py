@@ -1,0 +1,154 @@
+"""Only the bus speaks for the bus, only polkit for polkit (issue 12, finding 0).
+
+A session-type dbus-daemon forwards replies nobody asked for. An attacker of
+uid 1000 (tests/hostile/forge_replies.py) floods wqd with forged replies to the
+serials wqd is about to use, claiming uid 0 / pid 1, claiming polkit said yes,
+or of the wrong type, while it calls Watch. wqd must take its answers only from
+``org.freedesktop.DBus`` and from the connection owning
+``org.freedesktop.PolicyKit1``, keep awaiting the real reply, and log the forger
+once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from policy_support import as_uid, policy_config, require_root, world_keyring, write_rules  # noqa: E402
+from support import PYTHON, start_bus, wait_for_name  # noqa: E402
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
+
+ATTACKER = Path(__file__).resolve().parent / "forge_replies.py"
+ATTEMPTS = 50
+# A session-type bus that lets every uid connect (and polkitd own its name): like a
+# user's session bus shared with a test harness, or `--address` on any such bus.
+OPEN_SESSION = """
+  <policy context="default"><allow user="*"/></policy>
+"""
+PROC_KEYS = """
+[keys]
+backend = "proc-keys"
+poll_interval = 0.05
+"""
+
+
+@pytest.fixture
+def open_session_bus(tmp_path):
+    require_root()
+    if not shutil.which("dbus-daemon"):
+        pytest.skip("dbus-daemon is not installed")
+    bus = start_bus(tmp_path / "session-bus", "session", extra=OPEN_SESSION)
+    yield bus
+    bus.stop()
+
+
+async def attack(address: str, uid: int, source: str, target: str, attempts: int = ATTEMPTS) -> dict:
+    proc = await asyncio.create_subprocess_exec(
+        *as_uid(uid), PYTHON, str(ATTACKER), address, source, target, str(attempts),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+    out, err = await asyncio.wait_for(proc.communicate(), 100)
+    assert proc.returncode == 0, err.decode()
+    return json.loads(out)
+
+
+def assert_no_fault(log: str) -> None:
+    assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
+    assert "internal error" not in log
+
+
+async def test_forged_credentials_replies_are_ignored(open_session_bus, wqd_factory):
+    with world_keyring("wqd-forged-creds", perm="0x3f010000") as ring:  # root's; nothing for others
+        wqd = await wqd_factory(open_session_bus, PROC_KEYS)
+        out = await attack(open_session_bus.address, 1000, "keys", str(ring))
+        log = wqd.log_text()
+        assert out["results"] == ["io.wqd.WatchQueue1.Error.AccessDenied"] * ATTEMPTS, out["results"]
+        for name in out["names"]:
+            assert f"{name} (uid 0" not in log and f"{name} watches" not in log
+        assert "(uid 0, pid 1)" not in log
+        assert_no_fault(log)
+        # The flood did land on pending calls (so the attack was real), and was named once.
+        assert log.count(f"ignored a reply from {out['flooder']}") == 1, (out["sent"], log[-3000:])
+        assert wqd.proc.poll() is None
+
+
+# -- polkit: forged by a peer that does not own org.freedesktop.PolicyKit1 ---------------
+
+POLKIT_BUS = OPEN_SESSION + """
+  <policy context="default"><allow own="*"/></policy>
+"""
+
+
+@pytest.fixture
+def polkit_session_bus(tmp_path):
+    require_root()
+    if not shutil.which("dbus-daemon"):
+        pytest.skip("dbus-daemon is not installed")
+    bus = start_bus(tmp_path / "session-bus", "session", extra=POLKIT_BUS)
+    yield bus
+    bus.stop()
+
+
+@pytest_asyncio.fixture
+async def session_polkitd(tmp_path, polkit_session_bus):
+    from test_polkit import JS_RULE, POLKITD, START_POLKITD  # the same polkitd set-up as tests/test_polkit.py
+
+    import pwd
+
+    if not os.access(POLKITD, os.X_OK):
+        pytest.skip(f"{POLKITD} is not installed (Debian package polkitd)")
+    try:
+        user = pwd.getpwuid(1000).pw_name
+    except KeyError:
+        pytest.skip("uid 1000 has no name for the polkit rule")
+    from support import REPO
+
+    conf = tmp_path / "polkit"
+    for d in ("actions", "rules", "empty"):
+        (conf / d).mkdir(parents=True)
+    shutil.copy(REPO / "data" / "polkit-1" / "actions" / "io.wqd.policy", conf / "actions")
+    (conf / "rules" / "10-wqd-test.rules").write_text(JS_RULE % user)
+    log = open(tmp_path / "polkitd.log", "w")
+    proc = subprocess.Popen(["unshare", "-m", "sh", "-c", START_POLKITD, "sh", str(conf), POLKITD],
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": polkit_session_bus.address})
+    try:
+        await wait_for_name(polkit_session_bus.address, "org.freedesktop.PolicyKit1", proc, timeout=15)
+    except RuntimeError as exc:
+        proc.kill()
+        proc.wait()
+        log.close()
+        pytest.skip(f"polkitd cannot run here: {exc}: {(tmp_path / 'polkitd.log').read_text()}")
+    yield proc
+    proc.terminate()
+    proc.wait()
+    log.close()
+
+
+async def test_forged_polkit_replies_are_ignored(tmp_path, polkit_session_bus, session_polkitd, wqd_factory):
+    rules = tmp_path / "rules.d"
+    write_rules(rules, "10.rules", "# none\n")
+    config = policy_config(rules, ("unix", "polkit", "rules"), extra="[policy.polkit]\ntimeout = 10.0\n")
+    with world_keyring("wqd-forged-polkit") as ring:  # unix allows everyone; polkit says no to 1001
+        wqd = await wqd_factory(polkit_session_bus, config)
+        out = await attack(polkit_session_bus.address, 1001, "keys", str(ring))
+        log = wqd.log_text()
+        assert out["results"] == ["io.wqd.WatchQueue1.Error.AccessDenied"] * ATTEMPTS, out["results"]
+        for name in out["names"]:
+            assert f"{name} watches" not in log
+        assert_no_fault(log)
+        assert "polkit unavailable" not in log and "did not answer" not in log  # the real answers came
+        assert log.count(f"ignored a reply from {out['flooder']}") == 1, (out["sent"], log[-3000:])
+        # uid 1000, whom polkit authorizes, still is (the checked path works end to end).
+        ok = await attack(polkit_session_bus.address, 1000, "keys", str(ring), attempts=2)
+        assert ok["results"] == ["allowed", "allowed"], ok
