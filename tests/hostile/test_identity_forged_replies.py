@@ -25,13 +25,13 @@ import pytest_asyncio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from policy_support import as_uid, policy_config, require_root, world_keyring, write_rules  # noqa: E402
-from support import PYTHON, start_bus, wait_for_name  # noqa: E402
+from support import PYTHON, start_bus  # noqa: E402
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
 
 ATTACKER = Path(__file__).resolve().parent / "forge_replies.py"
 ATTEMPTS = 50
-# A session-type bus that lets every uid connect (and polkitd own its name): like a
+# A session-type bus that lets every uid connect (and own names: polkitd): like a
 # user's session bus shared with a test harness, or `--address` on any such bus.
 OPEN_SESSION = """
   <policy context="default"><allow user="*"/></policy>
@@ -84,64 +84,25 @@ async def test_forged_credentials_replies_are_ignored(open_session_bus, wqd_fact
 
 # -- polkit: forged by a peer that does not own org.freedesktop.PolicyKit1 ---------------
 
-POLKIT_BUS = OPEN_SESSION + """
-  <policy context="default"><allow own="*"/></policy>
-"""
-
-
-@pytest.fixture
-def polkit_session_bus(tmp_path):
-    require_root()
-    if not shutil.which("dbus-daemon"):
-        pytest.skip("dbus-daemon is not installed")
-    bus = start_bus(tmp_path / "session-bus", "session", extra=POLKIT_BUS)
-    yield bus
-    bus.stop()
-
-
 @pytest_asyncio.fixture
-async def session_polkitd(tmp_path, polkit_session_bus):
-    from test_polkit import JS_RULE, POLKITD, START_POLKITD  # the same polkitd set-up as tests/test_polkit.py
+async def session_polkitd(tmp_path, open_session_bus):
+    """The real polkitd (tests/test_polkit.py's set-up) on the session-type bus."""
+    from test_polkit import start_polkitd
 
-    import pwd
-
-    if not os.access(POLKITD, os.X_OK):
-        pytest.skip(f"{POLKITD} is not installed (Debian package polkitd)")
-    try:
-        user = pwd.getpwuid(1000).pw_name
-    except KeyError:
-        pytest.skip("uid 1000 has no name for the polkit rule")
-    from support import REPO
-
-    conf = tmp_path / "polkit"
-    for d in ("actions", "rules", "empty"):
-        (conf / d).mkdir(parents=True)
-    shutil.copy(REPO / "data" / "polkit-1" / "actions" / "io.wqd.policy", conf / "actions")
-    (conf / "rules" / "10-wqd-test.rules").write_text(JS_RULE % user)
-    log = open(tmp_path / "polkitd.log", "w")
-    proc = subprocess.Popen(["unshare", "-m", "sh", "-c", START_POLKITD, "sh", str(conf), POLKITD],
-                            stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": polkit_session_bus.address})
-    try:
-        await wait_for_name(polkit_session_bus.address, "org.freedesktop.PolicyKit1", proc, timeout=15)
-    except RuntimeError as exc:
-        proc.kill()
-        proc.wait()
-        log.close()
-        pytest.skip(f"polkitd cannot run here: {exc}: {(tmp_path / 'polkitd.log').read_text()}")
+    proc, log = await start_polkitd(tmp_path, open_session_bus.address)
     yield proc
     proc.terminate()
     proc.wait()
     log.close()
 
 
-async def test_forged_polkit_replies_are_ignored(tmp_path, polkit_session_bus, session_polkitd, wqd_factory):
+async def test_forged_polkit_replies_are_ignored(tmp_path, open_session_bus, session_polkitd, wqd_factory):
     rules = tmp_path / "rules.d"
     write_rules(rules, "10.rules", "# none\n")
     config = policy_config(rules, ("unix", "polkit", "rules"), extra="[policy.polkit]\ntimeout = 10.0\n")
     with world_keyring("wqd-forged-polkit") as ring:  # unix allows everyone; polkit says no to 1001
-        wqd = await wqd_factory(polkit_session_bus, config)
-        out = await attack(polkit_session_bus.address, 1001, "keys", str(ring))
+        wqd = await wqd_factory(open_session_bus, config)
+        out = await attack(open_session_bus.address, 1001, "keys", str(ring))
         log = wqd.log_text()
         assert out["results"] == ["io.wqd.WatchQueue1.Error.AccessDenied"] * ATTEMPTS, out["results"]
         for name in out["names"]:
@@ -150,5 +111,41 @@ async def test_forged_polkit_replies_are_ignored(tmp_path, polkit_session_bus, s
         assert "polkit unavailable" not in log and "did not answer" not in log  # the real answers came
         assert log.count(f"ignored a reply from {out['flooder']}") == 1, (out["sent"], log[-3000:])
         # uid 1000, whom polkit authorizes, still is (the checked path works end to end).
-        ok = await attack(polkit_session_bus.address, 1000, "keys", str(ring), attempts=2)
+        ok = await attack(open_session_bus.address, 1000, "keys", str(ring), attempts=2)
         assert ok["results"] == ["allowed", "allowed"], ok
+
+
+async def test_fds_in_unrequested_replies_are_closed(open_session_bus, wqd_factory):
+    """Replies nobody asked for, each carrying an fd: wqd keeps none (its fd table would fill)."""
+    from dbus_fast import Message, MessageType
+
+    from wqd.bus.connection import FlowControlledBus
+
+    wqd = await wqd_factory(open_session_bus, PROC_KEYS)
+    bus = await FlowControlledBus(bus_address=open_session_bus.address, negotiate_unix_fd=True).connect()
+    r, w = os.pipe()
+    try:
+        owner = (await bus.call_bus("GetNameOwner", "s", ["io.wqd.WatchQueue1"])).body[0]
+
+        async def ping() -> None:
+            reply = await bus.call(Message(destination=owner, path="/", interface="org.freedesktop.DBus.Peer",
+                                           member="Ping"))
+            assert reply.message_type == MessageType.METHOD_RETURN
+
+        def open_fds() -> int:
+            return len(os.listdir(f"/proc/{wqd.proc.pid}/fd"))
+
+        await ping()
+        before = open_fds()
+        for serial in range(1, 301):
+            for kind in (MessageType.METHOD_RETURN, MessageType.ERROR):
+                extra = {"error_name": "org.example.Forged"} if kind == MessageType.ERROR else {}
+                await bus.send(Message(message_type=kind, destination=owner, reply_serial=serial * 7919,
+                                       signature="h", body=[0], unix_fds=[r], **extra))
+        await ping()
+        assert open_fds() <= before + 2, (before, open_fds())
+        assert_no_fault(wqd.log_text())
+    finally:
+        os.close(r)
+        os.close(w)
+        bus.disconnect()

@@ -246,7 +246,7 @@ class FlowControlledBus(MessageBus):
             # dbus-fast private: its own pending calls (Hello). Nothing else asked
             # for this reply: keep none of the fds it carries.
             if msg.unix_fds and msg.reply_serial not in self._method_return_handlers:
-                _close_fds(msg)
+                close_fds(msg)
             return None
         sender, callback = entry
         if msg.sender == sender or (msg.message_type == MessageType.ERROR and msg.sender == BUS_DAEMON):
@@ -257,7 +257,7 @@ class FlowControlledBus(MessageBus):
                 log.exception("handling the reply to serial %d failed", msg.reply_serial)
             return True
         self.forged_replies += 1
-        _close_fds(msg)
+        close_fds(msg)
         if msg.sender not in self._forgers and len(self._forgers) < FORGERS_LOGGED:
             self._forgers.add(msg.sender)
             log.warning("ignored a reply from %s to a call answered only by %s (forged?); "
@@ -299,7 +299,8 @@ class FlowControlledBus(MessageBus):
         return self._writer.backlog if self._writer is not None else 0
 
 
-def _close_fds(msg: Message) -> None:
+def close_fds(msg: Message) -> None:
+    """Close the fds a message carried (wqd keeps none a peer sends)."""
     fds, msg.unix_fds = msg.unix_fds, []
     for fd in fds:
         try:
