@@ -72,6 +72,8 @@ async def test_forged_credentials_replies_are_ignored(open_session_bus, wqd_fact
         wqd = await wqd_factory(open_session_bus, PROC_KEYS)
         out = await attack(open_session_bus.address, 1000, "keys", str(ring))
         log = wqd.log_text()
+        print(f"forged credentials: {out['sent']} forged replies over {ATTEMPTS} attempts; "
+              f"outcomes {sorted(set(out['results']))}, {out['results'].count('allowed')} allowed")
         assert out["results"] == ["io.wqd.WatchQueue1.Error.AccessDenied"] * ATTEMPTS, out["results"]
         for name in out["names"]:
             assert f"{name} (uid 0" not in log and f"{name} watches" not in log
@@ -104,6 +106,8 @@ async def test_forged_polkit_replies_are_ignored(tmp_path, open_session_bus, ses
         wqd = await wqd_factory(open_session_bus, config)
         out = await attack(open_session_bus.address, 1001, "keys", str(ring))
         log = wqd.log_text()
+        print(f"forged polkit: {out['sent']} forged replies over {ATTEMPTS} attempts; "
+              f"outcomes {sorted(set(out['results']))}, {out['results'].count('allowed')} allowed")
         assert out["results"] == ["io.wqd.WatchQueue1.Error.AccessDenied"] * ATTEMPTS, out["results"]
         for name in out["names"]:
             assert f"{name} watches" not in log
