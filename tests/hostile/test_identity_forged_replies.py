@@ -153,3 +153,67 @@ async def test_fds_in_unrequested_replies_are_closed(open_session_bus, wqd_facto
         os.close(r)
         os.close(w)
         bus.disconnect()
+
+
+async def test_an_early_forged_reply_does_not_consume_the_pending_call(open_session_bus, caplog):
+    """Deterministic: the forged reply surely arrives first, the real one after; the
+    caller gets the real one. (Three real connections: asker, answerer, forger.)"""
+    import logging
+
+    from dbus_fast import Message, MessageType
+    from dbus_fast.aio import MessageBus
+    from dbus_fast.errors import DBusError
+
+    from wqd.bus.connection import FlowControlledBus
+
+    asker = await FlowControlledBus(bus_address=open_session_bus.address).connect()
+    answerer = await MessageBus(bus_address=open_session_bus.address).connect()
+    forger = await MessageBus(bus_address=open_session_bus.address).connect()
+    calls: asyncio.Queue = asyncio.Queue()
+
+    def on_call(msg):
+        if msg.message_type == MessageType.METHOD_CALL and msg.member == "Check":
+            calls.put_nowait(msg)
+            return True
+        return None
+
+    answerer.add_message_handler(on_call)
+    try:
+        with caplog.at_level(logging.WARNING, logger="wqd.bus.connection"):
+            pending = asyncio.ensure_future(asker.call_from(Message(
+                destination=answerer.unique_name, path="/x", interface="org.example.Authority", member="Check"),
+                answerer.unique_name))
+            call = await asyncio.wait_for(calls.get(), 10)
+            for signature, body in (("b", [True]), ("s", ["uid 0"]), ("", [])):
+                await forger.send(Message(message_type=MessageType.METHOD_RETURN, destination=asker.unique_name,
+                                          reply_serial=call.serial, signature=signature, body=body))
+            await forger.send(Message(message_type=MessageType.ERROR, destination=asker.unique_name,
+                                      reply_serial=call.serial, error_name="org.example.Error.Forged", body=[]))
+            # Ordered after the forgeries on the forger->asker path: once answered, the asker has read them.
+            pong = await forger.call(Message(destination=asker.unique_name, path="/",
+                                             interface="org.freedesktop.DBus.Peer", member="Ping"))
+            assert pong.message_type == MessageType.METHOD_RETURN
+            assert not pending.done()  # still waiting for the real answer
+            await answerer.send(Message.new_method_return(call, "b", [False]))
+            reply = await asyncio.wait_for(pending, 10)
+        assert reply.sender == answerer.unique_name and reply.body == [False]
+        assert asker.forged_replies == 4
+        forged = [r for r in caplog.records if "ignored a reply from" in r.getMessage()]
+        assert len(forged) == 1 and forger.unique_name in forged[0].getMessage()
+
+        # The bus daemon's own error for a destination that is gone does answer a call.
+        reply = await asyncio.wait_for(asker.call_from(Message(
+            destination=":1.999999", path="/x", interface="org.example.Authority", member="Check"), ":1.999999"), 10)
+        assert reply.message_type == MessageType.ERROR and reply.sender == "org.freedesktop.DBus"
+
+        # A call pending when the connection ends fails instead of hanging.
+        pending = asyncio.ensure_future(asker.call_from(Message(
+            destination=answerer.unique_name, path="/x", interface="org.example.Authority", member="Check"),
+            answerer.unique_name))
+        await asyncio.wait_for(calls.get(), 10)
+        asker.disconnect()
+        with pytest.raises((DBusError, EOFError, OSError)):  # whatever ended the connection
+            await asyncio.wait_for(pending, 10)
+    finally:
+        for bus in (asker, answerer, forger):
+            bus.disconnect()
