@@ -126,13 +126,21 @@ def redacted_devpath(devpath: str) -> str:
     return "/".join(parts)
 
 
-@lru_cache(maxsize=256)
+_last: list = [None, None]  # (event, withheld(event)): post() sees one event for each subscriber in turn
+
+
 def withheld(event: DeviceChanged) -> tuple[frozenset[str], str]:
     """The properties of *event* a peer that may not open the node does not get, and
-    the devpath it gets. Per event, not per subscriber: cached."""
+    the devpath it gets. Computed once per event, not per subscriber: the last
+    event's answer is kept (by identity: equal events hash alike, and a cache
+    keyed by value would degrade to a linear scan under a storm of them)."""
+    if _last[0] is event:
+        return _last[1]
     keys = frozenset(k for k, v in event.properties.items()
                      if k != "DEVPATH" and (identifying(k) or carries_address(v)))
-    return keys, redacted_devpath(event.devpath)
+    result = keys, redacted_devpath(event.devpath)
+    _last[0], _last[1] = event, result
+    return result
 
 
 # The xattr a POSIX ACL is stored in, and its layout (include/uapi/linux/posix_acl_xattr.h:
