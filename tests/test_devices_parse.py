@@ -147,6 +147,9 @@ def test_netlink_drops():
     "ID_FS_UUID", "ID_FS_UUID_ENC", "ID_FS_UUID_SUB", "ID_PART_ENTRY_UUID", "ID_PART_TABLE_UUID", "DM_UUID",
     "ID_WWN", "ID_WWN_WITH_EXTENSION", "ID_FS_LABEL", "ID_FS_LABEL_ENC", "HID_UNIQ", "UNIQ", "ID_NET_NAME_MAC",
     "ID_FS_VOLUME_ID", "ID_FS_PUBLISHER_ID", "DEVLINKS", "PARTNAME", "ID_PART_ENTRY_NAME", "DM_NAME",
+    "ID_NET_NAME", "ID_NET_NAME_PATH", "ID_NET_NAME_SLOT", "NAME", "HID_NAME", "PHYS", "HID_PHYS",
+    "MEMORY_DEVICE_0_ASSET_TAG", "MEMORY_DEVICE_12_SERIAL_NUMBER", "ID_WWN_VENDOR_EXTENSION", "MD_DEVNAME",
+    "SYNTH_ARG_NAME", "SYNTH_ARG_SERIAL", "ID_BLUETOOTH_ADDRESS",
 ])
 def test_identifying(key):
     assert unix_devices.identifying(key)
@@ -156,7 +159,8 @@ def test_identifying(key):
     "ACTION", "DEVPATH", "SUBSYSTEM", "DEVTYPE", "DEVNAME", "MAJOR", "MINOR", "SEQNUM", "SYNTH_UUID",
     "ID_VENDOR", "ID_VENDOR_ID", "ID_MODEL", "ID_MODEL_ID", "ID_MODEL_ENC", "ID_VENDOR_FROM_DATABASE",
     "ID_BUS", "ID_TYPE", "ID_PATH", "ID_FS_TYPE", "ID_FS_USAGE", "ID_FS_VERSION", "ID_PART_ENTRY_TYPE",
-    "PRODUCT", "DRIVER", "MODALIAS", "TAGS", "ID_MACHINE_THING",
+    "PRODUCT", "DRIVER", "MODALIAS", "TAGS", "ID_MACHINE_THING", "INTERFACE", "IFINDEX", "ID_PATH_TAG",
+    "RFKILL_NAME", "ID_NET_DRIVER", "ID_NET_NAMING_SCHEME", "MEMORY_DEVICE_0_PART_NUMBER",
 ])
 def test_not_identifying(key):
     assert not unix_devices.identifying(key)
@@ -207,6 +211,96 @@ def test_post_by_node_permissions(loop_node):
     # nothing identifying: the event as it was
     plain = DeviceChanged("add", "/devices/y", "net", {"ACTION": "add", "INTERFACE": "eth9"})
     assert post(_peer(2000), plain, {}) is plain
+
+
+# Recorded property sets (udev 252 on real hardware; addresses and serials changed):
+# what a peer that may not open a node gets of each.
+USB_ETHERNET = ("/devices/pci0000:00/0000:00:14.0/usb2/2-1/2-1:1.0/net/enx00e04c680abc", "net", {
+    "ACTION": "add", "DEVPATH": "/devices/pci0000:00/0000:00:14.0/usb2/2-1/2-1:1.0/net/enx00e04c680abc",
+    "SUBSYSTEM": "net", "INTERFACE": "enx00e04c680abc", "IFINDEX": "5", "SEQNUM": "4242",
+    "ID_NET_NAME_MAC": "enx00e04c680abc", "ID_NET_NAME_PATH": "enp0s20f0u1", "ID_NET_NAME": "enx00e04c680abc",
+    "ID_NET_NAMING_SCHEME": "v252", "ID_NET_LINK_FILE": "/usr/lib/systemd/network/73-usb-net-by-mac.link",
+    "ID_VENDOR_ID": "0bda", "ID_MODEL_ID": "8153", "ID_BUS": "usb", "ID_PATH": "pci-0000:00:14.0-usb-0:1:1.0",
+    "ID_PATH_TAG": "pci-0000_00_14_0-usb-0_1_1_0", "ID_NET_DRIVER": "r8152",
+    "ID_SERIAL": "Realtek_USB_10_100_1000_LAN_000001",
+})
+BLUETOOTH_INPUT = ("/devices/virtual/misc/uhid/0005:046D:B342.0003/input/input27", "input", {
+    "ACTION": "add", "DEVPATH": "/devices/virtual/misc/uhid/0005:046D:B342.0003/input/input27",
+    "SUBSYSTEM": "input", "PRODUCT": "5/46d/b342/1310", "NAME": '"Alice\'s Keyboard"',
+    "PHYS": '"a4:c3:f0:85:12:34"', "UNIQ": '"e8:1c:de:ad:be:ef"', "PROP": "0", "EV": "12001f",
+    "MODALIAS": "input:b0005v046DpB342e1310-e0,1,4,11,14,k71,r,am4,lsfw", "ID_INPUT": "1", "ID_INPUT_KEYBOARD": "1",
+    "ID_BUS": "bluetooth",
+})
+BLUETOOTH_HID = ("/devices/virtual/misc/uhid/0005:046D:B342.0003", "hid", {
+    "ACTION": "add", "DEVPATH": "/devices/virtual/misc/uhid/0005:046D:B342.0003", "SUBSYSTEM": "hid",
+    "HID_ID": "0005:0000046D:0000B342", "HID_NAME": "Alice's Keyboard", "HID_PHYS": "a4:c3:f0:85:12:34",
+    "HID_UNIQ": "e8:1c:de:ad:be:ef", "MODALIAS": "hid:b0005g0000v0000046Dp0000B342", "DRIVER": "hid-generic",
+})
+MEMORY = ("/devices/virtual/dmi/id", "dmi", {
+    "ACTION": "change", "DEVPATH": "/devices/virtual/dmi/id", "SUBSYSTEM": "dmi",
+    "MEMORY_DEVICE_0_ASSET_TAG": "9876543210", "MEMORY_DEVICE_0_SERIAL_NUMBER": "1A2B3C4D",
+    "MEMORY_DEVICE_0_PART_NUMBER": "M471A1K43CB1-CTD", "MEMORY_DEVICE_0_MANUFACTURER": "Samsung",
+    "MEMORY_DEVICE_0_SIZE": "8589934592", "MEMORY_DEVICE_0_LOCATOR": "ChannelA-DIMM0",
+    "MEMORY_ARRAY_NUM_DEVICES": "2",
+})
+RFKILL = ("/devices/pci0000:00/0000:00:14.0/usb1/1-10/1-10:1.0/bluetooth/hci0/rfkill1", "rfkill", {
+    "ACTION": "add", "SUBSYSTEM": "rfkill", "RFKILL_NAME": "hci0", "RFKILL_TYPE": "bluetooth",
+    "RFKILL_STATE": "1", "RFKILL_HW_BLOCK_LIST": "0",
+})
+
+
+@pytest.mark.parametrize("recorded, withheld", [
+    (USB_ETHERNET, {"INTERFACE", "ID_NET_NAME_MAC", "ID_NET_NAME_PATH", "ID_NET_NAME", "ID_SERIAL"}),
+    (BLUETOOTH_INPUT, {"NAME", "PHYS", "UNIQ"}),
+    (BLUETOOTH_HID, {"HID_NAME", "HID_PHYS", "HID_UNIQ"}),
+    (MEMORY, {"MEMORY_DEVICE_0_ASSET_TAG", "MEMORY_DEVICE_0_SERIAL_NUMBER"}),
+    (RFKILL, set()),
+], ids=["usb-ethernet", "bluetooth-input", "bluetooth-hid", "memory", "rfkill"])
+def test_recorded_devices_redacted_by_meaning(recorded, withheld):
+    devpath, subsystem, props = recorded
+    event = DeviceChanged(props["ACTION"], devpath, subsystem, props)
+    got = unix_devices.post(_peer(2000), event, {})  # no node: only root would get it all
+    assert got.properties.keys() == props.keys() - withheld
+    assert unix_devices.post(_peer(0), event, {}) is event
+    if not withheld:
+        assert got is event
+    for value in (got.devpath, *got.properties.values()):
+        assert not unix_devices.carries_address(value), value
+        for secret in ("00e04c680abc", "a4:c3:f0", "e8:1c:de", "Alice", "1A2B3C4D", "9876543210"):
+            assert secret not in value
+
+
+def test_mac_named_devpath_gets_a_stable_token():
+    devpath, subsystem, props = USB_ETHERNET
+    event = DeviceChanged("add", devpath, subsystem, props)
+    got = unix_devices.post(_peer(2000), event, {})
+    head, _, tail = got.devpath.rpartition("/")
+    assert head == devpath.rsplit("/", 1)[0] and tail.startswith("<redacted:") and tail.endswith(">")
+    assert got.properties["DEVPATH"] == got.devpath
+    removed = DeviceChanged("remove", devpath, subsystem, {**props, "ACTION": "remove"})
+    assert unix_devices.post(_peer(2001), removed, {}).devpath == got.devpath  # add and remove pair
+    other = unix_devices.redacted_devpath(devpath.replace("abc", "abd"))
+    assert other != got.devpath  # another device, another token
+
+
+@pytest.mark.parametrize("value, address", [
+    ("00:11:22:33:44:55", True), ("AA-BB-CC-DD-EE-FF", True), ("peer a4_c3_f0_85_12_34 x", True),
+    ("enx001122334455", True), ("wlx00c0ffee1234", True), ("/net/enx001122334455/queues", True),
+    ("00:11:22:33:44", False), ("00:11:22:33:44:55:66:77", True),  # EUI-64: identifying too
+    ("00:11-22:33:44:55", False),
+    ("0fc63daf-8483-4772-8e79-3d69d8477de4", False),  # a partition type GUID is public
+    ("0005:046D:B342.0003", False), ("pci-0000:00:14.0-usb-0:1:1.0", False), ("enx00112233445", False),
+    ("usb:v046DpC52Bd2411dc00dsc00dp00ic03isc01ip01in00", False), ("xenx001122334455", False),
+])
+def test_hardware_addresses_in_values(value, address):
+    assert unix_devices.carries_address(value) is address
+
+
+def test_an_address_in_any_property_is_withheld():
+    props = {"ACTION": "change", "SUBSYSTEM": "misc", "SYNTH_ARG_PEER": "wlx00c0ffee1234",
+             "SOMETHING": "bound to 00:1a:7d:da:71:13", "COLOR": "red"}
+    got = unix_devices.post(_peer(2000), DeviceChanged("change", "/devices/virtual/misc/x", "misc", props), {})
+    assert got.properties == {"ACTION": "change", "SUBSYSTEM": "misc", "COLOR": "red"}
 
 
 @pytest.mark.parametrize("text", [

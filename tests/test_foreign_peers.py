@@ -98,13 +98,13 @@ async def test_cannot_touch_another_peers_subscription(system_bus, wqd_factory, 
     path = (await owner.request("watch", source="keys", target=str(world_ring)))["result"][0]
 
     out = await other.request("call", path=path, iface=SUB_IFACE, member="Close")
-    assert out["error"] == "io.wqd.WatchQueue1.Error.AccessDenied"
+    assert out["error"] == "io.wqd.WatchQueue1.Error.NoSuchObject"
     for prop in ("Source", "Target", "Delivered", "Lost"):
         out = await other.request("get", path=path, iface=SUB_IFACE, prop=prop)
-        assert out["error"] == "io.wqd.WatchQueue1.Error.AccessDenied", prop
+        assert out["error"] == "io.wqd.WatchQueue1.Error.NoSuchObject", prop
     out = await other.request("call", path=path, iface="org.freedesktop.DBus.Properties", member="GetAll",
                               signature="s", body=[SUB_IFACE])
-    assert out["error"] == "io.wqd.WatchQueue1.Error.AccessDenied"
+    assert out["error"] == "io.wqd.WatchQueue1.Error.NoSuchObject"
     out = await other.request("call", path=MANAGER, iface=IFACE, member="ListSubscriptions")
     assert out == {"ok": True, "result": [[]]}
 

@@ -119,6 +119,31 @@ def test_process_fd_from_the_bus_is_used_and_checked(child):
         os.close(pidfd)
 
 
+def test_without_process_fd_the_appearance_of_the_name_decides(child):
+    """No ProcessFD: the process must have started by the time wqd saw the name appear,
+    and a name wqd did not see appear (connected before wqd watched) is unverifiable."""
+    uid = uid_under_test()
+    before = boottime_ticks()
+    time.sleep(0.05)
+    proc = child(uid)
+    wait_exec(proc)
+    time.sleep(0.05)
+    directory = PeerDirectory(bus=None)
+    creds = {"UnixUserID": uid, "ProcessID": proc.pid}
+    assert directory._build(":1.70", creds, [], boottime_ticks()).verified  # appeared after it started
+    late = directory._build(":1.71", creds, [], before)  # appeared before it started: PID reused
+    assert not late.verified and late.mnt_ns is None and late.sandbox is None
+    unseen = directory._build(":1.72", creds, [], None)
+    assert not unseen.verified and unseen.start_time is None
+    # A ProcessFD pins the connector itself: no appearance needed.
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        pinned = directory._build(":1.73", {**creds, "ProcessFD": 0}, [pidfd], None)
+        assert pinned.verified and pinned.extra["bus_process_fd"]
+    finally:
+        os.close(pidfd)
+
+
 def test_pid_zero_or_none_leaves_the_peer_unverified():
     directory = PeerDirectory(bus=None)
     for creds in ({"UnixUserID": 0, "ProcessID": 0}, {"UnixUserID": 0}):

@@ -94,6 +94,19 @@ def test_redaction_rule():
         "/run/user/1000/doc": "/run/user/1000/doc",
         "/run/user/1001/gvfs": "<redacted>",
         "/devices/evil": "<redacted>",  # /dev is a prefix only as a directory
+        # resolved before the prefix test: no ".." or "." games
+        "/run/user/1000/../1001/secret.img": "<redacted>",
+        "/run/user/1000/./../1001": "<redacted>",
+        "/run/user/1000/..": "<redacted>",
+        "/dev/../srv/alice/img": "<redacted>",
+        "/dev/./../../srv/x": "<redacted>",
+        "//run/user/1000/doc": "//run/user/1000/doc",
+        "/run/user/1001/../1000/doc": "/run/user/1001/../1000/doc",  # it is 1000's
+        # a remote account, with or without a path: whoever's it is
+        "alice@fileserver:/home/alice": "<redacted>",
+        "alice@fileserver:docs": "<redacted>",
+        "bob@10.0.0.1:": "<redacted>",
+        "user@example": "user@example",  # no host:path form: not a source that names an account
     }
     if home and home != "/":
         cases[os.path.join(home, "disk.img")] = os.path.join(home, "disk.img")
@@ -105,6 +118,12 @@ def test_option_values_redacted_one_by_one():
     options = "rw,relatime,lowerdir=/srv/a:/srv/b,upperdir=/run/user/1000/u,uhelper=udisks2,size=1024k,/weird/flag"
     got = unix_mounts.post(peer(), event(options=options), {}).info["options"]
     assert got == "rw,relatime,lowerdir=<redacted>,upperdir=/run/user/1000/u,uhelper=udisks2,size=1024k,<redacted>"
+    sneaky = "lowerdir=/run/user/1000/../1001/l:/run/user/1000/l,upperdir=/run/user/1000/../../user/1001/u"
+    got = unix_mounts.post(peer(), event(options=sneaky), {}).info["options"]
+    assert got == "lowerdir=<redacted>,upperdir=<redacted>"
+    own = "lowerdir=/run/user/1001/../1000/l"
+    assert unix_mounts.post(peer(uid=1001), event(options=own), {}).info["options"] == "lowerdir=<redacted>"
+    assert unix_mounts.post(peer(), event(options=own), {}).info["options"] == own
     plain = event()
     assert unix_mounts.post(peer(), plain, {}) is plain  # nothing to hide: the same event
     unresolved = MountChanged("detached", 9, "", {}, mnt_ns=NS)

@@ -70,9 +70,9 @@ def polkit_bus(tmp_path):
     bus.stop()
 
 
-@pytest_asyncio.fixture
-async def polkitd(tmp_path, polkit_bus):
-    """The real polkitd, owning org.freedesktop.PolicyKit1 on the private bus."""
+async def start_polkitd(tmp_path, address: str):
+    """The real polkitd on the bus at *address*, owning org.freedesktop.PolicyKit1, and
+    its log file (the caller ends both); skips where it cannot run."""
     if not os.access(POLKITD, os.X_OK):
         pytest.skip(f"{POLKITD} is not installed (Debian package polkitd)")
     try:
@@ -87,14 +87,21 @@ async def polkitd(tmp_path, polkit_bus):
     log = open(tmp_path / "polkitd.log", "w")
     proc = subprocess.Popen(["unshare", "-m", "sh", "-c", START_POLKITD, "sh", str(conf), POLKITD],
                             stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": polkit_bus.address})
+                            env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": address})
     try:
-        await wait_for_name(polkit_bus.address, POLKIT_NAME, proc, timeout=15)
+        await wait_for_name(address, POLKIT_NAME, proc, timeout=15)
     except RuntimeError as exc:
         proc.kill()
         proc.wait()
         log.close()
         pytest.skip(f"polkitd cannot run here: {exc}: {(tmp_path / 'polkitd.log').read_text()}")
+    return proc, log
+
+
+@pytest_asyncio.fixture
+async def polkitd(tmp_path, polkit_bus):
+    """The real polkitd, owning org.freedesktop.PolicyKit1 on the private bus."""
+    proc, log = await start_polkitd(tmp_path, polkit_bus.address)
     yield proc
     os.kill(proc.pid, signal.SIGCONT)
     proc.terminate()
@@ -114,7 +121,7 @@ class Monitor:
         self.bus.add_message_handler(self._seen)
         reply = await call(self.bus, "org.freedesktop.DBus", "/org/freedesktop/DBus",
                            "org.freedesktop.DBus.Monitoring", "BecomeMonitor", "asu",
-                           [[f"type='method_call',destination='{POLKIT_NAME}'"], 0])
+                           [["type='method_call',interface='org.freedesktop.PolicyKit1.Authority'"], 0])
         assert reply.message_type == MessageType.METHOD_RETURN, reply.body
 
     def _seen(self, msg: Message):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -106,7 +107,6 @@ class Hub:
         self._by_route: dict[tuple[str, Hashable], set[Subscription]] = {}
         self._by_owner: dict[str, set[Subscription]] = {}
         self._per_uid: dict[int, int] = {}  # active subscriptions of each uid
-        self._next = 1
         self._pressured = 0  # subscriptions not stalled with a queue more than half full
         self._relief: list = []
 
@@ -136,10 +136,14 @@ class Hub:
             log.info("denied %s watch %s %r: %s", peer.unique_name, source_name, spec, decision.reason,
                      extra={"MESSAGE_ID": journal.POLICY_DENIED, "peer_uid": peer.uid, "peer_pid": peer.pid})
             raise AccessDenied(decision.reason or "access denied")
-        sub = Subscription(self._next, peer, source_name, target, options)
+        # Random, never 0, unique among the live ones: the numbers tell nobody how
+        # often others subscribe (issue 12). 63 bits: at most 19 digits in the path.
+        number = secrets.randbits(63)
+        while not number or number in self.subscriptions:
+            number = secrets.randbits(63)
+        sub = Subscription(number, peer, source_name, target, options)
         sub.routes = tuple(source.routes(sub))
         source.attach(sub)  # may raise: nothing registered yet
-        self._next += 1
         self.subscriptions[sub.number] = sub
         self._by_owner.setdefault(peer.unique_name, set()).add(sub)
         self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
@@ -151,10 +155,10 @@ class Hub:
 
     def get(self, number: int, peer: str) -> Subscription:
         sub = self.subscriptions.get(number)
-        if sub is None or not sub.active:
+        # Another peer's subscription answers exactly like one never made or closed:
+        # no oracle on who else is subscribed.
+        if sub is None or not sub.active or sub.peer != peer:
             raise NoSuchObject("no such subscription")
-        if sub.peer != peer:
-            raise AccessDenied("not the owner of this subscription")
         return sub
 
     def owned_by(self, peer: str) -> list[Subscription]:

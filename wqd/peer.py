@@ -13,14 +13,29 @@ the process has been pinned down:
    directory is now bound to that very process (a reused PID would be a different
    ``struct pid``), and every later read goes through it (``openat``);
 3. verification before anything else is read: the process's effective uid is the
-   one the bus reported, and it started no later than the moment wqd first heard
-   from the peer (a process started afterwards cannot be the one that sent the
-   message: the PID was reused). ``starttime`` has clock-tick resolution: a PID
-   reused within the same 10 ms tick by a process of the same uid is the residual
-   window, and it gains nothing the uid did not already have.
+   one the bus reported, and, unless the bus's ``ProcessFD`` pinned it (a pidfd
+   taken at connect time cannot name a later process), it started no later than
+   the moment wqd saw the peer's unique name appear (``NameOwnerChanged`` with an
+   empty old owner, recorded by ``wqd.bus.identity``, in the ticks of
+   ``/proc/PID/stat``'s starttime). A process started after that cannot be the one
+   that connected: the connector exited and its PID was reused, while its
+   connection lived on in a child or a passed fd.
+4. a peer without ``ProcessFD`` whose appearance wqd did not see (it connected
+   before wqd's match rule took effect: before wqd started, or the client that
+   activated it) has no moment to be checked against: it is unverifiable.
+
+Residual windows: ``starttime`` has clock-tick resolution (a PID reused within
+the same 10 ms tick); and the bus records the PID at ``connect()`` while the name
+appears at ``Hello``, up to the bus's ``auth_timeout`` later (5 s on Debian's
+system bus, 240 s on session buses): a connector that exits and has its PID
+reused in between passes. Reusing a PID means cycling the whole PID space (an
+unprivileged user cannot choose a host PID), so the window must be shorter than
+that takes; ``ProcessFD`` closes both.
 
 On any doubt the fields stay unknown (``verified=False``) and policies fail
-closed on unknowns: the ``namespace`` plugin denies such a peer outright.
+closed on unknowns: the ``namespace`` plugin denies such a peer outright, the
+``sandbox`` plugin too (it might be sandboxed), and it cannot watch mounts. Its
+uid and groups, the bus's, still count for the ``unix`` and ``rules`` plugins.
 """
 
 from __future__ import annotations
@@ -282,7 +297,7 @@ def _verify(proc: PinnedProcess, uid: int, not_after: int | None) -> tuple[int, 
     if euid != uid:
         raise IdentityUnclear(f"process {proc.pid} runs as uid {euid}, the bus said {uid}")
     if not_after is not None and start > not_after:
-        raise IdentityUnclear(f"process {proc.pid} started after the peer's first message: PID reused")
+        raise IdentityUnclear(f"process {proc.pid} started after its connection appeared on the bus: PID reused")
     return start, status
 
 
@@ -314,8 +329,8 @@ def inspect_process(pid: int, uid: int, pidfd: int | None = None, *, not_after: 
                     label: str | None = None) -> dict:
     """Pin *pid* (through *pidfd* if given), verify it, then read what the bus lacks.
 
-    *uid* is what the bus reported; *not_after* is the first contact in
-    :func:`boottime_ticks` units. Returns the fields of ``PeerCredentials`` read
+    *uid* is what the bus reported; *not_after* is when the peer's name appeared
+    on the bus, in :func:`boottime_ticks` units. Returns the fields of ``PeerCredentials`` read
     here. Raises ``IdentityUnclear``.
     """
     with PinnedProcess(pid, pidfd) as proc:

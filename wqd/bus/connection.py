@@ -7,6 +7,10 @@ writer with one that treats ``EAGAIN`` as "wait until writable" and reports its
 backlog; the emitter pauses at a high-water mark (see ``wqd.bus.emitter``).
 Queued messages go out several per ``sendmsg()``, and the emitter can queue
 pre-marshalled signals (``queue``/``flush``, ``wqd.bus.signals``).
+
+Replies are matched by serial *and sender* (``call_from``, ``expect_reply``):
+dbus-fast matches by serial alone, and a session-type bus forwards replies nobody
+asked for, so any peer could otherwise answer for the bus daemon or for polkit.
 """
 
 from __future__ import annotations
@@ -14,10 +18,14 @@ from __future__ import annotations
 import array
 import asyncio
 import logging
+import os
 import socket
+from collections.abc import Callable
 
-from dbus_fast import BusType
+from dbus_fast import BusType, Message, MessageType, RequestNameReply
 from dbus_fast.aio import MessageBus
+from dbus_fast.constants import NameFlag
+from dbus_fast.errors import DBusError
 from dbus_fast.aio.message_bus import _MessageWriter
 
 log = logging.getLogger(__name__)
@@ -25,6 +33,9 @@ log = logging.getLogger(__name__)
 BATCH_MESSAGES = 64  # messages per sendmsg() at most
 BATCH_BYTES = 65536
 SEND_BUFFER = 8192  # SO_SNDBUF (the kernel doubles it): a few ms of signals at the bus's pace
+BUS_DAEMON = "org.freedesktop.DBus"
+BUS_PATH = "/org/freedesktop/DBus"
+FORGERS_LOGGED = 256  # distinct senders of forged replies named in the log; the rest are counted
 
 
 class FlowControlledWriter(_MessageWriter):
@@ -159,8 +170,114 @@ class FlowControlledWriter(_MessageWriter):
             self.write_callback()
 
 
+ReplyCallback = Callable[[Message | None, Exception | None], None]
+
+
 class FlowControlledBus(MessageBus):
-    """``MessageBus`` whose writer never raises ``BlockingIOError`` and shows its backlog."""
+    """``MessageBus`` whose writer never raises ``BlockingIOError`` and shows its backlog,
+    and whose checked calls take a reply only from the connection they asked."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._checked: dict[int, tuple[str, ReplyCallback]] = {}  # serial -> (sender, callback)
+        self._forgers: set[str] = set()
+        self.forged_replies = 0  # replies ignored because the wrong connection sent them
+        # First in the handler list (nothing else is registered yet): a reply is
+        # judged before any other handler or dbus-fast's own serial match sees it.
+        self.add_message_handler(self._on_reply)
+
+    # -- replies checked by sender -------------------------------------------
+
+    def expect_reply(self, serial: int, sender: str, callback: ReplyCallback) -> None:
+        """Call ``callback(reply, None)`` with the reply to *serial* that *sender* sends.
+
+        A reply from anyone else is ignored (logged once per sender) and the real
+        one still awaited. Errors from the bus daemon count too: it answers for a
+        destination that is gone, refused by policy or did not reply. When the
+        connection ends first, ``callback(None, exc)``.
+        """
+        self._checked[serial] = (sender, callback)
+
+    def forget_reply(self, serial: int) -> None:
+        self._checked.pop(serial, None)
+
+    async def call_from(self, msg: Message, sender: str) -> Message:
+        """``call()``, but only a reply from *sender* (a unique name, or the bus
+        daemon's ``org.freedesktop.DBus``) answers it."""
+        if self._disconnected:  # dbus-fast private (a public cdef field of BaseMessageBus)
+            raise DBusError("org.freedesktop.DBus.Error.Disconnected", "not connected to the bus")
+        if not msg.serial:
+            msg.serial = self.next_serial()
+        fut = asyncio.get_running_loop().create_future()
+
+        def done(reply: Message | None, err: Exception | None) -> None:
+            if fut.done():
+                return
+            if err is not None:
+                fut.set_exception(err)
+            else:
+                fut.set_result(reply)
+
+        self.expect_reply(msg.serial, sender, done)
+        try:
+            self.send(msg)
+            return await fut
+        finally:
+            self.forget_reply(msg.serial)
+
+    async def call_bus(self, member: str, signature: str = "", body: list | None = None) -> Message:
+        """A method of the bus daemon (``org.freedesktop.DBus``), answered only by it."""
+        return await self.call_from(Message(destination=BUS_DAEMON, path=BUS_PATH, interface=BUS_DAEMON,
+                                            member=member, signature=signature, body=body or []), BUS_DAEMON)
+
+    async def request_name(self, name: str, flags: NameFlag = NameFlag.NONE) -> RequestNameReply:
+        reply = await self.call_bus("RequestName", "su", [name, int(flags)])
+        if reply.message_type == MessageType.ERROR:
+            raise DBusError(reply.error_name, reply.body[0] if reply.body else "")
+        if reply.signature != "u":
+            raise DBusError("org.freedesktop.DBus.Error.InvalidSignature", "RequestName answered " + reply.signature)
+        return RequestNameReply(reply.body[0])
+
+    def _on_reply(self, msg: Message) -> bool | None:
+        if msg.message_type not in (MessageType.METHOD_RETURN, MessageType.ERROR):
+            return None
+        entry = self._checked.get(msg.reply_serial)
+        if entry is None:
+            # dbus-fast private: its own pending calls (Hello). Nothing else asked
+            # for this reply: keep none of the fds it carries.
+            if msg.unix_fds and msg.reply_serial not in self._method_return_handlers:
+                close_fds(msg)
+            return None
+        sender, callback = entry
+        if msg.sender == sender or (msg.message_type == MessageType.ERROR and msg.sender == BUS_DAEMON):
+            del self._checked[msg.reply_serial]
+            try:
+                callback(msg, None)
+            except Exception:
+                log.exception("handling the reply to serial %d failed", msg.reply_serial)
+            return True
+        self.forged_replies += 1
+        close_fds(msg)
+        if msg.sender not in self._forgers and len(self._forgers) < FORGERS_LOGGED:
+            self._forgers.add(msg.sender)
+            log.warning("ignored a reply from %s to a call answered only by %s (forged?); "
+                        "further ones from %s are counted, not logged", msg.sender, sender, msg.sender)
+        if self.forged_replies >= 1024 and self.forged_replies & (self.forged_replies - 1) == 0:
+            log.warning("%d forged replies ignored so far", self.forged_replies)
+        return True  # handled: neither another handler nor dbus-fast sees it
+
+    def _finalize(self, err: Exception | None = None) -> None:
+        # dbus-fast private: called once when the connection ends (aio's override).
+        super()._finalize(err)
+        pending, self._checked = self._checked, {}
+        exc = err or DBusError("org.freedesktop.DBus.Error.Disconnected", "the bus connection ended")
+        for _sender, callback in pending.values():
+            try:
+                callback(None, exc)
+            except Exception:
+                log.exception("handling the end of a pending call failed")
+
+    # -- flow control ----------------------------------------------------------
 
     async def connect(self) -> FlowControlledBus:
         await super().connect()
@@ -180,6 +297,16 @@ class FlowControlledBus(MessageBus):
     @property
     def backlog(self) -> int:
         return self._writer.backlog if self._writer is not None else 0
+
+
+def close_fds(msg: Message) -> None:
+    """Close the fds a message carried (wqd keeps none a peer sends)."""
+    fds, msg.unix_fds = msg.unix_fds, []
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 async def connect(address: str | None = None, system: bool = False) -> FlowControlledBus:

@@ -212,7 +212,9 @@ class SignalEmitter:
         msg = Message(destination=credit.peer, path="/", interface="org.freedesktop.DBus.Peer", member="Ping",
                       serial=next_serial())
         credit.ping = credit.sent
-        bus._method_return_handlers[msg.serial] = partial(self._pong, credit, credit.sent)
+        # Only the peer's own answer (or the bus's error) settles it: a Pong forged by
+        # another peer is ignored and this one still awaited (FlowControlledBus).
+        bus.expect_reply(msg.serial, credit.peer, partial(self._pong, credit, credit.sent))
         queue(msg._marshall(False))
 
     def _pong(self, credit: Credit, mark: int, reply: Message | None, err: Exception | None) -> None:

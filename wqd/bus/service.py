@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import xml.etree.ElementTree as ET
 
 from dbus_fast import Message, MessageType, Variant
 
 from wqd import errors
 from wqd.bus import names
+from wqd.bus.connection import close_fds
 from wqd.bus.emitter import SignalEmitter
 from wqd.bus.identity import PeerDirectory
 from wqd.hub import Hub
@@ -48,15 +48,6 @@ def load_interfaces() -> dict[str, str]:
     root = ET.fromstring(text)
     return {iface.get("name"): "  " + ET.tostring(iface, encoding="unicode").strip() + "\n"
             for iface in root.findall("interface")}
-
-
-def close_fds(msg: Message) -> None:
-    fds, msg.unix_fds = msg.unix_fds, []
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 class CallError(Exception):

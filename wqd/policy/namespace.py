@@ -6,8 +6,9 @@ identity cannot be established gets nothing.
 
 - A peer whose process could not be pinned and verified at first contact
   (``PeerCredentials.verified`` false: e.g. the bus reported PID 0 because the
-  peer lives in a PID namespace the bus cannot see, or the PID was reused) is
-  denied, as is one whose namespaces could not be read.
+  peer lives in a PID namespace the bus cannot see, the PID was reused, or,
+  without ``ProcessFD``, the peer connected before wqd watched the bus: see
+  ``wqd.peer``) is denied, as is one whose namespaces could not be read.
 - A peer in a user or PID namespace other than wqd's ("foreign") gets no
   ``devices`` and no ``fs-errors`` (there are no device namespaces: a uevent or a
   superblock error is host-wide information), and ``mounts`` only of its own

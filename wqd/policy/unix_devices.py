@@ -27,30 +27,32 @@ bits if the node's group is the peer's primary or a supplementary group, else
 the other bits. An ACL wqd cannot read or parse denies (fail closed). A device
 without a node
 (network interfaces, USB interfaces), and a removed device whose node is gone,
-give non-root peers no identifying property (fail closed). The list:
+give non-root peers no identifying property (fail closed).
 
-- any key with a ``_``-separated word ``SERIAL``, ``UUID``, ``WWN``, ``LABEL``,
-  ``UNIQ`` or ``MAC``: ``ID_SERIAL``, ``ID_SERIAL_SHORT``, ``ID_USB_SERIAL*``,
-  ``ID_SCSI_SERIAL``, ``MEMORY_DEVICE_*_SERIAL_NUMBER``, ``ID_FS_UUID``,
-  ``ID_FS_UUID_ENC``, ``ID_FS_UUID_SUB*``, ``ID_PART_ENTRY_UUID``,
-  ``ID_PART_TABLE_UUID``, ``ID_PART_GPT_AUTO_ROOT_UUID``, ``DM_UUID``, ``MD_UUID``,
-  ``ID_WWN``, ``ID_WWN_WITH_EXTENSION``, ``ID_WWN_VENDOR_EXTENSION``,
-  ``ID_FS_LABEL``, ``ID_FS_LABEL_ENC``, ``HID_UNIQ``, ``UNIQ``, ``ID_NET_NAME_MAC``;
-- every ``ID_FS_*`` but ``ID_FS_TYPE``, ``ID_FS_USAGE`` and ``ID_FS_VERSION``
-  (ISO 9660 volume, publisher, application and system ids, ...);
-- ``DEVLINKS`` (its ``/dev/disk/by-id``, ``by-uuid``, ``by-label``,
-  ``by-partuuid``, ``by-partlabel`` links spell the above out);
-- ``PARTNAME`` and ``ID_PART_ENTRY_NAME`` (partition names the owner chose),
-  ``DM_NAME`` (``luks-UUID``), ``MD_NAME``, ``MD_DEVNAME``.
+What is identifying is decided in one place, ``IDENTIFYING`` below: a table of
+key patterns, each with the reason it names a unit or its owner, plus a check on
+values: a hardware (MAC or Bluetooth) address anywhere in a value, in the
+``XX:XX:XX:XX:XX:XX`` form or in an interface name built from it
+(``enx001122334455``), withholds that property whatever its name. The devpath
+cannot be withheld (it is the event's subject), so a path component that carries
+such an address is rewritten to ``<redacted:TOKEN>`` (``/devices/virtual/net/<redacted:1f0c9a2e>``),
+``TOKEN`` a keyed digest of the component with a key drawn when wqd starts: the
+same device keeps one devpath while wqd runs (its add and remove still pair), and
+the token tells nothing across restarts or machines.
 
 Exception: ``SYNTH_UUID``, the tag a writer of ``/sys/.../uevent`` put on a
-synthetic uevent, names an event, not a device: everyone gets it.
+synthetic uevent, names an event, not a device: everyone gets it (unless its
+value carries an address).
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import hmac
 import os
+import re
+import secrets
 import stat
 import struct
 from functools import lru_cache
@@ -59,21 +61,86 @@ from wqd.events import DeviceChanged, Event, WatchTarget
 from wqd.peer import PeerCredentials
 from wqd.policy import ALLOW, Decision
 
-IDENTIFYING_WORDS = frozenset({"SERIAL", "UUID", "WWN", "LABEL", "UNIQ", "MAC"})
-IDENTIFYING_KEYS = frozenset({"DEVLINKS", "PARTNAME", "ID_PART_ENTRY_NAME", "DM_NAME", "MD_NAME", "MD_DEVNAME"})
-PUBLIC_FS_KEYS = frozenset({"ID_FS_TYPE", "ID_FS_USAGE", "ID_FS_VERSION"})
-PUBLIC_KEYS = frozenset({"SYNTH_UUID"})
+# (how, pattern, why it identifies): "word" matches a "_"-separated word of the key,
+# "key" the whole key, "prefix" its beginning. The one list of what is withheld.
+IDENTIFYING = (
+    ("word", "SERIAL", "serial numbers: ID_SERIAL, ID_SERIAL_SHORT, ID_USB_SERIAL*, ID_SCSI_SERIAL, "
+                       "MEMORY_DEVICE_*_SERIAL_NUMBER: this very unit"),
+    ("word", "UUID", "ID_FS_UUID*, ID_PART_ENTRY_UUID, ID_PART_TABLE_UUID, DM_UUID, MD_UUID: this medium"),
+    ("word", "WWN", "ID_WWN, ID_WWN_WITH_EXTENSION, ID_WWN_VENDOR_EXTENSION: a disk's world-wide name"),
+    ("word", "LABEL", "ID_FS_LABEL*: a name the owner chose"),
+    ("word", "UNIQ", "UNIQ, HID_UNIQ: a HID's unique id, for Bluetooth its address"),
+    ("word", "MAC", "ID_NET_NAME_MAC: a hardware address"),
+    ("word", "ADDRESS", "hardware addresses under any name"),
+    ("word", "ASSET", "MEMORY_DEVICE_*_ASSET_TAG: an inventory tag of this unit"),
+    ("word", "PHYS", "PHYS, HID_PHYS: for a Bluetooth device, the adapter's address"),
+    ("word", "NAME", "NAME, HID_NAME (a Bluetooth device's name, set by its owner: \"Alice's phone\"), "
+                     "DM_NAME (luks-UUID), MD_NAME, ID_PART_ENTRY_NAME (chosen), ID_NET_NAME* (below)"),
+    ("prefix", "ID_NET_NAME", "ID_NET_NAME, ID_NET_NAME_MAC/PATH/SLOT/ONBOARD: enx<MAC> among them"),
+    ("prefix", "ID_FS_", "every ID_FS_* but the public ones (ISO 9660 volume, publisher, application ids)"),
+    ("key", "DEVLINKS", "its /dev/disk/by-id, by-uuid, by-label, by-partuuid, by-partlabel links spell the above"),
+    ("key", "PARTNAME", "a partition name the owner chose"),
+    ("key", "MD_DEVNAME", "an md array's name, chosen"),
+)
+PUBLIC_KEYS = frozenset({
+    "ID_FS_TYPE", "ID_FS_USAGE", "ID_FS_VERSION",  # the kind of filesystem, not which one
+    "SYNTH_UUID",  # names a synthetic uevent, not a device
+    "DEVNAME",  # the node's name (needed to decide; no unit in it)
+    "RFKILL_NAME",  # the switch's kernel name (hci0, phy0), not a name anyone chose
+})
+_WORDS = frozenset(p for how, p, _ in IDENTIFYING if how == "word")
+_KEYS = frozenset(p for how, p, _ in IDENTIFYING if how == "key")
+_PREFIXES = tuple(p for how, p, _ in IDENTIFYING if how == "prefix")
+# A hardware address: six hex octets with one separator (":", "-" or "_"), or an
+# interface name made of twelve hex digits (systemd's enx/wlx/wwx..., see
+# systemd.net-naming-scheme(7)).
+HARDWARE_ADDRESS = re.compile(
+    r"(?<![0-9A-Fa-f])[0-9A-Fa-f]{2}([:_-])(?:[0-9A-Fa-f]{2}\1){4}[0-9A-Fa-f]{2}(?![0-9A-Fa-f])"
+    r"|(?<![0-9A-Za-z])(?:en|wl|ww|ib|sl)x[0-9A-Fa-f]{12}(?![0-9A-Fa-f])")
+_TOKEN_KEY = secrets.token_bytes(32)  # per wqd process: tokens are stable while it runs, and only then
 
 
 @lru_cache(maxsize=4096)
 def identifying(key: str) -> bool:
+    """Whether the property *key* names a unit or its owner (``IDENTIFYING``)."""
     if key in PUBLIC_KEYS:
         return False
-    if key in IDENTIFYING_KEYS:
+    if key in _KEYS or key.startswith(_PREFIXES):
         return True
-    if key.startswith("ID_FS_") and key not in PUBLIC_FS_KEYS:
-        return True
-    return not IDENTIFYING_WORDS.isdisjoint(key.split("_"))
+    return not _WORDS.isdisjoint(key.split("_"))
+
+
+def carries_address(value: str) -> bool:
+    return HARDWARE_ADDRESS.search(value) is not None
+
+
+def redacted_devpath(devpath: str) -> str:
+    """*devpath* with every component that carries a hardware address replaced by a token."""
+    if not carries_address(devpath):
+        return devpath
+    parts = devpath.split("/")
+    for i, part in enumerate(parts):
+        if carries_address(part):
+            token = hmac.new(_TOKEN_KEY, part.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:8]
+            parts[i] = f"<redacted:{token}>"
+    return "/".join(parts)
+
+
+_last: list = [None, None]  # (event, withheld(event)): post() sees one event for each subscriber in turn
+
+
+def withheld(event: DeviceChanged) -> tuple[frozenset[str], str]:
+    """The properties of *event* a peer that may not open the node does not get, and
+    the devpath it gets. Computed once per event, not per subscriber: the last
+    event's answer is kept (by identity: equal events hash alike, and a cache
+    keyed by value would degrade to a linear scan under a storm of them)."""
+    if _last[0] is event:
+        return _last[1]
+    keys = frozenset(k for k, v in event.properties.items()
+                     if k != "DEVPATH" and (identifying(k) or carries_address(v)))
+    result = keys, redacted_devpath(event.devpath)
+    _last[0], _last[1] = event, result
+    return result
 
 
 # The xattr a POSIX ACL is stored in, and its layout (include/uapi/linux/posix_acl_xattr.h:
@@ -168,8 +235,11 @@ def may_open(peer: PeerCredentials, props: dict[str, str]) -> bool:
 
 
 def redact(event: DeviceChanged) -> DeviceChanged:
-    props = event.properties
-    return event.redact(properties={k: v for k, v in props.items() if not identifying(k)})
+    keys, devpath = withheld(event)
+    props = {k: v for k, v in event.properties.items() if k not in keys}
+    if "DEVPATH" in props:
+        props["DEVPATH"] = redacted_devpath(props["DEVPATH"])
+    return event.redact(devpath=devpath, properties=props)
 
 
 async def watch(peer: PeerCredentials, target: WatchTarget, config: dict) -> Decision:
@@ -181,9 +251,9 @@ def post(peer: PeerCredentials, event: Event, config: dict) -> Event | None:
         return None
     if peer.is_root:
         return event
-    props = event.properties
-    if not any(identifying(k) for k in props):
+    keys, devpath = withheld(event)
+    if not keys and devpath == event.devpath and not carries_address(event.properties.get("DEVPATH", "")):
         return event
-    if may_open(peer, props):
+    if may_open(peer, event.properties):
         return event
     return redact(event)

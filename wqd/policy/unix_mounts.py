@@ -11,12 +11,15 @@ Mounts: redaction for peers that are not root.
     The mount point is kept: the peer can read it in its own
     ``/proc/self/mountinfo``. ``source`` and every option value are kept unless
     they look like a path (they begin with ``/`` or ``~``, or contain ``:/`` as
-    remote sources do: ``host:/export/home/alice``); a path is kept only when it
-    is under ``/dev/`` (device nodes name no user), under the peer's own home
-    directory, or under ``/run/user/UID/`` of the peer. Any other path is
-    replaced by ``<redacted>``: it may be another user's (an sshfs or NFS
-    source, an overlay ``lowerdir=``, a loop image under someone's home), and a
-    mount notification need not reveal it. Root peers get everything.
+    remote sources do: ``host:/export/home/alice``) or name a remote account
+    (``user@host:path``, as sshfs sources do); a path is kept only when, once
+    resolved (``.``, ``..`` and repeated slashes taken out: ``/run/user/1000/../1001/x``
+    is 1001's), it is under ``/dev/`` (device nodes name no user), under the
+    peer's own home directory, or under ``/run/user/UID/`` of the peer. Any
+    other path, and every ``user@host:`` source, is replaced by ``<redacted>``:
+    it may be another user's (an sshfs or NFS source, an overlay ``lowerdir=``,
+    a loop image under someone's home), and a mount notification need not
+    reveal it. Root peers get everything.
 
 Filesystem errors: root only by default.
     An error report says which filesystem is failing and how often; by default
@@ -30,7 +33,9 @@ table); a setting of the wrong type denies (fail closed).
 from __future__ import annotations
 
 import grp
+import posixpath
 import pwd
+import re
 from functools import lru_cache
 
 from wqd.events import Event, FilesystemError, MountChanged, WatchTarget
@@ -38,6 +43,8 @@ from wqd.peer import PeerCredentials
 from wqd.policy import ALLOW, Decision, Deny
 
 REDACTED = "<redacted>"
+# user@host:path (sshfs, scp-style): an account elsewhere, whoever's it is
+_REMOTE_ACCOUNT = re.compile(r"[^\s/@:]+@[^\s/:]+:")
 
 
 async def watch(peer: PeerCredentials, target: WatchTarget, config: dict) -> Decision:
@@ -90,14 +97,23 @@ def redact_mount(event: MountChanged, uid: int) -> MountChanged:
 
 
 def _looks_like_path(value: str) -> bool:
-    return value.startswith(("/", "~")) or ":/" in value
+    return value.startswith(("/", "~")) or ":/" in value or _REMOTE_ACCOUNT.match(value) is not None
+
+
+def resolve(path: str) -> str:
+    """*path* without ``.``, ``..`` or repeated slashes (textually: ownership is
+    decided on what the path names, not on how it is spelt)."""
+    out = posixpath.normpath(path)
+    return "/" + out.lstrip("/") if out.startswith("//") else out
 
 
 def _value(value: str, keep: tuple[str, ...]) -> str:
     if not _looks_like_path(value):
         return value
-    if value.startswith("/") and any(value == p.rstrip("/") or value.startswith(p) for p in keep):
-        return value
+    if value.startswith("/"):
+        real = resolve(value)
+        if any(real == p.rstrip("/") or real.startswith(p) for p in keep):
+            return value
     return REDACTED
 
 
@@ -116,9 +132,10 @@ def _option(option: str, keep: tuple[str, ...]) -> str:
 def _own_prefixes(uid: int) -> tuple[str, ...]:
     out = ["/dev/", f"/run/user/{uid}/"]
     try:
-        home = pwd.getpwuid(uid).pw_dir.rstrip("/")
+        home = pwd.getpwuid(uid).pw_dir
     except KeyError:
         home = ""
+    home = resolve(home).rstrip("/") if home.startswith("/") else ""
     if home and home != "/":  # a home of "/" (daemon accounts) would keep every path
         out.append(home + "/")
     return tuple(out)
