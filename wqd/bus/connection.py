@@ -18,7 +18,9 @@ import socket
 
 from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
-from dbus_fast.aio.message_bus import _MessageWriter
+
+from wqd.bus import dbus_fast_internals as internals
+from wqd.bus.dbus_fast_internals import MessageWriter
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ BATCH_BYTES = 65536
 SEND_BUFFER = 8192  # SO_SNDBUF (the kernel doubles it): a few ms of signals at the bus's pace
 
 
-class FlowControlledWriter(_MessageWriter):
+class FlowControlledWriter(MessageWriter):
     def __init__(self, bus: MessageBus) -> None:
         super().__init__(bus)
         self.armed = False
@@ -88,14 +90,14 @@ class FlowControlledWriter(_MessageWriter):
         except Exception as exc:
             fut, self.fut = self.fut, None
             if fut is not None and not fut.done():
-                if self.bus._user_disconnect:
+                if internals.user_disconnect(self.bus):
                     fut.set_result(None)
                 else:
                     fut.set_exception(exc)
             waiter, self._waiter = self._waiter, None
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
-            self.bus._finalize(exc)
+            internals.finalize(self.bus, exc)
 
     def _send_batch(self, sock) -> bool:
         """Hand queued messages without fds to the kernel in one ``sendmsg``.
@@ -166,20 +168,21 @@ class FlowControlledBus(MessageBus):
         await super().connect()
         # What the kernel buffers is queued ahead of every reply too: bound it
         # (the default, net.core.wmem_default, holds a second of signals).
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        old = self._writer
+        internals.sock(self).setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        old = internals.writer(self)
         new = FlowControlledWriter(self)
         new.messages.extend(old.messages)
         new.buf, new.offset, new.fut, new.unix_fds = old.buf, old.offset, old.fut, old.unix_fds
-        self._loop.remove_writer(self._fd)
-        self._writer = new
+        internals.loop(self).remove_writer(internals.fd(self))
+        internals.set_writer(self, new)
         if new.backlog:
             new.write_callback()
         return self
 
     @property
     def backlog(self) -> int:
-        return self._writer.backlog if self._writer is not None else 0
+        writer = internals.writer(self)
+        return writer.backlog if writer is not None else 0
 
 
 async def connect(address: str | None = None, system: bool = False) -> FlowControlledBus:
