@@ -16,18 +16,35 @@ reads it, and dbus-daemon counts those bytes against *wqd's* allowance
 reading would, given enough events, make the bus stop reading from wqd, and
 every other peer would wait with it. So wqd keeps account per peer: after
 ``PING_EVERY`` bytes of signals it sends the peer ``org.freedesktop.DBus.Peer.Ping``
-(every bus library answers it; an answer *from the peer* proves it read what
-came before, since the bus keeps order). A peer with ``PEER_BUDGET`` bytes
-unacknowledged, or whose uid's peers have ``UID_BUDGET``, is *paused*: nothing
-more is sent to it until it answers. Its queues still hold the sources back
-(``Hub``'s back-pressure), so a slow reader loses nothing; but a peer paused for
-``STALL_AFTER`` seconds is *stalled*: its queues stop holding the sources back,
-fill, and count ``Lost`` like any full queue. A uid that had a peer stalled in
-the last ``GRACE_COOLDOWN`` seconds gets no grace: its paused peers stall at
-once (so opening connection after connection cannot keep the sources waiting).
-When the peer answers it gets what is queued, then ``Lost(n)``, then what
-follows. If the bus policy forbids the Ping (an old ``io.wqd.WatchQueue1.conf``)
-wqd logs it and goes without.
+(an answer *from the peer* proves it read what came before, since the bus keeps
+order). A peer with ``PEER_BUDGET`` bytes unacknowledged, or whose uid's peers
+have ``UID_BUDGET``, is *paused*: nothing more is sent to it until it answers.
+Its queues still hold the sources back (``Hub``'s back-pressure), so a slow
+reader loses nothing; but a peer paused for ``STALL_AFTER`` seconds is
+*stalled*: its queues stop holding the sources back, fill, and count ``Lost``
+like any full queue. A uid that had a peer stalled in the last
+``GRACE_COOLDOWN`` seconds gets no grace: its paused peers stall at once (so
+opening connection after connection cannot keep the sources waiting).
+
+Not every library answers Ping (jeepney does not; GDBus answers from a worker
+thread), and no other sign of a peer's progress works on every bus (dbus-daemon's
+``Debug.Stats`` is denied by Debian's system policy; dbus-broker has none). So a
+stalled peer is *probed*: every ``PROBE_EVERY`` seconds whatever its queues hold
+ahead of their newest ``Lost`` is folded into that ``Lost`` (so the count comes
+first, at once, not behind a pause), and a window of ``PROBE_WINDOW`` bytes is
+sent: the ``Lost``, then events in order; then it is paused again, with a Ping
+if none is outstanding. A peer that answers resumes fully. A peer that never
+answers gets a ``PROBE_WINDOW`` a period for as long as its unanswered bytes stay
+under ``PROBE_LIMIT`` (and its uid's under ``UID_BUDGET``): that bounds what a
+stopped peer can make the bus hold, per peer and per uid. Past that limit wqd
+logs it once and sends it nothing more until it answers a Ping (its ``Lost``
+property keeps counting). When the peer answers it gets what is queued, then
+``Lost(n)``, then what follows. If the bus policy forbids the Ping (an old
+``io.wqd.WatchQueue1.conf``) wqd logs it and goes without.
+
+A body that cannot be marshalled (a string that is not valid UTF-8 in an
+event no source escaped) costs its subscribers ``Lost(1)`` in its place,
+logged; the batch goes on.
 """
 
 from __future__ import annotations
@@ -36,14 +53,14 @@ import asyncio
 import logging
 from collections import deque
 from dataclasses import dataclass
-from functools import partial
 
 from dbus_fast import Message, MessageType
 
-from wqd.bus.names import SUBSCRIPTION_INTERFACE, subscription_path
+from wqd.bus import dbus_fast_internals as internals
+from wqd.bus.names import PEER_INTERFACE, SUBSCRIPTION_INTERFACE, subscription_path
 from wqd.bus.signals import encode, marshal_body, signal_header
 from wqd.events import Event
-from wqd.hub import EndMark, Hub, LostMark, Subscription
+from wqd.hub import EndMark, Hub, LostMark, Preload, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +72,11 @@ UID_BUDGET = 8 << 20  # the same, for all the connections of one uid together
 RETRY = 1.0  # seconds before asking again when the bus refused to pass a Ping on
 STALL_AFTER = 2.0  # seconds a paused peer's queues may hold the sources back
 GRACE_COOLDOWN = 60.0  # seconds after a stall during which the uid's peers get no grace
+PROBE_EVERY = 1.0  # seconds between the windows a stalled peer gets
+PROBE_WINDOW = 16 << 10  # bytes of signals in one window
+PROBE_LIMIT = 2 << 20  # unanswered bytes past which a stalled peer gets no more windows
 BUS = "org.freedesktop.DBus"
+_LOST_ONE = marshal_body("t", [1])
 
 
 @dataclass(eq=False, slots=True)
@@ -69,9 +90,12 @@ class Credit:
     ping: int | None = None  # ``sent`` when the unanswered Ping went out
     paused: bool = False
     stalled: bool = False
+    window: int = 0  # bytes left in the open probe window (stalled peers only)
+    capped: bool = False  # past PROBE_LIMIT: said so in the log
     subs: set | None = None  # the subscriptions paused for it, ended ones included
     retry: asyncio.TimerHandle | None = None
     stall_timer: asyncio.TimerHandle | None = None
+    probe: asyncio.TimerHandle | None = None
 
     @property
     def unacked(self) -> int:
@@ -91,6 +115,8 @@ class SignalEmitter:
         self._credit: dict[str, Credit] = {}
         self._uid_unacked: dict[int, int] = {}
         self._uid_stalled: dict[int, float] = {}  # uid -> when one of its peers last stalled
+        self._pings: set[asyncio.Task] = set()  # at most one per peer
+        self.unmarshallable = 0  # events that could not be marshalled (each cost Lost(1))
         self.pinging = True  # False once the bus policy refused a Ping
         hub.outlet = self
 
@@ -116,6 +142,9 @@ class SignalEmitter:
 
     def forget(self, sub: Subscription) -> None:
         self._headers.pop(sub, None)
+        credit = self._credit.get(sub.peer)
+        if credit is not None and credit.subs:
+            credit.subs.discard(sub)  # a peer paused for long must not keep every sub it closed
         if sub in self._queued:
             self._queued.discard(sub)
             try:
@@ -126,7 +155,7 @@ class SignalEmitter:
     def _drain(self) -> None:
         self._scheduled = False
         bus = self.bus
-        writer = bus._writer
+        writer = internals.writer(bus)
         if writer is None:
             return
         try:
@@ -164,8 +193,12 @@ class SignalEmitter:
                 member, signature = item.signal, item.signature
                 cached = bodies.get(id(item))
                 if cached is None:
-                    cached = bodies[id(item)] = (item, marshal_body(signature, item.body()))
+                    cached = bodies[id(item)] = (item, self._marshal(item))
                 body = cached[1]
+                if body is None:  # told in its place, in order: Lost(1)
+                    sub.delivered -= 1
+                    sub.lost += 1
+                    member, signature, body = "Lost", "t", _LOST_ONE
             elif isinstance(item, LostMark):
                 member, signature, body = "Lost", "t", marshal_body("t", [item.count])
             else:
@@ -183,39 +216,63 @@ class SignalEmitter:
             if isinstance(item, EndMark):
                 hub.forget(sub)
             if self.pinging:
-                self._account(sub, len(message), queue, next_serial)
+                self._account(sub, len(message))
+
+    def _marshal(self, event: Event) -> bytes | None:
+        try:
+            return marshal_body(event.signature, event.body())
+        except Exception as exc:  # a string the bus cannot carry, a value out of range
+            self.unmarshallable += 1
+            n = self.unmarshallable
+            if n & (n - 1) == 0:  # the 1st, 2nd, 4th, ...: never a log line per event
+                log.warning("a %s event could not be marshalled (%s: %s); its subscribers get Lost(1) "
+                            "in its place (%d such events so far)", event.signal, type(exc).__name__,
+                            str(exc)[:120], n)
+            return None
 
     # -- acknowledgements ----------------------------------------------------
 
-    def _account(self, sub: Subscription, size: int, queue, next_serial) -> None:
+    def _account(self, sub: Subscription, size: int) -> None:
         credit = self._credit.get(sub.peer)
         if credit is None:
             credit = self._credit[sub.peer] = Credit(sub.peer, sub.owner.uid)
         credit.sent += size
         uid_unacked = self._uid_unacked[credit.uid] = self._uid_unacked.get(credit.uid, 0) + size
+        if credit.paused:
+            if credit.window > 0:  # a probe window is open: count it down
+                if sub not in credit.subs:
+                    self._pause_sub(credit, sub)
+                    sub.paused = False
+                credit.window -= size
+                if credit.window <= 0:
+                    self._close_window(credit)
+            elif not sub.paused:  # made while its peer was paused
+                self._pause_sub(credit, sub)
+            return
         unacked = credit.unacked
         over = unacked >= PEER_BUDGET or uid_unacked >= UID_BUDGET
         if credit.ping is None and (unacked >= PING_EVERY or over):
-            self._ping(credit, queue, next_serial)
-        if over and not credit.paused:
+            self._ping(credit)
+        if over:
             self._pause(credit)
-        elif credit.paused and not sub.paused:  # made while its peer was paused
-            self._pause_sub(credit, sub)
 
-    def _ping(self, credit: Credit, queue=None, next_serial=None) -> None:
-        bus = self.bus
-        if queue is None:
-            writer = bus._writer
-            if writer is None:
-                return
-            queue, next_serial = writer.queue, bus.next_serial
-        msg = Message(destination=credit.peer, path="/", interface="org.freedesktop.DBus.Peer", member="Ping",
-                      serial=next_serial())
-        credit.ping = credit.sent
-        bus._method_return_handlers[msg.serial] = partial(self._pong, credit, credit.sent)
-        queue(msg._marshall(False))
+    def _ping(self, credit: Credit) -> None:
+        """Ask *credit*'s peer for a Ping answer, behind what it has been sent (public API:
+        ``MessageBus.call`` queues the call on the same writer, after the signals)."""
+        mark = credit.ping = credit.sent
+        msg = Message(destination=credit.peer, path="/", interface=PEER_INTERFACE, member="Ping")
+        task = self.loop.create_task(self._ask(credit, mark, msg))
+        self._pings.add(task)
+        task.add_done_callback(self._pings.discard)
 
-    def _pong(self, credit: Credit, mark: int, reply: Message | None, err: Exception | None) -> None:
+    async def _ask(self, credit: Credit, mark: int, msg: Message) -> None:
+        try:
+            reply = await self.bus.call(msg)
+        except Exception:  # the connection is closing
+            reply = None
+        self._pong(credit, mark, reply)
+
+    def _pong(self, credit: Credit, mark: int, reply: Message | None) -> None:
         if credit.ping == mark:
             credit.ping = None
         if self._credit.get(credit.peer) is not credit:
@@ -242,7 +299,6 @@ class SignalEmitter:
             self._resume(credit)
         elif credit.unacked >= PING_EVERY and credit.ping is None:
             self._ping(credit)
-            self._flush()
         if uid_was_over and self._uid_unacked.get(credit.uid, 0) < UID_BUDGET:
             for other in list(self._credit.values()):  # paused for the uid's total, not their own
                 if other.paused and other.uid == credit.uid and other.unacked < PEER_BUDGET:
@@ -252,7 +308,6 @@ class SignalEmitter:
         credit.retry = None
         if self._credit.get(credit.peer) is credit and credit.ping is None and credit.unacked:
             self._ping(credit)
-            self._flush()
 
     def _settle(self, credit: Credit, mark: int) -> None:
         """The peer has read everything up to *mark*."""
@@ -293,15 +348,71 @@ class SignalEmitter:
         self._uid_stalled[credit.uid] = self.loop.time()
         for sub in credit.subs:
             self.hub.stall(sub, True)
+        credit.probe = self.loop.call_later(PROBE_EVERY, self._probe, credit)
         log.warning("%s stopped reading its signals: its subscriptions no longer hold the sources back and "
                     "count Lost until it reads", credit.peer)
 
+    # -- probing a stalled peer ------------------------------------------------
+
+    def _probe(self, credit: Credit) -> None:
+        """Every PROBE_EVERY seconds while *credit*'s peer is stalled: its Lost, then a window."""
+        credit.probe = None
+        if not credit.stalled or self._credit.get(credit.peer) is not credit:
+            return
+        credit.probe = self.loop.call_later(PROBE_EVERY, self._probe, credit)
+        if credit.unacked >= PROBE_LIMIT or self._uid_unacked.get(credit.uid, 0) >= UID_BUDGET:
+            if credit.window > 0:
+                self._close_window(credit)
+            if not credit.capped:
+                credit.capped = True
+                log.warning("%s has neither answered a Ping nor left with %d bytes of signals unread: "
+                            "nothing more goes to it until it answers one", credit.peer, credit.unacked)
+            return
+        credit.window = PROBE_WINDOW
+        for sub in list(credit.subs):
+            self._fold(sub)
+            sub.paused = False
+            if sub.queue:
+                self.wake(sub)
+
+    def _fold(self, sub: Subscription) -> None:
+        """Count what *sub*'s queue holds ahead of its newest LostMark as lost, in that mark:
+        the subscriber learns of its loss now, in order, rather than after a backlog."""
+        queue = sub.queue
+        if not queue or not sub.stalled:
+            return
+        ahead = None
+        for i, item in enumerate(reversed(queue)):
+            if isinstance(item, LostMark):
+                ahead = len(queue) - 1 - i
+                break
+        if not ahead:
+            return
+        folded = counted = 0
+        for _ in range(ahead):
+            item = queue.popleft()
+            if isinstance(item, Preload):
+                folded += len(item.events)
+            elif isinstance(item, Event):
+                folded += 1
+                sub.queued_events -= 1  # stalled: not counted in the hub's back-pressure
+            elif isinstance(item, LostMark):
+                counted += item.count  # an older loss, in ``lost`` already
+        queue[0].count += folded + counted
+        sub.lost += folded
+
+    def _close_window(self, credit: Credit) -> None:
+        credit.window = 0
+        for sub in credit.subs:
+            sub.paused = True
+        if credit.ping is None:
+            self._ping(credit)
+
     def _resume(self, credit: Credit) -> None:
-        if credit.stall_timer is not None:
-            credit.stall_timer.cancel()
-            credit.stall_timer = None
+        self._cancel_timers(credit)
         was_stalled = credit.stalled
-        credit.paused = credit.stalled = False
+        credit.paused = credit.stalled = credit.capped = False
+        credit.window = 0
         subs, credit.subs = credit.subs or (), None
         for sub in subs:
             sub.paused = False
@@ -312,10 +423,10 @@ class SignalEmitter:
             log.info("%s reads again: delivering to it", credit.peer)
 
     def _cancel_timers(self, credit: Credit) -> None:
-        for timer in (credit.retry, credit.stall_timer):
+        for timer in (credit.retry, credit.stall_timer, credit.probe):
             if timer is not None:
                 timer.cancel()
-        credit.retry = credit.stall_timer = None
+        credit.retry = credit.stall_timer = credit.probe = None
 
     def _stop_pinging(self) -> None:
         self.pinging = False
@@ -326,14 +437,9 @@ class SignalEmitter:
         self._credit.clear()
         self._uid_unacked.clear()
 
-    def _flush(self) -> None:
-        writer = self.bus._writer
-        if writer is not None:
-            writer.flush()
-
     async def _wait_writer(self) -> None:
         try:
-            writer = self.bus._writer
+            writer = internals.writer(self.bus)
             if writer is not None:
                 await writer.wait_backlog(HIGH_WATER // 2)
         finally:
