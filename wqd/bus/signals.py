@@ -1,4 +1,4 @@
-"""Unicast signals (and wqd's own Pings) marshalled without building a ``Message`` per send.
+"""Unicast signals marshalled without building a ``Message`` per send.
 
 A wqd signal's header depends only on its destination, path, member and
 signature, plus the serial and the body length: so it is marshalled once per
@@ -26,7 +26,6 @@ import struct
 from dbus_fast import Variant
 
 LITTLE_ENDIAN = ord("l")
-METHOD_CALL = 1  # MessageType.METHOD_CALL
 SIGNAL = 4  # MessageType.SIGNAL
 PROTOCOL_VERSION = 1
 # Header field codes (D-Bus specification, "Header Fields").
@@ -136,17 +135,6 @@ def signal_header(destination: str, path: str, interface: str, member: str, sign
     if signature:
         fields.append((FIELD_SIGNATURE, Variant("g", signature)))
     return _header(SIGNAL, fields)
-
-
-def method_call(destination: str, path: str, interface: str, member: str, serial: int) -> bytearray:
-    """A complete method call without arguments (wqd's ``Peer.Ping``)."""
-    header = _header(METHOD_CALL, [
-        (FIELD_PATH, Variant("o", path)),
-        (FIELD_INTERFACE, Variant("s", interface)),
-        (FIELD_MEMBER, Variant("s", member)),
-        (FIELD_DESTINATION, Variant("s", destination)),
-    ])
-    return encode(header, b"", serial)
 
 
 def marshal_body(signature: str, body: list) -> bytes:
