@@ -29,8 +29,8 @@ opening connection after connection cannot keep the sources waiting).
 Not every library answers Ping (jeepney does not; GDBus answers from a worker
 thread), and no other sign of a peer's progress works on every bus (dbus-daemon's
 ``Debug.Stats`` is denied by Debian's system policy; dbus-broker has none). So a
-stalled peer is *probed*: every ``PROBE_EVERY`` seconds whatever its queues hold
-ahead of their newest ``Lost`` is folded into that ``Lost`` (so the count comes
+stalled peer is *probed*: every ``PROBE_EVERY`` seconds whatever a queue that
+overflowed holds ahead of its ``Lost`` is folded into that ``Lost`` (so the count comes
 first, at once, not behind a pause), and a window of ``PROBE_WINDOW`` bytes is
 sent: the ``Lost``, then events in order; then it is paused again, with a Ping
 if none is outstanding. A peer that answers resumes fully. A peer that never
@@ -244,7 +244,7 @@ class SignalEmitter:
                     self._pause_sub(credit, sub)
                     sub.paused = False
                 credit.window -= size
-                if credit.window <= 0:
+                if credit.window <= 0 or uid_unacked >= UID_BUDGET:  # the uid's windows share its budget
                     self._close_window(credit)
             elif not sub.paused:  # made while its peer was paused
                 self._pause_sub(credit, sub)
@@ -376,18 +376,15 @@ class SignalEmitter:
                 self.wake(sub)
 
     def _fold(self, sub: Subscription) -> None:
-        """Count what *sub*'s queue holds ahead of its newest LostMark as lost, in that mark:
-        the subscriber learns of its loss now, in order, rather than after a backlog."""
+        """Count what *sub*'s queue holds ahead of a LostMark at its tail as lost, in that
+        mark: the subscriber learns of its loss now, in order, rather than after a backlog."""
         queue = sub.queue
-        if not queue or not sub.stalled:
+        # Only a loss at the tail (a queue that overflowed and still does): events after an
+        # older loss came when there was room, and the window delivers them in order. So the
+        # check is O(1), and each event is folded at most once.
+        if len(queue) < 2 or not sub.stalled or not isinstance(queue[-1], LostMark):
             return
-        ahead = None
-        for i, item in enumerate(reversed(queue)):
-            if isinstance(item, LostMark):
-                ahead = len(queue) - 1 - i
-                break
-        if not ahead:
-            return
+        ahead = len(queue) - 1
         folded = counted = 0
         for _ in range(ahead):
             item = queue.popleft()
