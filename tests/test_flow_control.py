@@ -172,7 +172,7 @@ async def accounted(peer, path: str, generated: int) -> tuple[int, int, list]:
     for _ in range(150):
         got = (await peer.request("signals", min=d, wait=60))["result"]
         mine = [s for s in got if s[0] == path]
-        if (sum(1 for s in mine if s[1] == "KeyChanged") >= d
+        if (sum(1 for s in mine if s[1] not in ("Lost", "Removed")) >= d
                 and sum(s[2][0] for s in mine if s[1] == "Lost") >= lost):
             break
         await asyncio.sleep(0.2)
