@@ -35,8 +35,9 @@ first, at once, not behind a pause), and a window of ``PROBE_WINDOW`` bytes is
 sent: the ``Lost``, then events in order; then it is paused again, with a Ping
 if none is outstanding. A peer that answers resumes fully. A peer that never
 answers gets a ``PROBE_WINDOW`` a period for as long as its unanswered bytes stay
-under ``PROBE_LIMIT`` (and its uid's under ``UID_BUDGET``): that bounds what a
-stopped peer can make the bus hold, per peer and per uid. Past that limit wqd
+under ``PROBE_LIMIT`` (its uid's under ``UID_BUDGET``, everyone's under
+``PROBE_TOTAL``): that bounds what stopped peers can make the bus hold, per
+peer, per uid and in all (frozen sessions of many users included). Past that limit wqd
 logs it once and sends it nothing more until it answers a Ping (its ``Lost``
 property keeps counting). When the peer answers it gets what is queued, then
 ``Lost(n)``, then what follows. If the bus policy forbids the Ping (an old
@@ -75,6 +76,7 @@ GRACE_COOLDOWN = 60.0  # seconds after a stall during which the uid's peers get 
 PROBE_EVERY = 1.0  # seconds between the windows a stalled peer gets
 PROBE_WINDOW = 16 << 10  # bytes of signals in one window
 PROBE_LIMIT = 2 << 20  # unanswered bytes past which a stalled peer gets no more windows
+PROBE_TOTAL = 32 << 20  # ... and all peers together (a quarter of a system bus's max_incoming_bytes)
 BUS = "org.freedesktop.DBus"
 _LOST_ONE = marshal_body("t", [1])
 
@@ -114,6 +116,7 @@ class SignalEmitter:
         self._headers: dict[Subscription, dict[str, bytes]] = {}  # marshalled once per member
         self._credit: dict[str, Credit] = {}
         self._uid_unacked: dict[int, int] = {}
+        self._unacked = 0  # all peers' unanswered bytes together
         self._uid_stalled: dict[int, float] = {}  # uid -> when one of its peers last stalled
         self._pings: set[asyncio.Task] = set()  # at most one per peer
         self.unmarshallable = 0  # events that could not be marshalled (each cost Lost(1))
@@ -238,13 +241,14 @@ class SignalEmitter:
             credit = self._credit[sub.peer] = Credit(sub.peer, sub.owner.uid)
         credit.sent += size
         uid_unacked = self._uid_unacked[credit.uid] = self._uid_unacked.get(credit.uid, 0) + size
+        self._unacked += size
         if credit.paused:
             if credit.window > 0:  # a probe window is open: count it down
                 if sub not in credit.subs:
                     self._pause_sub(credit, sub)
                     sub.paused = False
                 credit.window -= size
-                if credit.window <= 0 or uid_unacked >= UID_BUDGET:  # the uid's windows share its budget
+                if credit.window <= 0 or uid_unacked >= UID_BUDGET or self._unacked >= PROBE_TOTAL:
                     self._close_window(credit)
             elif not sub.paused:  # made while its peer was paused
                 self._pause_sub(credit, sub)
@@ -315,6 +319,7 @@ class SignalEmitter:
             return
         done = mark - credit.acked
         credit.acked = mark
+        self._unacked -= done
         left = self._uid_unacked.get(credit.uid, 0) - done
         if left > 0:
             self._uid_unacked[credit.uid] = left
@@ -360,7 +365,8 @@ class SignalEmitter:
         if not credit.stalled or self._credit.get(credit.peer) is not credit:
             return
         credit.probe = self.loop.call_later(PROBE_EVERY, self._probe, credit)
-        if credit.unacked >= PROBE_LIMIT or self._uid_unacked.get(credit.uid, 0) >= UID_BUDGET:
+        if (credit.unacked >= PROBE_LIMIT or self._uid_unacked.get(credit.uid, 0) >= UID_BUDGET
+                or self._unacked >= PROBE_TOTAL):
             if credit.window > 0:
                 self._close_window(credit)
             if not credit.capped:
@@ -433,6 +439,7 @@ class SignalEmitter:
             self._cancel_timers(credit)
         self._credit.clear()
         self._uid_unacked.clear()
+        self._unacked = 0
 
     async def _wait_writer(self) -> None:
         try:
