@@ -41,7 +41,10 @@ peer, per uid and in all (frozen sessions of many users included). Past that lim
 logs it once and sends it nothing more until it answers a Ping (its ``Lost``
 property keeps counting). When the peer answers it gets what is queued, then
 ``Lost(n)``, then what follows. If the bus policy forbids the Ping (an old
-``io.wqd.WatchQueue1.conf``) wqd logs it and goes without.
+``io.wqd.WatchQueue1.conf``) wqd logs it and goes without. Each unanswered
+Ping is a pending reply the bus counts against wqd (dbus-daemon's
+``max_replies_per_connection``), so one uid's peers have at most ``UID_PINGS``
+outstanding: peers that never answer cannot use up wqd's allowance for everyone.
 
 A body that cannot be marshalled (a string that is not valid UTF-8 in an
 event no source escaped) costs its subscribers ``Lost(1)`` in its place,
@@ -76,6 +79,7 @@ GRACE_COOLDOWN = 60.0  # seconds after a stall during which the uid's peers get 
 PROBE_EVERY = 1.0  # seconds between the windows a stalled peer gets
 PROBE_WINDOW = 16 << 10  # bytes of signals in one window
 PROBE_LIMIT = 2 << 20  # unanswered bytes past which a stalled peer gets no more windows
+UID_PINGS = 16  # unanswered Pings one uid's peers may have (each is a pending reply the bus counts for wqd)
 PROBE_TOTAL = 32 << 20  # ... and all peers together (a quarter of a system bus's max_incoming_bytes)
 BUS = "org.freedesktop.DBus"
 _LOST_ONE = marshal_body("t", [1])
@@ -119,6 +123,7 @@ class SignalEmitter:
         self._unacked = 0  # all peers' unanswered bytes together
         self._uid_stalled: dict[int, float] = {}  # uid -> when one of its peers last stalled
         self._pings: set[asyncio.Task] = set()  # at most one per peer
+        self._uid_pings: dict[int, int] = {}  # uid -> its peers' unanswered Pings
         self.unmarshallable = 0  # events that could not be marshalled (each cost Lost(1))
         self.pinging = True  # False once the bus policy refused a Ping
         hub.outlet = self
@@ -263,6 +268,11 @@ class SignalEmitter:
     def _ping(self, credit: Credit) -> None:
         """Ask *credit*'s peer for a Ping answer, behind what it has been sent (public API:
         ``MessageBus.call`` queues the call on the same writer, after the signals)."""
+        uid = credit.uid
+        pending = self._uid_pings.get(uid, 0)
+        if pending >= UID_PINGS:
+            return  # asked again when a window closes or a Ping of the uid's is answered
+        self._uid_pings[uid] = pending + 1
         mark = credit.ping = credit.sent
         msg = Message(destination=credit.peer, path="/", interface=PEER_INTERFACE, member="Ping")
         task = self.loop.create_task(self._ask(credit, mark, msg))
@@ -274,6 +284,12 @@ class SignalEmitter:
             reply = await self.bus.call(msg)
         except Exception:  # the connection is closing
             reply = None
+        finally:
+            left = self._uid_pings.get(credit.uid, 0) - 1
+            if left > 0:
+                self._uid_pings[credit.uid] = left
+            else:
+                self._uid_pings.pop(credit.uid, None)
         self._pong(credit, mark, reply)
 
     def _pong(self, credit: Credit, mark: int, reply: Message | None) -> None:
