@@ -291,6 +291,11 @@ class SignalEmitter:
             else:
                 self._uid_pings.pop(credit.uid, None)
         self._pong(credit, mark, reply)
+        if left == UID_PINGS - 1:  # the uid was at its cap: a paused peer of it waiting to be asked
+            for other in self._credit.values():
+                if other.uid == credit.uid and other.paused and other.ping is None and other.unacked:
+                    self._ping(other)
+                    break
 
     def _pong(self, credit: Credit, mark: int, reply: Message | None) -> None:
         if credit.ping == mark:
