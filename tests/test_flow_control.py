@@ -406,3 +406,51 @@ async def test_a_peer_that_never_answers_ping_gets_every_event_or_lost(session_b
         assert (later - received, lost_later - lost) == (10, 0), "events sent later arrive, all of them"
     finally:
         await close()
+
+
+async def held_for(observer: Client, name: str) -> int:
+    """What the bus holds for connection *name* and has not yet written to it (dbus-daemon's
+    Debug.Stats; skips where the bus has none)."""
+    from dbus_fast import Message as DMessage, MessageType
+
+    reply = await observer.bus.call(DMessage(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                             interface="org.freedesktop.DBus.Debug.Stats",
+                                             member="GetConnectionStats", signature="s", body=[name]))
+    if reply.message_type != MessageType.METHOD_RETURN:
+        pytest.skip(f"this bus has no Debug.Stats: {reply.error_name}")
+    return reply.body[0]["OutgoingBytes"].value
+
+
+async def test_what_a_stopped_peer_makes_the_bus_hold_is_bounded(session_bus, wqd_factory, tmp_path):
+    """A stopped peer gets windows while stalled (it might be one that reads but never
+    answers Ping); what the bus then holds for it grows by one window a second at most and
+    stays below its cap. Measured by the bus itself."""
+    from wqd.bus.emitter import PEER_BUDGET, PROBE_EVERY, PROBE_LIMIT, PROBE_WINDOW
+
+    fifo = tmp_path / "replay"
+    os.mkfifo(fifo)
+    await wqd_factory(session_bus, config=replay_config(fifo))
+    stopped = ForeignClient(session_bus.address, 0)
+    observer = await Client.connect(session_bus.address)
+    try:
+        await stopped.request("watch", source="keys", target=str(KEY))
+        name = (await stopped.request("unique_name"))["result"]
+        os.kill(stopped.proc.pid, signal.SIGSTOP)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        held = []
+        for round_ in range(6):  # a burst a second: its queue always overflows, windows always have events
+            await asyncio.to_thread(feed_from, fifo, round_ * 2000, 2000)
+            await asyncio.sleep(1)
+            held.append(await held_for(observer, name))
+        elapsed = loop.time() - started
+        # (the peer's own socket buffer holds some of PEER_BUDGET: the bus holds the rest)
+        bound = PEER_BUDGET + (elapsed / PROBE_EVERY + 1) * (PROBE_WINDOW + 1024)
+        print(f"stopped peer: the bus holds {held} bytes for it, second by second (bound {bound:.0f} after "
+              f"{elapsed:.1f} s, cap {PROBE_LIMIT})")
+        assert max(held) <= min(bound, PROBE_LIMIT + PROBE_WINDOW)
+        assert held[-1] > held[0], "it got windows while stalled (it might have been reading)"
+    finally:
+        os.kill(stopped.proc.pid, signal.SIGCONT)
+        observer.close()
+        stopped.close()
