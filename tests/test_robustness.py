@@ -237,3 +237,16 @@ async def test_error_texts_are_bounded(client, where):
     text = reply.body[0] if reply.body else ""
     assert len(text.encode()) <= 300, f"{len(text)} characters of error text"
     assert "x" * 100 not in text and "a" * 100 not in text and "b" * 100 not in text
+
+
+async def test_a_member_two_interfaces_have_needs_its_interface(monkeypatch):
+    """No wqd object has such a member today; if one ever does, a call without an
+    interface is refused (the specification leaves the choice open) rather than guessed."""
+    from wqd.bus import service
+
+    assert service.WatchQueueService._resolve("manager", None, "Get") == "org.freedesktop.DBus.Properties"
+    monkeypatch.setitem(service.METHODS, IFACE, {**service.METHODS[IFACE], "Get": "ss"})
+    with pytest.raises(service.CallError) as caught:
+        service.WatchQueueService._resolve("manager", None, "Get")
+    assert caught.value.name == "org.freedesktop.DBus.Error.UnknownMethod" and "ambiguous" in caught.value.text
+    assert service.WatchQueueService._resolve("manager", IFACE, "Get") == IFACE
