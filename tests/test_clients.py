@@ -256,11 +256,7 @@ async def test_client_gets_exact_values_and_removed(name, system_bus, wqd_factor
 GENERATED = 5_000  # ~1 MB of signals: four times what wqd lets one peer leave unread
 SLOW_GENERATED = 3_000  # a slow reader needs longer for each: still twice that
 
-# issue 13: fixed by the interop branch (drop this mark when it is merged)
-JEEPNEY_DEAF = pytest.mark.xfail(strict=True, reason=(
-    "jeepney does not answer Peer.Ping: once wqd has paused it, it never resumes and no Lost "
-    "signal comes (issue 13, item 1)"))
-BURST_CLIENTS = [pytest.param(name, marks=JEEPNEY_DEAF) if name == "jeepney" else name for name in CLIENTS]
+BURST_CLIENTS = CLIENTS  # jeepney without Ping answers included: it gets what it keeps up with, and Lost
 
 
 async def replay_to(name, system_bus, wqd_factory, run_client, tmp_path):

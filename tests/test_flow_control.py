@@ -167,7 +167,15 @@ async def accounted(peer, path: str, generated: int) -> tuple[int, int, list]:
         if d + lost >= generated:
             break
         await asyncio.sleep(0.1)
-    got = (await peer.request("signals", min=d, wait=60))["result"]
+    # Every event taken is counted Delivered before its signal reaches the peer, and a Lost
+    # counts before its signal goes: wait for the signals to catch up with the counts.
+    for _ in range(150):
+        got = (await peer.request("signals", min=d, wait=60))["result"]
+        mine = [s for s in got if s[0] == path]
+        if (sum(1 for s in mine if s[1] not in ("Lost", "Removed")) >= d
+                and sum(s[2][0] for s in mine if s[1] == "Lost") >= lost):
+            break
+        await asyncio.sleep(0.2)
     return d, lost, got
 
 
@@ -305,3 +313,144 @@ async def test_a_uid_that_stalled_gets_no_grace(tmp_path, wqd_factory, quota_bus
         first.close()
         second.close()
 
+
+
+async def jeepney_peer(address: str):
+    """A raw jeepney connection, as SecretStorage and keyring use it: it reads every
+    message but answers nothing by itself, Peer.Ping included."""
+    jeepney = pytest.importorskip("jeepney")
+    from jeepney.io.asyncio import open_dbus_connection
+
+    conn = await open_dbus_connection(address)
+    state = {"pings": 0, "signals": [], "replies": {}}
+
+    async def read():
+        while True:
+            msg = await conn.receive()
+            header = msg.header
+            fields = header.fields
+            if header.message_type == jeepney.MessageType.signal:
+                state["signals"].append((fields.get(jeepney.HeaderFields.path), fields.get(jeepney.HeaderFields.member),
+                                         msg.body))
+            elif header.message_type == jeepney.MessageType.method_call:
+                if fields.get(jeepney.HeaderFields.member) == "Ping":
+                    state["pings"] += 1  # and never answered
+            else:
+                fut = state["replies"].pop(fields.get(jeepney.HeaderFields.reply_serial), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+
+    reader = asyncio.ensure_future(read())
+
+    async def call(path, iface, member, signature="", body=()):
+        msg = jeepney.new_method_call(jeepney.DBusAddress(path, "io.wqd.WatchQueue1", iface), member,
+                                      signature, tuple(body))
+        fut = asyncio.get_running_loop().create_future()
+        serial = next(conn.outgoing_serial)  # the counter conn.send itself takes from
+        state["replies"][serial] = fut
+        await conn.send(msg, serial=serial)
+        reply = await asyncio.wait_for(fut, 30)
+        assert reply.header.message_type == jeepney.MessageType.method_return, reply.body
+        return reply.body
+
+    async def close():
+        reader.cancel()
+        await conn.close()
+
+    return state, call, close
+
+
+def feed_from(fifo, first: int, n: int) -> None:
+    with open(fifo, "wb", buffering=0) as f:
+        f.write(b"".join(encode_key_record(KEY, "updated", first + i) for i in range(n)))
+
+
+async def test_a_peer_that_never_answers_ping_gets_every_event_or_lost(session_bus, wqd_factory, tmp_path):
+    """jeepney answers no Ping: after a burst it has every event or a Lost for it, with
+    the Lost delivered (not held behind the pause), and it keeps getting what comes later."""
+    fifo = tmp_path / "replay"
+    os.mkfifo(fifo)
+    wqd = await wqd_factory(session_bus, config=replay_config(fifo))
+    state, call, close = await jeepney_peer(session_bus.address)
+    try:
+        (path,) = await call(MANAGER, IFACE, "Watch", "ssa{sv}", ("keys", str(KEY), {}))
+        generated = 5_000  # ~750 KB of signals: past the budget, so it is paused, then stalled
+
+        def counts():
+            mine = [s for s in state["signals"] if s[0] == path]
+            return (sum(1 for s in mine if s[1] == "KeyChanged"), sum(s[2][0] for s in mine if s[1] == "Lost"))
+
+        async def settled(total, timeout=60):
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while loop.time() < deadline:
+                received, lost = counts()
+                if received + lost >= total:
+                    return received, lost
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"{counts()} of {total} after {timeout} s; log:\n{wqd.log_text()[-3000:]}")
+
+        await asyncio.to_thread(feed(fifo, generated).join, 60)
+        received, lost = await settled(generated)
+        assert received + lost == generated
+        (delivered,) = await call(path, "org.freedesktop.DBus.Properties", "Get", "ss", (SUB_IFACE, "Delivered"))
+        (lost_prop,) = await call(path, "org.freedesktop.DBus.Properties", "Get", "ss", (SUB_IFACE, "Lost"))
+        assert (delivered[1], lost_prop[1]) == (received, lost), "what it got is what wqd counted"
+        assert state["pings"] > 0, "it was asked and never answered"
+        assert "stopped reading its signals" in wqd.log_text()
+        print(f"jeepney: {received} received, {lost} lost, {state['pings']} Pings unanswered")
+
+        await asyncio.sleep(3)  # later, well past the stall
+        await asyncio.to_thread(feed_from, fifo, 100_000, 10)
+        later, lost_later = await settled(generated + 10, timeout=15)
+        assert (later - received, lost_later - lost) == (10, 0), "events sent later arrive, all of them"
+    finally:
+        await close()
+
+
+async def held_for(observer: Client, name: str) -> int:
+    """What the bus holds for connection *name* and has not yet written to it (dbus-daemon's
+    Debug.Stats; skips where the bus has none)."""
+    from dbus_fast import Message as DMessage, MessageType
+
+    reply = await observer.bus.call(DMessage(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                             interface="org.freedesktop.DBus.Debug.Stats",
+                                             member="GetConnectionStats", signature="s", body=[name]))
+    if reply.message_type != MessageType.METHOD_RETURN:
+        pytest.skip(f"this bus has no Debug.Stats: {reply.error_name}")
+    return reply.body[0]["OutgoingBytes"].value
+
+
+async def test_what_a_stopped_peer_makes_the_bus_hold_is_bounded(session_bus, wqd_factory, tmp_path):
+    """A stopped peer gets windows while stalled (it might be one that reads but never
+    answers Ping); what the bus then holds for it grows by one window a second at most and
+    stays below its cap. Measured by the bus itself."""
+    from wqd.bus.emitter import PEER_BUDGET, PROBE_EVERY, PROBE_LIMIT, PROBE_WINDOW
+
+    fifo = tmp_path / "replay"
+    os.mkfifo(fifo)
+    await wqd_factory(session_bus, config=replay_config(fifo))
+    stopped = ForeignClient(session_bus.address, 0)
+    observer = await Client.connect(session_bus.address)
+    try:
+        await stopped.request("watch", source="keys", target=str(KEY))
+        name = (await stopped.request("unique_name"))["result"]
+        os.kill(stopped.proc.pid, signal.SIGSTOP)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        held = []
+        for round_ in range(6):  # a burst a second: its queue always overflows, windows always have events
+            await asyncio.to_thread(feed_from, fifo, round_ * 2000, 2000)
+            await asyncio.sleep(1)
+            held.append(await held_for(observer, name))
+        elapsed = loop.time() - started
+        # (the peer's own socket buffer holds some of PEER_BUDGET: the bus holds the rest)
+        bound = PEER_BUDGET + (elapsed / PROBE_EVERY + 1) * (PROBE_WINDOW + 1024)
+        print(f"stopped peer: the bus holds {held} bytes for it, second by second (bound {bound:.0f} after "
+              f"{elapsed:.1f} s, cap {PROBE_LIMIT})")
+        assert max(held) <= min(bound, PROBE_LIMIT + PROBE_WINDOW)
+        assert held[-1] > held[0], "it got windows while stalled (it might have been reading)"
+    finally:
+        os.kill(stopped.proc.pid, signal.SIGCONT)
+        observer.close()
+        stopped.close()

@@ -143,3 +143,51 @@ def test_xml_covers_both_interfaces():
     assert set(interfaces) == {"io.wqd.WatchQueue1", SUB_IFACE}
     assert ("method", "Watch", "ssa{sv}", "o") in interfaces["io.wqd.WatchQueue1"]
     assert {m[0] for m in interfaces[SUB_IFACE]} == {"method", "signal", "property"}
+
+
+EMITS = "org.freedesktop.DBus.Property.EmitsChangedSignal"
+# wqd emits no PropertiesChanged: every property says "const" or "false" (never the default "true")
+EXPECTED_EMITS = {"Version": "const", "Sources": "false", "Source": "const", "Target": "const",
+                  "Delivered": "false", "Lost": "false"}
+
+
+def emits(root: ET.Element) -> dict[str, str]:
+    """Property name -> its EmitsChangedSignal annotation, for wqd's two interfaces."""
+    out = {}
+    for iface in root.findall("interface"):
+        if iface.get("name") not in ("io.wqd.WatchQueue1", SUB_IFACE):
+            continue
+        for prop in iface.findall("property"):
+            ann = [a.get("value") for a in prop.findall("annotation") if a.get("name") == EMITS]
+            out[prop.get("name")] = ann[0] if ann else "true (default)"
+    return out
+
+
+def test_xml_annotations_tell_the_truth():
+    """Delivered and Lost change without a signal; a proxy trusting the default (true)
+    would show a stale cache (GDBus showed Delivered 0 while Get said 5,000)."""
+    assert emits(ET.parse(XML).getroot()) == EXPECTED_EMITS
+
+
+@pytest.mark.asyncio
+async def test_live_annotations_equal_xml(wqd, client):
+    need("gdbus")
+    text = await run("gdbus", "introspect", "--address", wqd.address, "--dest", BUS_NAME, "--object-path", MANAGER,
+                     "--xml")
+    live = emits(ET.fromstring(text))
+    path = await client.watch("keys", "@u")
+    from dbus_fast import Message
+    reply = await client.bus.call(Message(destination=BUS_NAME, path=path, member="Introspect",
+                                          interface="org.freedesktop.DBus.Introspectable"))
+    live |= emits(ET.fromstring(reply.body[0]))
+    assert live == EXPECTED_EMITS
+
+
+@pytest.mark.asyncio
+async def test_busctl_shows_const_and_no_change_signal(wqd):
+    """busctl reads the annotations: "const" on Version, no "emits-change" anywhere."""
+    need("busctl")
+    text = await run("busctl", f"--address={wqd.address}", "--no-pager", "introspect", BUS_NAME, MANAGER)
+    rows = {line.split()[0]: line for line in text.splitlines() if line.startswith(".")}
+    assert "const" in rows[".Version"].split()
+    assert "emits-change" not in rows[".Sources"] and "const" not in rows[".Sources"].split()

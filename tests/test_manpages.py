@@ -95,6 +95,27 @@ def test_api_page_documents_signatures():
         assert f"{prop.get('name')} ({prop.get('type')})" in text, prop.get("name")
 
 
+def test_api_page_says_what_each_property_annotation_means():
+    """Each property's entry says what its EmitsChangedSignal annotation in the XML says
+    ("Const." for const, "No change signal." for false), and the page says how to read them."""
+    text = rendered("io.wqd.WatchQueue1.5")
+    assert "org.freedesktop.DBus.Property.EmitsChangedSignal" in text
+    root = ET.parse(REPO / "data" / "dbus" / "io.wqd.WatchQueue1.xml").getroot()
+    for prop in root.iter("property"):
+        (value,) = [a.get("value") for a in prop.findall("annotation")
+                    if a.get("name") == "org.freedesktop.DBus.Property.EmitsChangedSignal"]
+        entry = text.split(f"{prop.get('name')} ({prop.get('type')})", 1)[1].split("\n\n", 1)[0]
+        said = "Const." if value == "const" else "no change signal"
+        assert said.lower() in " ".join(entry.split()).lower(), (prop.get("name"), value, entry)
+
+
+def test_api_page_documents_escaping_and_flow_control():
+    text = " ".join(rendered("io.wqd.WatchQueue1.5").split())
+    assert "`\\ooo', three octal digits" in text and "each backslash `\\\\'" in text
+    for case in ("A client that answers Ping", "A client that never answers Ping", "A client that stops reading"):
+        assert case in text, case
+
+
 def test_api_page_names_every_error():
     text = rendered("io.wqd.WatchQueue1.5")
     errors = api_errors()

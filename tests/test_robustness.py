@@ -154,3 +154,97 @@ async def test_a_storm_of_bad_calls_from_one_peer_does_not_stop_others(client_fa
     assert results[-1] == "1"
     assert all(r.error_name == INVALID for r in results[:-1])
     client.close()
+
+
+async def test_no_reply_calls_anywhere_are_answered_by_wqd_and_logged_once(wqd):
+    """Calls dbus-fast's own handlers would take (paths outside /io, the Peer interface,
+    no-reply calls) are wqd's: no traceback in the log, however many; the peer's bad calls
+    are logged once, and their count when it leaves."""
+    from dbus_fast import MessageFlag
+
+    client = await Client.connect(wqd.address, bus_class=FlowControlledBus)  # plain dbus-fast gives up on EAGAIN
+    name = client.bus.unique_name
+    before = len(wqd.log_text())
+    n = 1000
+    for i in range(n):
+        path = ("/", "/elsewhere", "/io/wqd/WatchQueue1/subscription/0001", MANAGER)[i % 4]
+        iface = ("org.freedesktop.DBus.Properties", "org.freedesktop.DBus.Introspectable", None, "no.such.Iface")[i % 4]
+        client.bus.send(Message(destination=BUS_NAME, path=path, interface=iface, member="Get", signature="ss",
+                                body=[IFACE, "Version"], flags=MessageFlag.NO_REPLY_EXPECTED))
+    assert await client.get(MANAGER, IFACE, "Version") == "1"  # answered after all of them
+    log = wqd.log_text()[before:]
+    assert "Traceback" not in log and "Unexpected error" not in log, log[:2000]
+    assert log.count(f"{name}: no-reply call") == 1, log[:2000]
+    assert len(log) < 4000, f"{len(log)} bytes of log for {n} bad calls"
+    client.close()
+    for _ in range(100):
+        if f"{name} left after" in wqd.log_text():
+            break
+        await asyncio.sleep(0.05)
+    assert f"{name} left after {n} bad calls" in wqd.log_text()
+
+
+async def test_calls_without_an_interface_are_looked_up_across_interfaces(client):
+    """D-Bus specification: with no INTERFACE field the member names the method on
+    whichever of the object's interfaces has it."""
+    for path in (MANAGER, "/"):
+        reply = await client.bus.call(Message(destination=BUS_NAME, path=path, member="Ping"))
+        assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+    reply = await client.bus.call(Message(destination=BUS_NAME, path=MANAGER, member="Get", signature="ss",
+                                          body=[IFACE, "Version"]))
+    assert reply.message_type == MessageType.METHOD_RETURN and reply.body[0].value == "1", reply.body
+    reply = await client.bus.call(Message(destination=BUS_NAME, path=MANAGER, member="GetMachineId"))
+    assert reply.message_type == MessageType.METHOD_RETURN and len(reply.body[0]) == 32, reply.body
+    reply = await client.bus.call(Message(destination=BUS_NAME, path=MANAGER, member="Close"))
+    assert reply.error_name == "org.freedesktop.DBus.Error.UnknownMethod"  # the subscription's, not the manager's
+    reply = await client.bus.call(Message(destination=BUS_NAME, path="/", member="Get", signature="ss",
+                                          body=[IFACE, "Version"]))
+    assert reply.error_name == "org.freedesktop.DBus.Error.UnknownMethod"  # "/" has no properties
+
+
+async def test_subscription_paths_are_canonical(client):
+    path = await client.watch("keys", "@u")
+    number = path.rsplit("/", 1)[1]
+    for alias in ("0" + number, "000" + number, "+" + number):
+        alias_path = path.rsplit("/", 1)[0] + "/" + alias
+        if not alias.replace("_", "").isalnum():
+            continue  # not a valid object path: the bus refuses it before wqd
+        reply = await raw_call(client, "Close", "", [], path=alias_path, iface=SUB_IFACE)
+        assert reply.error_name == "io.wqd.WatchQueue1.Error.NoSuchObject", (alias, reply.body)
+        reply = await raw_call(client, "Get", "ss", [SUB_IFACE, "Source"], path=alias_path,
+                               iface="org.freedesktop.DBus.Properties")
+        assert reply.error_name == "io.wqd.WatchQueue1.Error.NoSuchObject", (alias, reply.body)
+    assert await client.get(path, SUB_IFACE, "Source") == "keys"  # not closed through an alias
+
+
+@pytest.mark.parametrize("where", ["source", "target", "member", "interface", "property"])
+async def test_error_texts_are_bounded(client, where):
+    """A 1 MB argument never comes back whole: error texts stay a few hundred bytes."""
+    big = "x" * 1_000_000
+    if where == "source":
+        reply = await raw_call(client, "Watch", "ssa{sv}", [big, "", {}])
+    elif where == "target":
+        reply = await raw_call(client, "Watch", "ssa{sv}", ["keys", big, {}])
+    elif where == "property":
+        reply = await raw_call(client, "Get", "ss", [IFACE, big], iface="org.freedesktop.DBus.Properties")
+    else:  # names are bounded by the bus (255); still only a part is repeated
+        name = "a" * 200 if where == "member" else "a." + "b" * 200
+        reply = await raw_call(client, name if where == "member" else "Watch", "", [],
+                               iface=IFACE if where == "member" else name)
+    assert reply.message_type == MessageType.ERROR
+    text = reply.body[0] if reply.body else ""
+    assert len(text.encode()) <= 300, f"{len(text)} characters of error text"
+    assert "x" * 100 not in text and "a" * 100 not in text and "b" * 100 not in text
+
+
+async def test_a_member_two_interfaces_have_needs_its_interface(monkeypatch):
+    """No wqd object has such a member today; if one ever does, a call without an
+    interface is refused (the specification leaves the choice open) rather than guessed."""
+    from wqd.bus import service
+
+    assert service.WatchQueueService._resolve("manager", None, "Get") == "org.freedesktop.DBus.Properties"
+    monkeypatch.setitem(service.METHODS, IFACE, {**service.METHODS[IFACE], "Get": "ss"})
+    with pytest.raises(service.CallError) as caught:
+        service.WatchQueueService._resolve("manager", None, "Get")
+    assert caught.value.name == "org.freedesktop.DBus.Error.UnknownMethod" and "ambiguous" in caught.value.text
+    assert service.WatchQueueService._resolve("manager", IFACE, "Get") == IFACE

@@ -9,7 +9,7 @@ from dbus_fast.aio import MessageBus
 
 from wqd.bus.connection import connect
 from wqd.bus.signals import encode, marshal_body, signal_header
-from wqd.events import DeviceChanged, KeyChanged, MountChanged
+from wqd.events import DeviceChanged, FilesystemError, KeyChanged, MountChanged
 
 IFACE = "io.wqd.Subscription1"
 PATH = "/io/wqd/WatchQueue1/subscription/17"
@@ -20,6 +20,10 @@ PATH = "/io/wqd/WatchQueue1/subscription/17"
     ("DeviceChanged", "ssa{ss}", DeviceChanged("add", "/devices/virtual/block/loop3", "block",
                                                {"DEVNAME": "/dev/loop3", "ID_FS_TYPE": "ext4"}).body()),
     ("MountChanged", "stsa{ss}", MountChanged("attached", 2**40 + 3, "/mnt/ü", {"fstype": "tmpfs"}).body()),
+    ("MountChanged", "stsa{ss}", MountChanged("detached", 7, "/mnt/\udcff", {"source": "a\\b"}).body()),
+    ("DeviceChanged", "ssa{ss}", DeviceChanged("remove", "/devices/x", "block", {}).body()),
+    ("FilesystemError", "siu", FilesystemError("/mnt/data", -5, 3).body()),
+    ("Lost", "t", [2**64 - 1]),
     ("Lost", "t", [12]),
     ("Removed", "s", ["key removed"]),
 ])
@@ -62,6 +66,48 @@ async def test_batched_writer_delivers_in_order(session_bus):
         writer.flush()
         await asyncio.wait_for(done, 60)
         assert got == list(range(n))
+    finally:
+        sender.disconnect()
+        receiver.disconnect()
+
+
+def test_a_string_the_bus_cannot_carry_raises():
+    """wqd's marshaller refuses what is not UTF-8 (the emitter answers that with Lost(1))
+    instead of sending bytes the bus would reject by dropping wqd's connection."""
+    with pytest.raises(UnicodeEncodeError):
+        marshal_body("ssa{ss}", ["add", "/devices/\udcff", {}])
+    with pytest.raises(UnicodeEncodeError):
+        marshal_body("ssa{ss}", ["add", "/devices/x", {"ID_FS_LABEL": "\udcfe"}])
+
+
+@pytest.mark.asyncio
+async def test_an_event_that_cannot_be_marshalled_costs_lost_one_in_its_place(session_bus):
+    """The real emitter on a real bus: an event with a string the bus cannot carry (as a
+    source decoding with surrogateescape and not escaping would make) reaches its
+    subscriber as Lost(1) where it was, counted lost, not delivered; the batch goes on."""
+    from wqd.bus.emitter import SignalEmitter
+    from wqd.hub import Hub, Subscription
+    from wqd.peer import PeerCredentials
+    from wqd.policy import PolicyStack
+
+    sender = await connect(session_bus.address)
+    receiver = await MessageBus(bus_address=session_bus.address).connect()
+    try:
+        got = []
+        receiver.add_message_handler(lambda m: got.append((m.member, m.body))
+                                     if m.message_type == MessageType.SIGNAL and m.path == PATH else None)
+        hub = Hub({}, PolicyStack([]))
+        SignalEmitter(sender, hub)
+        sub = Subscription(17, PeerCredentials(receiver.unique_name, 0), "devices", None, {})
+        for devpath in ("/devices/a", "/devices/\udcff", "/devices/b"):
+            hub.enqueue(sub, DeviceChanged("change", devpath, "mem", {}))
+        for _ in range(100):
+            if len(got) >= 3:
+                break
+            await asyncio.sleep(0.05)
+        assert got == [("DeviceChanged", ["change", "/devices/a", {}]), ("Lost", [1]),
+                       ("DeviceChanged", ["change", "/devices/b", {}])]
+        assert (sub.delivered, sub.lost) == (2, 1)
     finally:
         sender.disconnect()
         receiver.disconnect()

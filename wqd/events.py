@@ -20,6 +20,35 @@ KEY_CHANGES = (
 KEY_CHANGE_SUBTYPE = {name: i for i, name in enumerate(KEY_CHANGES)}
 
 
+def bus_string(text: str) -> str:
+    r"""*text* (a path or mount string the kernel gave as bytes, decoded with
+    ``surrogateescape``) as a string the bus can carry, reversibly: every byte
+    that is not part of valid UTF-8 is written ``\ooo`` (three octal digits, as
+    /proc/self/mountinfo writes its escapes) and every backslash ``\\``. Valid
+    UTF-8 without a backslash, nearly every string, comes back unchanged. To
+    undo: ``\\`` is a backslash, ``\ooo`` the byte ``ooo``, anything else itself.
+    """
+    if "\\" not in text:
+        if text.isascii():
+            return text
+        try:
+            text.encode("utf-8")
+            return text
+        except UnicodeEncodeError:
+            pass
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif "\udc80" <= ch <= "\udcff":  # a byte surrogateescape could not decode
+            out.append(f"\\{ord(ch) - 0xdc00:03o}")
+        elif "\ud800" <= ch <= "\udfff":  # any other lone surrogate: its bytes, escaped
+            out.extend(f"\\{b:03o}" for b in ch.encode("utf-8", "surrogatepass"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """Base of everything a source emits. ``route`` picks the subscriptions."""
@@ -145,7 +174,9 @@ class MountChanged(Event):
         return self.mnt_ns
 
     def body(self) -> list:
-        return [self.action, self.mount_id, self.mount_point, self.info]
+        # what goes on the bus: mount strings escaped (bus_string), the event itself as the kernel said
+        return [self.action, self.mount_id, bus_string(self.mount_point),
+                {bus_string(k): bus_string(v) for k, v in self.info.items()}]
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +194,7 @@ class FilesystemError(Event):
         return self.mount_point
 
     def body(self) -> list:
-        return [self.mount_point, self.error, self.count]
+        return [bus_string(self.mount_point), self.error, self.count]
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,9 @@ from dbus_fast import BusType, Message, MessageType, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
 from dbus_fast.errors import DBusError
-from dbus_fast.aio.message_bus import _MessageWriter
+
+from wqd.bus import dbus_fast_internals as internals
+from wqd.bus.dbus_fast_internals import MessageWriter
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ BUS_PATH = "/org/freedesktop/DBus"
 FORGERS_LOGGED = 256  # distinct senders of forged replies named in the log; the rest are counted
 
 
-class FlowControlledWriter(_MessageWriter):
+class FlowControlledWriter(MessageWriter):
     def __init__(self, bus: MessageBus) -> None:
         super().__init__(bus)
         self.armed = False
@@ -99,14 +101,14 @@ class FlowControlledWriter(_MessageWriter):
         except Exception as exc:
             fut, self.fut = self.fut, None
             if fut is not None and not fut.done():
-                if self.bus._user_disconnect:
+                if internals.user_disconnect(self.bus):
                     fut.set_result(None)
                 else:
                     fut.set_exception(exc)
             waiter, self._waiter = self._waiter, None
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
-            self.bus._finalize(exc)
+            internals.finalize(self.bus, exc)
 
     def _send_batch(self, sock) -> bool:
         """Hand queued messages without fds to the kernel in one ``sendmsg``.
@@ -204,7 +206,7 @@ class FlowControlledBus(MessageBus):
     async def call_from(self, msg: Message, sender: str) -> Message:
         """``call()``, but only a reply from *sender* (a unique name, or the bus
         daemon's ``org.freedesktop.DBus``) answers it."""
-        if self._disconnected:  # dbus-fast private (a public cdef field of BaseMessageBus)
+        if internals.disconnected(self):
             raise DBusError("org.freedesktop.DBus.Error.Disconnected", "not connected to the bus")
         if not msg.serial:
             msg.serial = self.next_serial()
@@ -243,9 +245,9 @@ class FlowControlledBus(MessageBus):
             return None
         entry = self._checked.get(msg.reply_serial)
         if entry is None:
-            # dbus-fast private: its own pending calls (Hello). Nothing else asked
-            # for this reply: keep none of the fds it carries.
-            if msg.unix_fds and msg.reply_serial not in self._method_return_handlers:
+            # dbus-fast's own pending calls (Hello, bus.call) take it. Nothing else
+            # asked for this reply: keep none of the fds it carries.
+            if msg.unix_fds and not internals.awaits_reply(self, msg.reply_serial):
                 close_fds(msg)
             return None
         sender, callback = entry
@@ -266,9 +268,9 @@ class FlowControlledBus(MessageBus):
             log.warning("%d forged replies ignored so far", self.forged_replies)
         return True  # handled: neither another handler nor dbus-fast sees it
 
-    def _finalize(self, err: Exception | None = None) -> None:
-        # dbus-fast private: called once when the connection ends (aio's override).
-        super()._finalize(err)
+    def _connection_ended(self, ended: asyncio.Future) -> None:
+        """Fail the checked calls still pending (``wait_for_disconnect`` is done)."""
+        err = None if ended.cancelled() else ended.exception()
         pending, self._checked = self._checked, {}
         exc = err or DBusError("org.freedesktop.DBus.Error.Disconnected", "the bus connection ended")
         for _sender, callback in pending.values():
@@ -281,22 +283,25 @@ class FlowControlledBus(MessageBus):
 
     async def connect(self) -> FlowControlledBus:
         await super().connect()
+        self._end_watch = asyncio.ensure_future(self.wait_for_disconnect())
+        self._end_watch.add_done_callback(self._connection_ended)
         # What the kernel buffers is queued ahead of every reply too: bound it
         # (the default, net.core.wmem_default, holds a second of signals).
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        old = self._writer
+        internals.sock(self).setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        old = internals.writer(self)
         new = FlowControlledWriter(self)
         new.messages.extend(old.messages)
         new.buf, new.offset, new.fut, new.unix_fds = old.buf, old.offset, old.fut, old.unix_fds
-        self._loop.remove_writer(self._fd)
-        self._writer = new
+        internals.loop(self).remove_writer(internals.fd(self))
+        internals.set_writer(self, new)
         if new.backlog:
             new.write_callback()
         return self
 
     @property
     def backlog(self) -> int:
-        return self._writer.backlog if self._writer is not None else 0
+        writer = internals.writer(self)
+        return writer.backlog if writer is not None else 0
 
 
 def close_fds(msg: Message) -> None:

@@ -16,18 +16,39 @@ reads it, and dbus-daemon counts those bytes against *wqd's* allowance
 reading would, given enough events, make the bus stop reading from wqd, and
 every other peer would wait with it. So wqd keeps account per peer: after
 ``PING_EVERY`` bytes of signals it sends the peer ``org.freedesktop.DBus.Peer.Ping``
-(every bus library answers it; an answer *from the peer* proves it read what
-came before, since the bus keeps order). A peer with ``PEER_BUDGET`` bytes
-unacknowledged, or whose uid's peers have ``UID_BUDGET``, is *paused*: nothing
-more is sent to it until it answers. Its queues still hold the sources back
-(``Hub``'s back-pressure), so a slow reader loses nothing; but a peer paused for
-``STALL_AFTER`` seconds is *stalled*: its queues stop holding the sources back,
-fill, and count ``Lost`` like any full queue. A uid that had a peer stalled in
-the last ``GRACE_COOLDOWN`` seconds gets no grace: its paused peers stall at
-once (so opening connection after connection cannot keep the sources waiting).
-When the peer answers it gets what is queued, then ``Lost(n)``, then what
-follows. If the bus policy forbids the Ping (an old ``io.wqd.WatchQueue1.conf``)
-wqd logs it and goes without.
+(an answer *from the peer* proves it read what came before, since the bus keeps
+order). A peer with ``PEER_BUDGET`` bytes unacknowledged, or whose uid's peers
+have ``UID_BUDGET``, is *paused*: nothing more is sent to it until it answers.
+Its queues still hold the sources back (``Hub``'s back-pressure), so a slow
+reader loses nothing; but a peer paused for ``STALL_AFTER`` seconds is
+*stalled*: its queues stop holding the sources back, fill, and count ``Lost``
+like any full queue. A uid that had a peer stalled in the last
+``GRACE_COOLDOWN`` seconds gets no grace: its paused peers stall at once (so
+opening connection after connection cannot keep the sources waiting).
+
+Not every library answers Ping (jeepney does not; GDBus answers from a worker
+thread), and no other sign of a peer's progress works on every bus (dbus-daemon's
+``Debug.Stats`` is denied by Debian's system policy; dbus-broker has none). So a
+stalled peer is *probed*: every ``PROBE_EVERY`` seconds whatever a queue that
+overflowed holds ahead of its ``Lost`` is folded into that ``Lost`` (so the count comes
+first, at once, not behind a pause), and a window of ``PROBE_WINDOW`` bytes is
+sent: the ``Lost``, then events in order; then it is paused again, with a Ping
+if none is outstanding. A peer that answers resumes fully. A peer that never
+answers gets a ``PROBE_WINDOW`` a period for as long as its unanswered bytes stay
+under ``PROBE_LIMIT`` (its uid's under ``UID_BUDGET``, everyone's under
+``PROBE_TOTAL``): that bounds what stopped peers can make the bus hold, per
+peer, per uid and in all (frozen sessions of many users included). Past that limit wqd
+logs it once and sends it nothing more until it answers a Ping (its ``Lost``
+property keeps counting). When the peer answers it gets what is queued, then
+``Lost(n)``, then what follows. If the bus policy forbids the Ping (an old
+``io.wqd.WatchQueue1.conf``) wqd logs it and goes without. Each unanswered
+Ping is a pending reply the bus counts against wqd (dbus-daemon's
+``max_replies_per_connection``), so one uid's peers have at most ``UID_PINGS``
+outstanding: peers that never answer cannot use up wqd's allowance for everyone.
+
+A body that cannot be marshalled (a string that is not valid UTF-8 in an
+event no source escaped) costs its subscribers ``Lost(1)`` in its place,
+logged; the batch goes on.
 """
 
 from __future__ import annotations
@@ -36,14 +57,14 @@ import asyncio
 import logging
 from collections import deque
 from dataclasses import dataclass
-from functools import partial
 
 from dbus_fast import Message, MessageType
 
-from wqd.bus.names import SUBSCRIPTION_INTERFACE, subscription_path
+from wqd.bus import dbus_fast_internals as internals
+from wqd.bus.names import PEER_INTERFACE, SUBSCRIPTION_INTERFACE, subscription_path
 from wqd.bus.signals import encode, marshal_body, signal_header
 from wqd.events import Event
-from wqd.hub import EndMark, Hub, LostMark, Subscription
+from wqd.hub import EndMark, Hub, LostMark, Preload, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +76,13 @@ UID_BUDGET = 8 << 20  # the same, for all the connections of one uid together
 RETRY = 1.0  # seconds before asking again when the bus refused to pass a Ping on
 STALL_AFTER = 2.0  # seconds a paused peer's queues may hold the sources back
 GRACE_COOLDOWN = 60.0  # seconds after a stall during which the uid's peers get no grace
+PROBE_EVERY = 1.0  # seconds between the windows a stalled peer gets
+PROBE_WINDOW = 16 << 10  # bytes of signals in one window
+PROBE_LIMIT = 2 << 20  # unanswered bytes past which a stalled peer gets no more windows
+UID_PINGS = 16  # unanswered Pings one uid's peers may have (each is a pending reply the bus counts for wqd)
+PROBE_TOTAL = 32 << 20  # ... and all peers together (a quarter of a system bus's max_incoming_bytes)
 BUS = "org.freedesktop.DBus"
+_LOST_ONE = marshal_body("t", [1])
 
 
 @dataclass(eq=False, slots=True)
@@ -69,9 +96,12 @@ class Credit:
     ping: int | None = None  # ``sent`` when the unanswered Ping went out
     paused: bool = False
     stalled: bool = False
+    window: int = 0  # bytes left in the open probe window (stalled peers only)
+    capped: bool = False  # past PROBE_LIMIT: said so in the log
     subs: set | None = None  # the subscriptions paused for it, ended ones included
     retry: asyncio.TimerHandle | None = None
     stall_timer: asyncio.TimerHandle | None = None
+    probe: asyncio.TimerHandle | None = None
 
     @property
     def unacked(self) -> int:
@@ -90,7 +120,11 @@ class SignalEmitter:
         self._headers: dict[Subscription, dict[str, bytes]] = {}  # marshalled once per member
         self._credit: dict[str, Credit] = {}
         self._uid_unacked: dict[int, int] = {}
+        self._unacked = 0  # all peers' unanswered bytes together
         self._uid_stalled: dict[int, float] = {}  # uid -> when one of its peers last stalled
+        self._pings: set[asyncio.Task] = set()  # at most one per peer
+        self._uid_pings: dict[int, int] = {}  # uid -> its peers' unanswered Pings
+        self.unmarshallable = 0  # events that could not be marshalled (each cost Lost(1))
         self.pinging = True  # False once the bus policy refused a Ping
         hub.outlet = self
 
@@ -116,6 +150,9 @@ class SignalEmitter:
 
     def forget(self, sub: Subscription) -> None:
         self._headers.pop(sub, None)
+        credit = self._credit.get(sub.peer)
+        if credit is not None and credit.subs:
+            credit.subs.discard(sub)  # a peer paused for long must not keep every sub it closed
         if sub in self._queued:
             self._queued.discard(sub)
             try:
@@ -126,7 +163,7 @@ class SignalEmitter:
     def _drain(self) -> None:
         self._scheduled = False
         bus = self.bus
-        writer = bus._writer
+        writer = internals.writer(bus)
         if writer is None:
             return
         try:
@@ -164,8 +201,12 @@ class SignalEmitter:
                 member, signature = item.signal, item.signature
                 cached = bodies.get(id(item))
                 if cached is None:
-                    cached = bodies[id(item)] = (item, marshal_body(signature, item.body()))
+                    cached = bodies[id(item)] = (item, self._marshal(item))
                 body = cached[1]
+                if body is None:  # told in its place, in order: Lost(1)
+                    sub.delivered -= 1
+                    sub.lost += 1
+                    member, signature, body = "Lost", "t", _LOST_ONE
             elif isinstance(item, LostMark):
                 member, signature, body = "Lost", "t", marshal_body("t", [item.count])
             else:
@@ -183,41 +224,82 @@ class SignalEmitter:
             if isinstance(item, EndMark):
                 hub.forget(sub)
             if self.pinging:
-                self._account(sub, len(message), queue, next_serial)
+                self._account(sub, len(message))
+
+    def _marshal(self, event: Event) -> bytes | None:
+        try:
+            return marshal_body(event.signature, event.body())
+        except Exception as exc:  # a string the bus cannot carry, a value out of range
+            self.unmarshallable += 1
+            n = self.unmarshallable
+            if n & (n - 1) == 0:  # the 1st, 2nd, 4th, ...: never a log line per event
+                log.warning("a %s event could not be marshalled (%s: %s); its subscribers get Lost(1) "
+                            "in its place (%d such events so far)", event.signal, type(exc).__name__,
+                            str(exc)[:120], n)
+            return None
 
     # -- acknowledgements ----------------------------------------------------
 
-    def _account(self, sub: Subscription, size: int, queue, next_serial) -> None:
+    def _account(self, sub: Subscription, size: int) -> None:
         credit = self._credit.get(sub.peer)
         if credit is None:
             credit = self._credit[sub.peer] = Credit(sub.peer, sub.owner.uid)
         credit.sent += size
         uid_unacked = self._uid_unacked[credit.uid] = self._uid_unacked.get(credit.uid, 0) + size
+        self._unacked += size
+        if credit.paused:
+            if credit.window > 0:  # a probe window is open: count it down
+                if sub not in credit.subs:
+                    self._pause_sub(credit, sub)
+                    sub.paused = False
+                credit.window -= size
+                if credit.window <= 0 or uid_unacked >= UID_BUDGET or self._unacked >= PROBE_TOTAL:
+                    self._close_window(credit)
+            elif not sub.paused:  # made while its peer was paused
+                self._pause_sub(credit, sub)
+            return
         unacked = credit.unacked
         over = unacked >= PEER_BUDGET or uid_unacked >= UID_BUDGET
         if credit.ping is None and (unacked >= PING_EVERY or over):
-            self._ping(credit, queue, next_serial)
-        if over and not credit.paused:
+            self._ping(credit)
+        if over:
             self._pause(credit)
-        elif credit.paused and not sub.paused:  # made while its peer was paused
-            self._pause_sub(credit, sub)
 
-    def _ping(self, credit: Credit, queue=None, next_serial=None) -> None:
-        bus = self.bus
-        if queue is None:
-            writer = bus._writer
-            if writer is None:
-                return
-            queue, next_serial = writer.queue, bus.next_serial
-        msg = Message(destination=credit.peer, path="/", interface="org.freedesktop.DBus.Peer", member="Ping",
-                      serial=next_serial())
-        credit.ping = credit.sent
-        # Only the peer's own answer (or the bus's error) settles it: a Pong forged by
-        # another peer is ignored and this one still awaited (FlowControlledBus).
-        bus.expect_reply(msg.serial, credit.peer, partial(self._pong, credit, credit.sent))
-        queue(msg._marshall(False))
+    def _ping(self, credit: Credit) -> None:
+        """Ask *credit*'s peer for a Ping answer, behind what it has been sent (``call_from``
+        queues the call on the same writer, after the signals)."""
+        uid = credit.uid
+        pending = self._uid_pings.get(uid, 0)
+        if pending >= UID_PINGS:
+            return  # asked again when a window closes or a Ping of the uid's is answered
+        self._uid_pings[uid] = pending + 1
+        mark = credit.ping = credit.sent
+        msg = Message(destination=credit.peer, path="/", interface=PEER_INTERFACE, member="Ping")
+        task = self.loop.create_task(self._ask(credit, mark, msg))
+        self._pings.add(task)
+        task.add_done_callback(self._pings.discard)
 
-    def _pong(self, credit: Credit, mark: int, reply: Message | None, err: Exception | None) -> None:
+    async def _ask(self, credit: Credit, mark: int, msg: Message) -> None:
+        try:
+            # Only the peer's own answer (or the bus's error) counts: a Pong forged by
+            # another peer is ignored and this one still awaited (FlowControlledBus).
+            reply = await self.bus.call_from(msg, credit.peer)
+        except Exception:  # the connection is closing
+            reply = None
+        finally:
+            left = self._uid_pings.get(credit.uid, 0) - 1
+            if left > 0:
+                self._uid_pings[credit.uid] = left
+            else:
+                self._uid_pings.pop(credit.uid, None)
+        self._pong(credit, mark, reply)
+        if left == UID_PINGS - 1:  # the uid was at its cap: a paused peer of it waiting to be asked
+            for other in self._credit.values():
+                if other.uid == credit.uid and other.paused and other.ping is None and other.unacked:
+                    self._ping(other)
+                    break
+
+    def _pong(self, credit: Credit, mark: int, reply: Message | None) -> None:
         if credit.ping == mark:
             credit.ping = None
         if self._credit.get(credit.peer) is not credit:
@@ -244,7 +326,6 @@ class SignalEmitter:
             self._resume(credit)
         elif credit.unacked >= PING_EVERY and credit.ping is None:
             self._ping(credit)
-            self._flush()
         if uid_was_over and self._uid_unacked.get(credit.uid, 0) < UID_BUDGET:
             for other in list(self._credit.values()):  # paused for the uid's total, not their own
                 if other.paused and other.uid == credit.uid and other.unacked < PEER_BUDGET:
@@ -254,7 +335,6 @@ class SignalEmitter:
         credit.retry = None
         if self._credit.get(credit.peer) is credit and credit.ping is None and credit.unacked:
             self._ping(credit)
-            self._flush()
 
     def _settle(self, credit: Credit, mark: int) -> None:
         """The peer has read everything up to *mark*."""
@@ -262,6 +342,7 @@ class SignalEmitter:
             return
         done = mark - credit.acked
         credit.acked = mark
+        self._unacked -= done
         left = self._uid_unacked.get(credit.uid, 0) - done
         if left > 0:
             self._uid_unacked[credit.uid] = left
@@ -295,15 +376,69 @@ class SignalEmitter:
         self._uid_stalled[credit.uid] = self.loop.time()
         for sub in credit.subs:
             self.hub.stall(sub, True)
+        credit.probe = self.loop.call_later(PROBE_EVERY, self._probe, credit)
         log.warning("%s stopped reading its signals: its subscriptions no longer hold the sources back and "
                     "count Lost until it reads", credit.peer)
 
+    # -- probing a stalled peer ------------------------------------------------
+
+    def _probe(self, credit: Credit) -> None:
+        """Every PROBE_EVERY seconds while *credit*'s peer is stalled: its Lost, then a window."""
+        credit.probe = None
+        if not credit.stalled or self._credit.get(credit.peer) is not credit:
+            return
+        credit.probe = self.loop.call_later(PROBE_EVERY, self._probe, credit)
+        if (credit.unacked >= PROBE_LIMIT or self._uid_unacked.get(credit.uid, 0) >= UID_BUDGET
+                or self._unacked >= PROBE_TOTAL):
+            if credit.window > 0:
+                self._close_window(credit)
+            if not credit.capped:
+                credit.capped = True
+                log.warning("%s has neither answered a Ping nor left with %d bytes of signals unread: "
+                            "nothing more goes to it until it answers one", credit.peer, credit.unacked)
+            return
+        credit.window = PROBE_WINDOW
+        for sub in list(credit.subs):
+            self._fold(sub)
+            sub.paused = False
+            if sub.queue:
+                self.wake(sub)
+
+    def _fold(self, sub: Subscription) -> None:
+        """Count what *sub*'s queue holds ahead of a LostMark at its tail as lost, in that
+        mark: the subscriber learns of its loss now, in order, rather than after a backlog."""
+        queue = sub.queue
+        # Only a loss at the tail (a queue that overflowed and still does): events after an
+        # older loss came when there was room, and the window delivers them in order. So the
+        # check is O(1), and each event is folded at most once.
+        if len(queue) < 2 or not sub.stalled or not isinstance(queue[-1], LostMark):
+            return
+        ahead = len(queue) - 1
+        folded = counted = 0
+        for _ in range(ahead):
+            item = queue.popleft()
+            if isinstance(item, Preload):
+                folded += len(item.events)
+            elif isinstance(item, Event):
+                folded += 1
+                sub.queued_events -= 1  # stalled: not counted in the hub's back-pressure
+            elif isinstance(item, LostMark):
+                counted += item.count  # an older loss, in ``lost`` already
+        queue[0].count += folded + counted
+        sub.lost += folded
+
+    def _close_window(self, credit: Credit) -> None:
+        credit.window = 0
+        for sub in credit.subs:
+            sub.paused = True
+        if credit.ping is None:
+            self._ping(credit)
+
     def _resume(self, credit: Credit) -> None:
-        if credit.stall_timer is not None:
-            credit.stall_timer.cancel()
-            credit.stall_timer = None
+        self._cancel_timers(credit)
         was_stalled = credit.stalled
-        credit.paused = credit.stalled = False
+        credit.paused = credit.stalled = credit.capped = False
+        credit.window = 0
         subs, credit.subs = credit.subs or (), None
         for sub in subs:
             sub.paused = False
@@ -314,10 +449,10 @@ class SignalEmitter:
             log.info("%s reads again: delivering to it", credit.peer)
 
     def _cancel_timers(self, credit: Credit) -> None:
-        for timer in (credit.retry, credit.stall_timer):
+        for timer in (credit.retry, credit.stall_timer, credit.probe):
             if timer is not None:
                 timer.cancel()
-        credit.retry = credit.stall_timer = None
+        credit.retry = credit.stall_timer = credit.probe = None
 
     def _stop_pinging(self) -> None:
         self.pinging = False
@@ -327,15 +462,11 @@ class SignalEmitter:
             self._cancel_timers(credit)
         self._credit.clear()
         self._uid_unacked.clear()
-
-    def _flush(self) -> None:
-        writer = self.bus._writer
-        if writer is not None:
-            writer.flush()
+        self._unacked = 0
 
     async def _wait_writer(self) -> None:
         try:
-            writer = self.bus._writer
+            writer = internals.writer(self.bus)
             if writer is not None:
                 await writer.wait_backlog(HIGH_WATER // 2)
         finally:

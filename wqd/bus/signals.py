@@ -7,6 +7,13 @@ event: the emitter marshals it once, however many subscribers get that event.
 The bytes are exactly what dbus-fast's ``Message._marshall`` produces
 (tests/test_signal_marshal.py compares them).
 
+The marshaller is wqd's own (the few types wqd's signals use), not dbus-fast's
+private ``dbus_fast._private.marshaller``: wqd depends on dbus-fast's public API
+where it can (see ``wqd.bus.dbus_fast_internals``). A string the bus cannot
+carry (not valid UTF-8) raises ``UnicodeEncodeError`` here; the emitter answers
+that with ``Lost(1)`` for that subscriber (mount strings are escaped before
+they get here, ``wqd.events.bus_string``).
+
 Wire format (D-Bus specification, "Message Format"): a 16-byte fixed header
 (endianness, type, flags, version, body length, serial), the header fields
 ``a(yv)``, padding to 8 bytes, then the body.
@@ -17,7 +24,6 @@ from __future__ import annotations
 import struct
 
 from dbus_fast import Variant
-from dbus_fast._private.marshaller import Marshaller
 
 LITTLE_ENDIAN = ord("l")
 SIGNAL = 4  # MessageType.SIGNAL
@@ -30,6 +36,92 @@ FIELD_DESTINATION = 6
 FIELD_SIGNATURE = 8
 
 _LENGTH_SERIAL = struct.Struct("<II")
+_U32 = struct.Struct("<I")
+_FIXED = {"y": (1, struct.Struct("<B")), "b": (4, struct.Struct("<I")), "n": (2, struct.Struct("<h")),
+          "q": (2, struct.Struct("<H")), "i": (4, struct.Struct("<i")), "u": (4, struct.Struct("<I")),
+          "x": (8, struct.Struct("<q")), "t": (8, struct.Struct("<Q")), "d": (8, struct.Struct("<d"))}
+_ALIGN = {**{c: a for c, (a, _) in _FIXED.items()}, "s": 4, "o": 4, "g": 1, "v": 1, "a": 4, "(": 8, "{": 8}
+
+
+def _split(signature: str) -> list[str]:
+    """The complete types of *signature*, in order."""
+    types, i = [], 0
+    while i < len(signature):
+        j = i
+        while signature[j] == "a":
+            j += 1
+        if signature[j] in "({":
+            depth = 0
+            while True:
+                depth += signature[j] in "({"
+                depth -= signature[j] in ")}"
+                j += 1
+                if not depth:
+                    break
+        else:
+            j += 1
+        types.append(signature[i:j])
+        i = j
+    return types
+
+
+def _pad(buf: bytearray, align: int) -> None:
+    buf += b"\0" * (-len(buf) % align)
+
+
+def _write(buf: bytearray, t: str, value) -> None:
+    c = t[0]
+    fixed = _FIXED.get(c)
+    if fixed is not None:
+        _pad(buf, fixed[0])
+        buf += fixed[1].pack(value)
+    elif c in "so":
+        data = value.encode("utf-8")  # strict: a lone surrogate raises UnicodeEncodeError
+        _pad(buf, 4)
+        buf += _U32.pack(len(data))
+        buf += data
+        buf += b"\0"
+    elif c == "g":
+        data = value.encode("ascii")
+        buf.append(len(data))
+        buf += data
+        buf += b"\0"
+    elif c == "v":
+        _write(buf, "g", value.signature)
+        _write(buf, value.signature, value.value)
+    elif c in "({":
+        _pad(buf, 8)
+        members = _split(t[1:-1])
+        for member, item in zip(members, value, strict=True):
+            _write(buf, member, item)
+    elif c == "a":
+        _pad(buf, 4)
+        at = len(buf)
+        buf += b"\0\0\0\0"
+        element = t[1:]
+        _pad(buf, _ALIGN[element[0]])
+        start = len(buf)
+        if element[0] == "{":
+            for item in value.items():
+                _write(buf, element, item)
+        else:
+            for item in value:
+                _write(buf, element, item)
+        _U32.pack_into(buf, at, len(buf) - start)
+    else:
+        raise ValueError(f"type {c!r} is not marshalled by wqd")
+
+
+def marshal(signature: str, body) -> bytearray:
+    buf = bytearray()
+    for t, value in zip(_split(signature), body, strict=True):
+        _write(buf, t, value)
+    return buf
+
+
+def _header(kind: int, fields: list) -> bytes:
+    header = marshal("yyyyuua(yv)", [LITTLE_ENDIAN, kind, 0, PROTOCOL_VERSION, 0, 0, fields])
+    return bytes(header + b"\0" * (-len(header) % 8))
 
 
 def signal_header(destination: str, path: str, interface: str, member: str, signature: str) -> bytes:
@@ -42,12 +134,11 @@ def signal_header(destination: str, path: str, interface: str, member: str, sign
     ]
     if signature:
         fields.append((FIELD_SIGNATURE, Variant("g", signature)))
-    header = bytes(Marshaller("yyyyuua(yv)", [LITTLE_ENDIAN, SIGNAL, 0, PROTOCOL_VERSION, 0, 0, fields]).marshall())
-    return header + b"\0" * (-len(header) % 8)
+    return _header(SIGNAL, fields)
 
 
 def marshal_body(signature: str, body: list) -> bytes:
-    return bytes(Marshaller(signature, body).marshall()) if signature else b""
+    return bytes(marshal(signature, body)) if signature else b""
 
 
 def encode(header: bytes, body: bytes, serial: int) -> bytearray:
