@@ -1,0 +1,62 @@
+"""Reaching the bus within a bound, for wqd and wqctl.
+
+A wrong address, or a socket whose owner accepts and never speaks (a stopped or
+wedged bus, or anything else listening there), would otherwise leave the caller
+in the SASL handshake or waiting for the ``Hello`` reply forever. ``reach``
+bounds the whole of connect + authenticate + ``Hello`` and turns every way it
+can fail into one ``BusUnreachable`` whose text is a single line naming the
+address.
+
+dbus-fast before 5.0 connects the socket, blocking, in ``MessageBus()``: that
+connect returns at once for a unix socket that is listening (even one that
+never accepts) and fails at once where nothing listens, so the bound still holds
+but for a listener whose backlog is full.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = 25.0  # seconds: libdbus's and busctl's default reply timeout
+SYSTEM_BUS_DEFAULT = "unix:path=/var/run/dbus/system_bus_socket"  # D-Bus specification
+
+
+class BusUnreachable(Exception):
+    """The bus could not be reached within the bound; the text names the address."""
+
+
+def seconds(text: str) -> float:
+    """argparse type of ``--connect-timeout`` / ``--timeout``: seconds in (0, 3600]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be seconds in 0..3600, not {text!r}")
+    return value
+
+
+def describe(address: str | None, system: bool) -> str:
+    """The address a connection will try: *address*, else the system or session bus's."""
+    if address:
+        return address
+    if system:
+        return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or SYSTEM_BUS_DEFAULT
+    return os.environ.get("DBUS_SESSION_BUS_ADDRESS") or "the session bus (DBUS_SESSION_BUS_ADDRESS is unset)"
+
+
+async def reach(connecting: Callable[[], Awaitable[T]], where: str, timeout: float) -> T:
+    """``await connecting()`` (construct, connect, authenticate, Hello) within *timeout* seconds."""
+    try:
+        return await asyncio.wait_for(connecting(), timeout)
+    except TimeoutError:  # before OSError: TimeoutError is one
+        raise BusUnreachable(f"cannot connect to the bus at {where}: no answer within {timeout:g} s") from None
+    except Exception as exc:  # OSError, AuthError, InvalidAddressError, EOF mid-handshake, ...
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise BusUnreachable(f"cannot connect to the bus at {where}: {text}") from None
