@@ -187,6 +187,8 @@ in_root python3 -c 'import sys, dbus_fast, pyudev, systemd.daemon; print(dbus_fa
 # the installed wqd on a private bus, asked by the installed wqctl
 in_root dbus-daemon --session --fork --nopidfile --print-address=3 --print-pid=4 3>"$REPORT/bus-address" 4>"$REPORT/bus-pid"
 ADDRESS=$(head -n1 "$REPORT/bus-address")
+WQD=
+trap 'kill -TERM $WQD "$(head -n1 "$REPORT/bus-pid")" 2>/dev/null || true' EXIT  # whatever fails below
 chroot "$R" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 \
   wqd --address "$ADDRESS" --connect-timeout 30 --log-target stderr > "$REPORT/wqd.log" 2>&1 &
 WQD=$!  # chroot and env exec: this is wqd
@@ -196,10 +198,11 @@ for i in $(seq 1 120); do
   sleep 0.5
 done
 echo $rc > "$REPORT/status-rc"
-kill -TERM $WQD
+kill -TERM $WQD || true
 wqd_rc=0; wait $WQD || wqd_rc=$?
 echo $wqd_rc > "$REPORT/wqd-rc"
 kill -TERM "$(head -n1 "$REPORT/bus-pid")" || true
+trap - EXIT
 
 in_root dpkg -r wqd > "$REPORT/remove.log" 2>&1
 snapshot removed
