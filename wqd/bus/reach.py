@@ -7,10 +7,13 @@ bounds the whole of connect + authenticate + ``Hello`` and turns every way it
 can fail into one ``BusUnreachable`` whose text is a single line naming the
 address.
 
-dbus-fast before 5.0 connects the socket, blocking, in ``MessageBus()``: that
-connect returns at once for a unix socket that is listening (even one that
-never accepts) and fails at once where nothing listens, so the bound still holds
-but for a listener whose backlog is full.
+dbus-fast before 5.0 (Debian 12 has 1.84.2) connects the socket, blocking, in
+``MessageBus()``, where no event-loop timer can interrupt it. That connect
+returns at once for a listening unix socket, but blocks for as long as the
+listener's backlog stays full (a stopped bus that many clients tried): so for
+the connect, sockets get the bound as their default timeout, and the blocking
+connect gives up in time too. dbus-fast 5 makes its sockets non-blocking at
+once, where the default does not matter.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -53,6 +57,8 @@ def describe(address: str | None, system: bool) -> str:
 
 async def reach(connecting: Callable[[], Awaitable[T]], where: str, timeout: float) -> T:
     """``await connecting()`` (construct, connect, authenticate, Hello) within *timeout* seconds."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)  # see above: dbus-fast < 5's blocking connect
     try:
         return await asyncio.wait_for(connecting(), timeout)
     except TimeoutError:  # before OSError: TimeoutError is one
@@ -60,3 +66,5 @@ async def reach(connecting: Callable[[], Awaitable[T]], where: str, timeout: flo
     except Exception as exc:  # OSError, AuthError, InvalidAddressError, EOF mid-handshake, ...
         text = " ".join(str(exc).split()) or type(exc).__name__
         raise BusUnreachable(f"cannot connect to the bus at {where}: {text}") from None
+    finally:
+        socket.setdefaulttimeout(previous)
