@@ -11,9 +11,10 @@ dbus-fast before 5.0 (Debian 12 has 1.84.2) connects the socket, blocking, in
 ``MessageBus()``, where no event-loop timer can interrupt it. That connect
 returns at once for a listening unix socket, but blocks for as long as the
 listener's backlog stays full (a stopped bus that many clients tried): so for
-the connect, sockets get the bound as their default timeout, and the blocking
-connect gives up in time too. dbus-fast 5 makes its sockets non-blocking at
-once, where the default does not matter.
+the connect, sockets get the bound as their default timeout: such a socket is
+non-blocking underneath, and its connect gives up in time (a full backlog:
+at once, with EAGAIN). dbus-fast 5 makes its sockets non-blocking itself, where
+the default does not matter.
 """
 
 from __future__ import annotations
