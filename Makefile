@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PREFIX ?= /usr/local
 DESTDIR ?=
 
-.PHONY: setup run test test-host test-kernel bench bench-quick bench-deps install uninstall clean
+.PHONY: setup run test test-host test-kernel bench bench-quick bench-deps install uninstall deb clean
 
 setup:
 	@PYTHON=$(PYTHON) scripts/setup
@@ -43,5 +43,25 @@ install:
 uninstall:
 	scripts/install --uninstall "$(DESTDIR)" "$(PREFIX)"
 
+# $(DEB_DIST)/wqd_<version>_all.deb (default dist/), with dpkg-buildpackage and
+# debhelper (debian/), from the files git tracks or would track (no .venv, caches
+# or build output) copied to $(DEB_BUILD) (default build/deb/): Debian tools
+# only, no network. The Debian version must be the pyproject.toml version.
+# Build dependencies: scripts/setup installs them.
+DEB_BUILD ?= build/deb
+DEB_DIST ?= dist
+DEB_VERSION = $(shell dpkg-parsechangelog -l debian/changelog -S Version)
+deb:
+	@v=$$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml); \
+	  [ "$$v" = "$(DEB_VERSION)" ] || { echo "deb: debian/changelog says $(DEB_VERSION), pyproject.toml $$v" >&2; exit 1; }
+	rm -rf $(DEB_BUILD) && mkdir -p $(DEB_BUILD)/wqd-$(DEB_VERSION) $(DEB_DIST)
+	git ls-files -z --cached --others --exclude-standard | \
+	  tar --null -T - -cf - | tar -xf - -C $(DEB_BUILD)/wqd-$(DEB_VERSION)
+	cd $(DEB_BUILD)/wqd-$(DEB_VERSION) && env -u PYTHONPATH PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+	  dpkg-buildpackage -b -us -uc >../build.log 2>&1 || \
+	  { tail -40 ../build.log >&2; echo "deb: dpkg-buildpackage failed ($(DEB_BUILD)/build.log)" >&2; exit 1; }
+	cp $(DEB_BUILD)/wqd_$(DEB_VERSION)_all.deb $(DEB_DIST)/
+	@echo "$(DEB_DIST)/wqd_$(DEB_VERSION)_all.deb"
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-lowest build dist *.egg-info .pytest_cache

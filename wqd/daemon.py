@@ -17,6 +17,7 @@ from dbus_fast.constants import NameFlag
 from wqd import __version__, config as configuration, journal
 from wqd.bus import names
 from wqd.bus.connection import connect
+from wqd.bus.reach import BusUnreachable, describe, reach, seconds
 from wqd.bus.service import WatchQueueService
 from wqd.hub import Hub, Limits
 from wqd.bus.polkit import BusAuthority
@@ -73,10 +74,12 @@ def build_sources(cfg: configuration.Config) -> dict:
 
 
 class Daemon:
-    def __init__(self, cfg: configuration.Config, address: str | None, system: bool) -> None:
+    def __init__(self, cfg: configuration.Config, address: str | None, system: bool,
+                 connect_timeout: float | None = None) -> None:
         self.cfg = cfg
         self.address = address
         self.system = system
+        self.connect_timeout = connect_timeout or cfg.connect_timeout
         self.stopping = asyncio.Event()
         self.policy_services: dict = {}  # shared with every policy plugin (PluginContext.services)
         self._reloading: asyncio.Task | None = None
@@ -139,7 +142,8 @@ class Daemon:
         policy = self.load_policy(cfg)
         sources = build_sources(cfg)
         hub = Hub(sources, policy, limits_of(cfg))
-        bus = await connect(self.address, self.system)
+        bus = await reach(lambda: connect(self.address, self.system), describe(self.address, self.system),
+                          self.connect_timeout)
         self.policy_services["polkit"] = BusAuthority(bus)
         service = WatchQueueService(bus, hub)
         await service.start()
@@ -195,6 +199,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     where.add_argument("--session", action="store_true", help="serve on the session bus (default)")
     where.add_argument("--address", metavar="ADDRESS", help="serve on the bus at ADDRESS")
     p.add_argument("--config", metavar="FILE", help=f"configuration file (default {configuration.DEFAULT_PATH})")
+    p.add_argument("--connect-timeout", type=seconds, metavar="SECONDS",
+                   help="give up (exit 1) when the bus is not reached and Hello not answered within SECONDS "
+                        "(default: [daemon] connect_timeout, 25)")
     p.add_argument("--check-config", nargs="?", const="", metavar="FILE",
                    help="validate the configuration (FILE, else --config or the default) and exit")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -255,12 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     except configuration.ConfigError as exc:
         print(f"wqd: {exc}", file=sys.stderr)
         return 2
-    daemon = Daemon(cfg, bus_address(args), args.system)
+    daemon = Daemon(cfg, bus_address(args), args.system, args.connect_timeout)
     try:
         return asyncio.run(daemon.run())
     except PluginError as exc:  # UnknownPolicy, a plugin's bad settings
         print(f"wqd: {exc}", file=sys.stderr)
         return 2
+    except BusUnreachable as exc:
+        print(f"wqd: {exc}", file=sys.stderr)
+        return 1
     except (OSError, ConnectionError) as exc:
         print(f"wqd: cannot connect to the bus: {exc}", file=sys.stderr)
         return 1

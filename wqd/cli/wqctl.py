@@ -24,6 +24,7 @@ from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from wqd.bus import names
+from wqd.bus.reach import DEFAULT_TIMEOUT, BusUnreachable, describe, reach, seconds
 
 
 class CliError(Exception):
@@ -42,18 +43,18 @@ def signal_args() -> dict[str, list[str]]:
 
 
 async def connect(args) -> MessageBus:
-    if args.address:
-        bus = MessageBus(bus_address=args.address)
-    elif args.system:
-        bus = MessageBus(bus_type=BusType.SYSTEM)
-    else:
-        if not os.environ.get("DBUS_SESSION_BUS_ADDRESS"):
-            raise CliError("no session bus (DBUS_SESSION_BUS_ADDRESS is unset): use --system or --address", 2)
-        bus = MessageBus(bus_type=BusType.SESSION)
+    if not (args.address or args.system or os.environ.get("DBUS_SESSION_BUS_ADDRESS")):
+        raise CliError("no session bus (DBUS_SESSION_BUS_ADDRESS is unset): use --system or --address", 2)
+
+    async def connecting() -> MessageBus:  # dbus-fast < 5 connects the socket in MessageBus() already
+        if args.address:
+            return await MessageBus(bus_address=args.address).connect()
+        return await MessageBus(bus_type=BusType.SYSTEM if args.system else BusType.SESSION).connect()
+
     try:
-        return await bus.connect()
-    except (OSError, ConnectionError) as exc:
-        raise CliError(f"cannot connect to the bus: {exc}") from None
+        return await reach(connecting, describe(args.address, args.system), args.timeout)
+    except BusUnreachable as exc:
+        raise CliError(str(exc)) from None
 
 
 async def call(bus, path, iface, member, signature="", body=None) -> list:
@@ -171,6 +172,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     where.add_argument("--system", action="store_true", help="talk to wqd on the system bus")
     where.add_argument("--session", action="store_true", help="talk to wqd on the session bus (default)")
     where.add_argument("--address", metavar="ADDRESS", help="talk to wqd on the bus at ADDRESS")
+    p.add_argument("--timeout", type=seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help=f"give up (exit 1) when the bus is not reached within SECONDS (default {DEFAULT_TIMEOUT:g})")
     sub = p.add_subparsers(dest="command", required=True)
     st = sub.add_parser("status", help="version, sources and their backends")
     st.add_argument("--json", action="store_true")
