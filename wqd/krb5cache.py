@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import os
 import pwd
 import re
@@ -110,6 +111,9 @@ class CacheState:
     renew_until: int
     starttime: int
     authtime: int
+    #: A digest of the TGT's (encrypted) ticket: a new ticket within the same
+    #: second as the last one still differs here. Internal: never sent to a peer.
+    ticket_id: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -160,6 +164,7 @@ def _state_of(ctx, cc, name: str) -> CacheState | None:
                     renew_until=t.renew_till,
                     starttime=t.starttime or t.authtime,
                     authtime=t.authtime,
+                    ticket_id=hashlib.sha256(creds.ticket).hexdigest()[:32],
                 )
     except krb5.Krb5Error as exc:
         if exc.err_code in _ABSENT:  # destroyed while being read
@@ -247,9 +252,13 @@ def classify(old: CacheState | None, new: CacheState | None) -> str | None:
       principal (kinit of another principal into the same ``FILE:`` cache).
     - ``refreshed``: same cache and principal, a new initial ticket: ``authtime``
       changed (kinit with the password or a keytab again).
-    - ``renewed``: same cache, principal and ``authtime``, a later ``expires``
-      or ``starttime`` (kinit -R: the KDC keeps authtime and renew_until and
-      gives a new starttime and endtime).
+    - ``renewed``: same cache, principal and ``authtime``, another ticket: a
+      later ``expires``/``starttime`` (kinit -R: the KDC keeps authtime and
+      renew_until and gives a new starttime and endtime; it keeps the
+      ``initial`` flag too, so flags cannot tell the two apart), or the same
+      times with another ``ticket_id`` (a renewal within the same second).
+      Times have one-second resolution: a kinit within the same second as the
+      previous one also looks like this.
     """
     if old is None and new is None:
         return None
@@ -261,7 +270,7 @@ def classify(old: CacheState | None, new: CacheState | None) -> str | None:
         return "switched"
     if old.authtime != new.authtime:
         return "refreshed"
-    if (new.expires, new.starttime) != (old.expires, old.starttime):
+    if (new.expires, new.starttime, new.ticket_id) != (old.expires, old.starttime, old.ticket_id):
         return "renewed"
     return None
 
