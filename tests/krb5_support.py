@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +35,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from support import terminate
 
 REALM = "WQD.TEST"
 KRB5_TOOLS = ("kdb5_util", "kadmin.local", "krb5kdc", "kinit", "klist", "kswitch", "kdestroy")
@@ -92,14 +93,8 @@ def _wait_connect(family: int, address, proc: subprocess.Popen, what: str, timeo
 
 
 def _stop(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    if proc is not None:
+        terminate(proc)
 
 
 class Krb5CommandError(Exception):
