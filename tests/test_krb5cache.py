@@ -23,8 +23,6 @@ import pytest
 import wqd.krb5cache as k
 from krb5_support import Realm, kcm_missing, missing_tools, start_kcm, start_realm
 
-pytestmark = [pytest.mark.root]
-
 OWNER, OTHER = 1000, 1001
 KINDS = ("FILE", "DIR", "KEYRING", "KCM")
 
@@ -89,6 +87,7 @@ def next_second() -> None:
     time.sleep(1.05 - (time.time() % 1.0))
 
 
+@pytest.mark.root
 def test_sequence_of_changes(cache):
     """kinit → kinit -R → kinit → (another principal) → kswitch → kdestroy, read
     as the owner after each step: created renewed refreshed switched switched
@@ -138,6 +137,7 @@ def test_sequence_of_changes(cache):
     assert changes == ["created", "renewed", "refreshed", "switched", "switched", *last]
 
 
+@pytest.mark.root
 def test_unchanged_cache_classifies_as_nothing(cache):
     realm, kind, name = cache
     realm.kinit(OWNER, name)
@@ -146,6 +146,7 @@ def test_unchanged_cache_classifies_as_nothing(cache):
     assert k.classify(None, None) is None
 
 
+@pytest.mark.root
 def test_short_lifetime_gives_correct_expires(cache):
     realm, kind, name = cache
     before = int(time.time())
@@ -156,6 +157,7 @@ def test_short_lifetime_gives_correct_expires(cache):
     assert before + 90 <= s.expires <= after + 90 + 1
 
 
+@pytest.mark.root
 def test_other_uid_reads_nothing_of_the_owners_cache(cache):
     """FILE: and the persistent keyring refuse (CacheAccessDenied); DIR:'s 0700
     directory and KCM's per-uid namespace show nothing. Never the owner's TGT."""
@@ -181,6 +183,7 @@ def test_other_uid_reads_nothing_of_the_owners_cache(cache):
         assert out is None
 
 
+@pytest.mark.root
 def test_absent_cache_reads_as_none(realm):
     home = realm.user_dir(OWNER)
     assert realm.read_as(OWNER, "read_cache", f"FILE:{home}/never") is None
@@ -189,6 +192,7 @@ def test_absent_cache_reads_as_none(realm):
         "name": f"DIR:{home}/never-dir", "primary": None, "caches": []}
 
 
+@pytest.mark.root
 def test_kcm_without_server_is_an_error_not_absence(realm):
     """No sssd_kcm at the configured socket: CacheError, so the source can say
     its KCM backend is unavailable instead of reporting "destroyed"."""
@@ -242,6 +246,7 @@ def test_default_ccache_name_follows_includes_and_first_file_wins(tmp_path):
         k.default_ccache_name(1000, [str(bad)])
 
 
+@pytest.mark.root
 @pytest.mark.parametrize(("template", "expected"), TEMPLATES)
 def test_default_ccache_name_agrees_with_mit_run_as_the_uid(realm, tmp_path, template, expected):
     """MIT's own krb5_cc_default_name, run as uid 1000 without KRB5CCNAME, gives
@@ -300,6 +305,7 @@ class Inotify:
         os.close(self.fd)
 
 
+@pytest.mark.root
 def test_kcm_store_changes_are_attrib_events_on_secrets_ldb(kcm):
     """sssd-kcm 2.8 keeps every cache in /var/lib/sss/secrets/secrets.ldb (a tdb
     it changes through mmap, so no IN_MODIFY): each committed transaction ends
@@ -340,6 +346,7 @@ def test_kcm_store_changes_are_attrib_events_on_secrets_ldb(kcm):
         ino.close()
 
 
+@pytest.mark.root
 def test_file_cache_is_replaced_by_rename(realm):
     """MIT writes a FILE: cache (kinit, kinit -R) to a temporary name and renames
     it over the cache: IN_MOVED_TO on the directory, never a write to the old
@@ -363,3 +370,27 @@ def test_file_cache_is_replaced_by_rename(realm):
         ino_file.close()
         ino_dir.close()
         realm.kdestroy(OWNER, name)
+
+
+# --- classify's rules on their own (no realm) -----------------------------------
+
+def _s(**kw) -> k.CacheState:
+    base = dict(name="FILE:/c", principal="u@R", expires=200, renew_until=1000, starttime=100,
+                authtime=100, ticket_id="a")
+    return k.CacheState(**{**base, **kw})
+
+
+@pytest.mark.parametrize(("old", "new", "change"), [
+    (None, _s(), "created"),
+    (_s(), None, "destroyed"),
+    (_s(), _s(name="FILE:/other"), "switched"),
+    (_s(), _s(principal="v@R"), "switched"),
+    (_s(), _s(authtime=150, starttime=150, expires=250, ticket_id="b"), "refreshed"),
+    (_s(), _s(starttime=150, expires=250, ticket_id="b"), "renewed"),
+    # a renewal within the same second: only the ticket differs
+    (_s(), _s(ticket_id="b"), "renewed"),
+    (_s(), _s(), None),
+])
+def test_classify_rules(old, new, change):
+    assert k.classify(old, new) == change
+    assert change is None or change in k.CHANGES
