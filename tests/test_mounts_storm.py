@@ -47,10 +47,20 @@ def storm_dir():
 
 @pytest.fixture
 def inner(system_bus, storm_dir):
-    """A root peer in a private namespace made after storm_dir, so it has it too."""
-    peer = NamespacePeer(system_bus.address, 0)
-    yield peer
-    peer.close()
+    """Makes a root peer in a private namespace made after storm_dir, so it has it too.
+
+    Called once wqd is up: wqd cannot verify the namespace of a peer whose
+    connection predates its own start (wqd(8), PEER IDENTITY), and denies it.
+    """
+    peers = []
+
+    def make() -> NamespacePeer:
+        peers.append(NamespacePeer(system_bus.address, 0))
+        return peers[-1]
+
+    yield make
+    for peer in peers:
+        peer.close()
 
 
 def storm(peer: NamespacePeer, target: str, pairs: int) -> float:
@@ -96,6 +106,7 @@ def tally(signals: list, target: str) -> dict:
 async def test_storm_exact_or_lost(system_bus, wqd_factory, client_factory, inner, storm_dir, config):
     await wqd_factory(system_bus, config)
     host = await client_factory(system_bus.address)
+    inner = inner()
     out = await inner.request("watch", source="mounts", target="")
     assert out["ok"], out
     sub = out["result"][0]
@@ -135,6 +146,7 @@ async def test_overflow_is_lost_then_resync(system_bus, wqd_factory, client_fact
     FAN_Q_OVERFLOW -> Lost, then the difference from a fresh table: a mount detached
     and one attached while the kernel was dropping events are still reported."""
     wqd = await wqd_factory(system_bus, FANOTIFY)
+    inner = inner()
     out = await inner.request("watch", source="mounts", target="")
     assert out["ok"], out
     keep, new, target = (os.path.join(storm_dir, n) for n in ("keep", "new", "s"))
