@@ -11,6 +11,7 @@ the queue, so the subscriber is told ``Lost(n)`` exactly where the gap is.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections import deque
 from collections.abc import Hashable
@@ -137,9 +138,11 @@ class Hub:
                      extra={"MESSAGE_ID": journal.POLICY_DENIED, "peer_uid": peer.uid, "peer_pid": peer.pid})
             raise AccessDenied(decision.reason or "access denied")
         sub = Subscription(self._next, peer, source_name, target, options)
+        self._next += 1  # before any await: concurrent Watch calls get their own numbers
         sub.routes = tuple(source.routes(sub))
-        source.attach(sub)  # may raise: nothing registered yet
-        self._next += 1
+        attached = source.attach(sub)  # may raise: nothing registered yet
+        if inspect.isawaitable(attached):  # keys: arming runs in a credential helper
+            await attached
         self.subscriptions[sub.number] = sub
         self._by_owner.setdefault(peer.unique_name, set()).add(sub)
         self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1

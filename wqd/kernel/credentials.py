@@ -1,25 +1,88 @@
-"""Run a short kernel operation with another user's credentials.
+"""Key operations with another user's credentials, out of the event loop and out of
+that user's reach.
 
-The key subsystem has no capability that lets root see every user's keys: a key
-is visible to whoever its permission word grants View. So to resolve ``@u`` of a
-peer, describe a key as that peer would see it, or arm a watch on a key only the
-peer may view, a root daemon forks a child that drops to the peer's uid and groups,
-does the operation, and reports back through a pipe. The kernel then judges the
-access itself. The child shares the parent's fds (the notification pipe).
+The key subsystem has no capability that lets root see every user's keys: a key is
+visible to whoever its permission word grants View. So to describe a key as a peer
+would see it, poll it, or arm a watch on a key only the peer may view, the daemon
+acts with the peer's credentials and lets the kernel judge.
+
+What the kernel reads (security/keys/permission.c ``key_task_permission``): the
+*fsuid*, *fsgid* and supplementary groups of the acting task, plus possession
+(searching its thread, process and session keyrings). What it reads to resolve
+``@u``/``@us`` (security/keys/process_keys.c ``look_up_user_keyrings``): the real
+uid's ``user_struct`` (``cred->user``); ``@p`` (``KEYCTL_GET_PERSISTENT`` with -1):
+the real uid too. Checked on this host: with only the fsuid changed, ``@u`` is
+root's ``_uid.0``; with the real uid changed it is the peer's ``_uid.N``.
+
+Design, and why:
+
+- **One long-lived helper process per credential set** (uid, gid, groups), started
+  by exec (``python -I``; about 90 ms, once), talked to over a socketpair with
+  asyncio streams: the loop never blocks on it. Its real, effective and saved uid
+  stay 0; only ``setfsuid``/``setfsgid``/``setgroups`` take the peer's values. So
+  the peer may not signal it (kill(2) compares the sender's real/effective uid with
+  the target's real/saved uid), renice or re-schedule it (setpriority(2),
+  sched_setaffinity(2) compare with the target's real/effective uid), nor trace it
+  or read its memory (ptrace access needs all three uids equal, and the helper is
+  not dumpable). It joins a fresh anonymous session keyring, so it possesses
+  nothing of root's (no root session keys lent to the peer's checks).
+- **``@u``/``@us``/``@p`` without the real uid**: ``@p`` names the uid explicitly
+  (root may); ``@u``/``@us`` are found in the kernel's register of user keyrings
+  (see ``op_resolve``). Only a user keyring that does not exist yet needs the
+  kernel's own lookup, which reads the real uid: for that one syscall the helper
+  sets its real uid to the peer's (effective and saved stay 0, so it can switch
+  back) and restores it, the fsuid, its nice value, scheduling policy and CPU mask
+  right after. During those microseconds (once per uid and boot) the peer *may*
+  signal it; all catchable signals are ignored, a SIGSTOP or SIGKILL then hits the
+  peer's own helper only (one per credential set), which the deadline below
+  replaces. No other peer shares it.
+- Threads with per-thread credentials (raw ``setfsuid`` in a worker thread) were
+  rejected: a thread cannot be killed when a call hangs, and a thread whose real uid
+  is the peer's (needed for ``@u``) may be ``tgkill``-ed by the peer, which stops or
+  kills the whole daemon.
+- Every call has a **deadline** (``[keys] helper_timeout``): past it the helper is
+  killed (SIGKILL: root owns it), every call queued on it is answered
+  ``Failed``, and the next call starts a new one. A helper that dies answers its
+  calls at once.
+- Helpers are bounded: a few per uid (``PER_UID``), ``[keys] helpers_max`` in all,
+  at most ``MAX_PENDING`` queued calls each; beyond that ``LimitsExceeded``. One
+  that has been idle ``IDLE`` seconds is stopped. Each is an ~10 MiB process.
+
+The helper runs only the operations in ``OPS`` (no arbitrary code): requests and
+replies are length-prefixed pickles between two root processes on a private
+socketpair; what a helper returns comes from the kernel through code written here.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import errno
+import hashlib
+import logging
 import os
+import pickle
+import signal
+import socket
 import struct
-from collections.abc import Callable
+import sys
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TypeVar
 
-from wqd.kernel.errors import KernelError, PermissionDenied
+from wqd.errors import LimitsExceeded, WqdError
+from wqd.kernel import errors as kerr
+from wqd.kernel import keyctl
+from wqd.parse.proc_keys import KeySnapshot, parse_proc_keys
 
-T = TypeVar("T")
+log = logging.getLogger(__name__)
+
 _LEN = struct.Struct("=I")
+MAX_MESSAGE = 16 << 20  # a reply bigger than this is a broken helper
+PER_UID = 4  # credential sets (helpers) of one uid at once
+MAX_PENDING = 256  # calls queued on one helper
+IDLE = 30.0  # seconds an unused helper lives
+SPAWN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,17 +95,442 @@ class Credentials:
         return os.geteuid() == self.uid
 
 
-def run_as(creds: Credentials | None, fn: Callable[..., T], *args) -> T:
-    """Call ``fn(*args)`` as *creds* (in a forked child), or here when ``None``.
+# -- the operations a helper performs (they run in the helper process) -------
 
-    Exceptions raised by *fn* are re-raised in the caller. Blocks for the child's
-    lifetime, which is a few syscalls: call it for short kernel operations only.
+def op_resolve(spec: str, uid: int) -> int:
+    """``@u``, ``@us`` or ``@p`` of *uid*, which the helper acts as (fs ids).
+
+    ``@p``: ``KEYCTL_GET_PERSISTENT`` takes the uid (root may name any). ``@u``/
+    ``@us``: looked up in the kernel's register of user keyrings (``.user_reg``,
+    root may read it; only the kernel links into it, and userspace may not name a
+    keyring with a leading dot), where ``_uid.N``/``_uid_ses.N`` owned by *uid* is
+    the one. Only if it does not exist yet is it made by the kernel's own lookup,
+    which reads the *real* uid (``_RealUid``): the one moment the peer can reach
+    the helper.
+    """
+    if spec == "@p":
+        serial = keyctl.get_persistent(uid, keyctl.KEY_SPEC_PROCESS_KEYRING)
+        try:  # linked there by the kernel: do not keep possessing it
+            keyctl.unlink(serial, keyctl.KEY_SPEC_PROCESS_KEYRING)
+        except kerr.KernelError:
+            pass
+        return serial
+    name = ("_uid." if spec == "@u" else "_uid_ses.") + str(uid)
+    found = _registered_user_keyring(name, uid)
+    if found is not None:
+        return found
+    raise _NeedRealUid
+
+
+class _NeedRealUid(Exception):
+    pass
+
+
+def op_create_user_keyring(spec: str) -> int:
+    special = {"@u": keyctl.KEY_SPEC_USER_KEYRING, "@us": keyctl.KEY_SPEC_USER_SESSION_KEYRING}[spec]
+    return keyctl.get_keyring_id(special, True)
+
+
+def _registered_user_keyring(name: str, uid: int) -> int | None:
+    fsuid = _libc.setfsuid(0)  # the register grants root (its owner) View and Read
+    try:
+        reg = None
+        try:
+            with open("/proc/keys") as f:
+                for line in f:
+                    parts = line.split(None, 8)
+                    if len(parts) == 9 and parts[7] == "keyring" and parts[5] == "0" \
+                            and parts[8].startswith(".user_reg:"):
+                        reg = int(parts[0], 16)
+                        break
+        except OSError:
+            return None
+        if reg is None:
+            return None
+        try:
+            members = keyctl.read_keyring_serials(reg)
+        except kerr.KernelError:
+            return None
+    finally:
+        _libc.setfsuid(fsuid)
+    for serial in members:
+        try:
+            desc = keyctl.describe(serial)  # with the peer's fs ids: only its own are visible
+        except kerr.KernelError:
+            continue
+        if desc.type == "keyring" and desc.description == name and desc.uid == uid:
+            return serial
+    return None
+
+
+def op_describe(serial: int) -> tuple[keyctl.KeyDescription, str | None]:
+    """KEYCTL_DESCRIBE plus the key's /proc/keys flags (None if not listed there)."""
+    desc = keyctl.describe(serial)
+    try:
+        with open("/proc/keys") as f:
+            entry = parse_proc_keys(f.read()).get(serial)
+    except OSError:
+        entry = None
+    return desc, entry.flags if entry else None
+
+
+def op_exists(serial: int) -> bool:
+    """False if the key is gone (ENOKEY, expired); other errors say nothing."""
+    try:
+        keyctl.describe(serial)
+    except (kerr.NoSuchKey, kerr.KeyExpired):
+        return False
+    except kerr.KernelError:
+        pass
+    return True
+
+
+def op_snapshot(serials: list[int]) -> dict[int, KeySnapshot]:
+    """What the helper's credentials can see of each key now."""
+    try:
+        with open("/proc/keys") as f:
+            proc = parse_proc_keys(f.read())
+    except OSError:
+        proc = {}
+    out = {}
+    for serial in serials:
+        try:
+            desc = keyctl.describe(serial)
+        except kerr.KeyRevoked:
+            entry = proc.get(serial)
+            out[serial] = KeySnapshot(True, entry.flags if entry else "IR", *(
+                (entry.perm, entry.uid, entry.gid) if entry else (0, 0, 0)))
+            continue
+        except kerr.KernelError:
+            out[serial] = KeySnapshot(False)
+            continue
+        entry = proc.get(serial)
+        members = digest = None
+        try:
+            payload = keyctl.read(serial)
+            if desc.type == "keyring":
+                members = tuple(keyctl.read_keyring_serials(serial))
+            else:
+                digest = hashlib.blake2b(payload, digest_size=16).digest()
+        except kerr.KernelError:
+            pass
+        out[serial] = KeySnapshot(True, entry.flags if entry else "I", desc.perm, desc.uid, desc.gid, members, digest)
+    return out
+
+
+def op_watch_key(serial: int, fd: int, tag: int) -> None:
+    keyctl.watch_key(serial, fd, tag)
+
+
+OPS = {"resolve": op_resolve, "describe": op_describe, "exists": op_exists,
+       "snapshot": op_snapshot, "watch_key": op_watch_key}
+
+
+# -- the helper process -------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+KEYCTL_JOIN_SESSION_KEYRING = 1
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return bytes(buf)
+
+
+def _status_uids() -> list[int]:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                return [int(x) for x in line.split()[1:]]
+    return []
+
+
+def _drop_to(creds: Credentials) -> None:
+    """Take *creds* only where key permission checks read them (fs ids, groups)."""
+    os.setgroups(list(creds.groups))
+    _libc.setfsgid(creds.gid)
+    _libc.setfsuid(creds.uid)
+    if _libc.setfsuid(-1) != creds.uid:  # setfsuid returns the previous fsuid
+        raise OSError(errno.EPERM, "setfsuid did not take")
+    if _status_uids() != [0, 0, 0, creds.uid]:
+        raise OSError(errno.EPERM, f"unexpected uids {_status_uids()}")
+
+
+class _RealUid:
+    """The real uid is the peer's for the body only; then everything it let the peer
+    touch (nice value, policy, CPU mask) is put back. setresuid(2) also resets the
+    fsuid to the effective uid: it is set again."""
+
+    def __init__(self, uid: int) -> None:
+        self.uid = uid
+
+    def __enter__(self):
+        os.setresuid(self.uid, -1, -1)
+
+    def __exit__(self, *exc):
+        os.setresuid(0, -1, -1)
+        _libc.setfsuid(self.uid)
+        for fix in (lambda: os.setpriority(os.PRIO_PROCESS, 0, 0),
+                    lambda: os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0)),
+                    lambda: os.sched_setaffinity(0, range(os.cpu_count() or 1))):
+            try:
+                fix()
+            except OSError:
+                pass
+        return False
+
+
+def helper_main(argv: list[str]) -> None:  # pragma: no cover - runs in the helper process
+    """``fd uid gid groups|- self|peer``: serve requests until the socket closes."""
+    fd, uid, gid, groups, mode = int(argv[0]), int(argv[1]), int(argv[2]), argv[3], argv[4]
+    for sig in signal.valid_signals():
+        if sig not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
+            try:
+                signal.signal(sig, signal.SIG_IGN)
+            except (OSError, ValueError):
+                pass
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:
+        os._exit(0)
+    sock = socket.socket(fileno=fd)
+    peer = mode == "peer"
+    creds = Credentials(uid, gid, tuple(int(g) for g in groups.split(",")) if groups != "-" else ())
+    if peer:
+        # A fresh anonymous session keyring: possess nothing of the daemon's.
+        keyctl.keyctl(KEYCTL_JOIN_SESSION_KEYRING, 0)
+        keyctl.get_keyring_id(keyctl.KEY_SPEC_PROCESS_KEYRING, True)  # root's, made before dropping
+        _drop_to(creds)
+    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    while True:
+        try:
+            (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
+            number, op, args = pickle.loads(_recv_exact(sock, n))
+        except EOFError:
+            os._exit(0)
+        try:
+            if op == "resolve":
+                args = (args[0], uid)  # the helper's uid, whatever was asked
+            try:
+                result = (True, OPS[op](*args))
+            except _NeedRealUid:
+                if peer:
+                    with _RealUid(uid):
+                        result = (True, op_create_user_keyring(args[0]))
+                else:
+                    result = (True, op_create_user_keyring(args[0]))
+        except OSError as exc:
+            result = (False, exc)
+        except Exception as exc:  # noqa: BLE001 - carried to the daemon, as text
+            result = (False, RuntimeError(repr(exc)))
+        data = pickle.dumps((number, *result))
+        sock.sendall(_LEN.pack(len(data)) + data)
+
+
+# -- the daemon side ------------------------------------------------------------
+
+class HelperFailed(WqdError):
+    """The helper did not answer (deadline, death): answered ``Failed``."""
+
+
+class Helper:
+    """One helper process and the calls waiting on it."""
+
+    def __init__(self, creds: Credentials | None, timeout: float, pass_fds: Iterable[int]) -> None:
+        self.creds = creds
+        self.timeout = timeout
+        self.pass_fds = tuple(pass_fds)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.pending: dict[int, asyncio.Future] = {}
+        self.next = 1
+        self.last_used = time.monotonic()
+        self.dead = False
+        self._started: asyncio.Task | None = None
+        self._reader_task: asyncio.Task | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    async def _start(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            c = self.creds
+            if c is None:
+                ids = [str(os.geteuid()), str(os.getegid()), "-", "self"]
+            else:
+                ids = [str(c.uid), str(c.gid), ",".join(map(str, c.groups)) or "-", "peer"]
+            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+                    "from wqd.kernel.credentials import helper_main; helper_main(sys.argv[2:])")
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", "-c", code, root, str(child.fileno()), *ids,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                pass_fds=(child.fileno(), *self.pass_fds), env=SPAWN_ENV, cwd="/")
+        finally:
+            child.close()
+        reader, self.writer = await asyncio.open_unix_connection(sock=parent)
+        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
+        log.debug("credential helper %d started for %s", self.proc.pid, self.creds or "the daemon")
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                (n,) = _LEN.unpack(await reader.readexactly(_LEN.size))
+                if n > MAX_MESSAGE:
+                    raise ValueError("oversized reply")
+                number, ok, value = pickle.loads(await reader.readexactly(n))
+                fut = self.pending.pop(number, None)
+                if fut is not None and not fut.done():
+                    if ok:
+                        fut.set_result(value)
+                    else:
+                        fut.set_exception(value)
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError, pickle.UnpicklingError) as exc:
+            if not self.dead:
+                log.warning("credential helper %s for %s ended: %s", self.pid, self.creds or "the daemon",
+                            exc.__class__.__name__)
+            self.kill("the credential helper ended")
+        except asyncio.CancelledError:
+            pass
+
+    async def call(self, op: str, *args):
+        if self.dead:
+            raise HelperFailed("the credential helper ended; try again")
+        if len(self.pending) >= MAX_PENDING:
+            raise LimitsExceeded("too many key operations queued for this caller")
+        self.last_used = time.monotonic()
+        loop = asyncio.get_running_loop()
+        number, self.next = self.next, self.next + 1
+        fut = loop.create_future()
+        self.pending[number] = fut
+        try:
+            async with asyncio.timeout(self.timeout):
+                if self._started is None:
+                    self._started = loop.create_task(self._start())
+                await asyncio.shield(self._started)
+                data = pickle.dumps((number, op, args))
+                self.writer.write(_LEN.pack(len(data)) + data)
+                return await fut
+        except TimeoutError:
+            log.warning("credential helper %s for %s did not answer %s within %.1f s: replaced",
+                        self.pid, self.creds or "the daemon", op, self.timeout)
+            self.kill(f"the credential helper did not answer within {self.timeout:g} s")
+            raise HelperFailed(f"key operation timed out after {self.timeout:g} s") from None
+        except OSError as exc:
+            if isinstance(exc, kerr.KernelError) or fut.done():
+                raise
+            self.kill("the credential helper could not be started")
+            raise HelperFailed("the credential helper could not be started") from None
+        finally:
+            self.pending.pop(number, None)
+            self.last_used = time.monotonic()
+
+    def kill(self, why: str) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(HelperFailed(why))
+        self.pending.clear()
+        if self._started is not None and not self._started.done():
+            self._started.cancel()
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+        if self.writer is not None:
+            self.writer.close()
+        if self._reader_task is not None and self._reader_task is not asyncio.current_task():
+            self._reader_task.cancel()
+
+
+class HelperPool:
+    """Helpers by credential set (``None``: the daemon's own), bounded and reaped."""
+
+    def __init__(self, *, timeout: float = 5.0, limit: int = 64, pass_fds: Iterable[int] = ()) -> None:
+        self.timeout = timeout
+        self.limit = limit
+        self.pass_fds = tuple(pass_fds)
+        self.helpers: dict[Credentials | None, Helper] = {}
+        self._reaper: asyncio.TimerHandle | None = None
+
+    def _get(self, creds: Credentials | None) -> Helper:
+        helper = self.helpers.get(creds)
+        if helper is not None and not helper.dead:
+            return helper
+        self.helpers.pop(creds, None)
+        if creds is not None:
+            same_uid = [h for h in self.helpers.values() if h.creds is not None and h.creds.uid == creds.uid]
+            if len(same_uid) >= PER_UID:
+                self._evict(same_uid, f"uid {creds.uid} has {PER_UID} credential helpers busy")
+        if len(self.helpers) >= self.limit:
+            self._evict(list(self.helpers.values()), "too many credential helpers busy")
+        helper = self.helpers[creds] = Helper(creds, self.timeout, self.pass_fds)
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().call_later(IDLE / 2, self._reap)
+        return helper
+
+    def _evict(self, candidates: list[Helper], why: str) -> None:
+        idle = [h for h in candidates if not h.pending]
+        if not idle:
+            raise LimitsExceeded(why)
+        victim = min(idle, key=lambda h: h.last_used)
+        self.helpers.pop(victim.creds, None)
+        victim.kill("replaced by another credential set")
+
+    async def run(self, creds: Credentials | None, op: str, *args):
+        """Run ``OPS[op](*args)`` with *creds*; kernel errors are re-raised as such."""
+        return await self._get(creds).call(op, *args)
+
+    def _reap(self) -> None:
+        self._reaper = None
+        now = time.monotonic()
+        for creds, helper in list(self.helpers.items()):
+            if helper.dead or (not helper.pending and now - helper.last_used > IDLE):
+                del self.helpers[creds]
+                helper.kill("idle")
+        if self.helpers:
+            self._reaper = asyncio.get_running_loop().call_later(IDLE / 2, self._reap)
+
+    def pids(self) -> list[int]:
+        return [h.pid for h in self.helpers.values() if h.pid is not None and not h.dead]
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        procs = [h.proc for h in self.helpers.values() if h.proc is not None]
+        for helper in self.helpers.values():
+            helper.kill("daemon stopping")
+        self.helpers.clear()
+        for proc in procs:
+            try:
+                async with asyncio.timeout(2):
+                    await proc.wait()
+            except TimeoutError:
+                pass
+
+
+def run_as(creds: Credentials | None, fn, *args):
+    """Call ``fn(*args)`` as *creds* in a forked child and wait for it: **blocking**.
+
+    For tests and one-shot tools only (e.g. to compute what a uid may open); the
+    daemon never calls it (it uses ``HelperPool``).
     """
     if creds is None or creds.is_current():
         return fn(*args)
     if os.geteuid() != 0:
-        raise PermissionDenied(1, "changing credentials needs root")
-    import pickle  # only when a helper runs: keeps daemon start-up lean
+        raise kerr.PermissionDenied(1, "changing credentials needs root")
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # child: never return into the caller's code
@@ -57,8 +545,7 @@ def run_as(creds: Credentials | None, fn: Callable[..., T], *args) -> T:
             except BaseException as exc:  # noqa: BLE001 - carried to the parent
                 result = (False, exc if isinstance(exc, OSError) else RuntimeError(repr(exc)))
             data = pickle.dumps(result)
-            os.write(w, _LEN.pack(len(data)))
-            view = memoryview(data)
+            view = memoryview(_LEN.pack(len(data)) + data)
             while view:
                 view = view[os.write(w, view):]
         except BaseException:  # noqa: BLE001
@@ -75,7 +562,7 @@ def run_as(creds: Credentials | None, fn: Callable[..., T], *args) -> T:
         os.waitpid(pid, 0)
     data = b"".join(chunks)
     if len(data) < _LEN.size:
-        raise KernelError(5, "credential helper died")
+        raise kerr.KernelError(5, "credential helper died")
     ok, value = pickle.loads(data[_LEN.size:])
     if ok:
         return value
