@@ -152,7 +152,15 @@ class WatchQueueBackend(_RecordReader):
 
     async def arm(self, watch) -> None:
         watch.tag = self._next_tag({w.tag for w in self.source.watches.values()})
-        await self.source.run(watch.creds, "watch_key", watch.serial, self.fd, watch.tag)
+        try:
+            await self.source.run(watch.creds, "watch_key", watch.serial, self.fd, watch.tag)
+        except kerr.Busy as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            # A watch of ours on this key outlived its subscription (its release or
+            # its arming was abandoned at the helper's deadline): replace it.
+            await self.source.run(watch.creds, "watch_key", watch.serial, self.fd, -1)
+            await self.source.run(watch.creds, "watch_key", watch.serial, self.fd, watch.tag)
 
     async def disarm(self, source, watch) -> None:
         await source.run(watch.creds, "watch_key", watch.serial, self.fd, -1)

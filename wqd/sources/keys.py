@@ -219,21 +219,19 @@ class KeysSource:
     async def attach(self, sub) -> None:
         serial = sub.target.object_id
         creds = peer_credentials(sub.owner) if self.resolve_keys else None
-        async with self._turn(serial):
+        async with self._turn(serial):  # arming only: joining must not hold up others
             watch = self.watches.get(serial)
             if watch is None:
                 watch = await self._arm(serial, sub)
-                watch.subs.add(sub)
                 self.watches[serial] = watch
-            else:
-                watch.subs.add(sub)  # first: a detach meanwhile must not find it empty
-            try:
-                await self.impl.join(self, watch, creds)
-            except (kerr.KernelError, LimitsExceeded) as exc:
-                log.debug("key %d: no better view with %s: %s", serial, creds, exc)
-            except Exception:
-                self._leave(watch, sub)
-                raise
+            watch.subs.add(sub)  # now: a detach meanwhile must not find it empty
+        try:
+            await self.impl.join(self, watch, creds)
+        except (kerr.KernelError, LimitsExceeded) as exc:
+            log.debug("key %d: no better view with %s: %s", serial, creds, exc)
+        except BaseException:
+            self._leave(watch, sub)
+            raise
         self.impl.filters_changed(self)
 
     async def _arm(self, serial: int, sub) -> KeyWatch:
