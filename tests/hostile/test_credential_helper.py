@@ -120,15 +120,19 @@ async def main(address, n, parallel):
 
     async def worker():
         for _ in todo:
-            reply = await bus.call(Message(destination="io.wqd.WatchQueue1", path="/io/wqd/WatchQueue1",
-                                           interface="io.wqd.WatchQueue1", member="Watch", signature="ssa{sv}",
-                                           body=["keys", "@u", {}]))
+            try:
+                reply = await asyncio.wait_for(bus.call(Message(
+                    destination="io.wqd.WatchQueue1", path="/io/wqd/WatchQueue1", interface="io.wqd.WatchQueue1",
+                    member="Watch", signature="ssa{sv}", body=["keys", "@u", {}])), 30)
+            except asyncio.TimeoutError:
+                answers["no answer in 30 s"] += 1
+                continue
             if reply.message_type == MessageType.ERROR:
                 answers[reply.error_name] += 1
                 continue
             answers["ok"] += 1
-            await bus.call(Message(destination="io.wqd.WatchQueue1", path=reply.body[0],
-                                   interface="io.wqd.Subscription1", member="Close"))
+            await asyncio.wait_for(bus.call(Message(destination="io.wqd.WatchQueue1", path=reply.body[0],
+                                                    interface="io.wqd.Subscription1", member="Close")), 30)
     await asyncio.gather(*(worker() for _ in range(parallel)))
     print(json.dumps(answers))
 

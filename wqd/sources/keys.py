@@ -125,6 +125,8 @@ class KeysSource:
     async def start(self, sink: Sink) -> None:
         self.sink = sink
         await self.impl.start(self, sink)
+        if self.resolve_keys:
+            self.helpers.prestart(None)  # the daemon's own: most first Watch calls need it
 
     async def stop(self) -> None:
         for watch in list(self.watches.values()):
