@@ -354,10 +354,13 @@ async def test_a_shared_watch_serves_the_owner_of_a_keyring_root_may_only_view(s
     credentials arm the poll; they cannot read the members. When the owner
     subscribes, the watch is polled with the owner's credentials: the owner's own
     link reaches the owner (and root, who may View, as the watch queue would tell it)."""
-    ring = subprocess.run([*AS_1000, "keyctl", "newring", f"wqd-own-{uuid.uuid4().hex[:8]}", "@u"], check=True,
-                          capture_output=True, text=True).stdout.strip()
+    # Made in a session keyring of its own (possessed there, so that its owner may set
+    # the permissions wherever @u is not possessed), kept by a link from uid 1000's @u.
+    name = f"wqd-own-{uuid.uuid4().hex[:8]}"
+    ring = subprocess.run([*AS_1000, "keyctl", "session", "-", "sh", "-c",
+                           f"r=$(keyctl newring {name} @s) && keyctl link $r @u && keyctl setperm $r 0x3f3f0001 "
+                           "&& echo $r"], check=True, capture_output=True, text=True).stdout.strip()
     try:
-        subprocess.run([*AS_1000, "keyctl", "setperm", ring, "0x3f3f0001"], check=True)
         await wqd_factory(system_bus, CONFIG)
         root = await client_factory(system_bus.address)
         root_path = await root.watch("keys", ring)

@@ -46,10 +46,12 @@ def helper_uids(wqd_pid: int) -> list[list[int]]:
 
 
 async def test_a_peers_own_keyring_is_watched_through_its_helper(watch_queue_kernel, system_bus, wqd_factory):
-    # A new keyring's permissions (0x3f130000) grant others nothing: root may not View it.
-    # (Not possessed by a setpriv'd keyctl in the guest, so its owner may not setperm it.)
-    ring = keyctl_1000("newring", f"wqd-kt-{uuid.uuid4().hex[:8]}", "@u")
-    assert int(keyctl_1000("rdescribe", ring).split(";")[3], 16) & 0xFF == 0
+    # Made in a session keyring of its own (possessed there, so its owner may set its
+    # permissions), kept by a link from uid 1000's @u; others get nothing: root may not View it.
+    name = f"wqd-kt-{uuid.uuid4().hex[:8]}"
+    ring = keyctl_1000("session", "-", "sh", "-c",
+                       f"r=$(keyctl newring {name} @s) && keyctl link $r @u && keyctl setperm $r 0x3f3f0000 "
+                       "&& echo $r")
     peer = ForeignClient(system_bus.address, 1000)
     try:
         wqd = await wqd_factory(system_bus, config=WQ_CONFIG)
