@@ -23,7 +23,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from support import IFACE, MANAGER, PYTHON, SUB_IFACE, ForeignClient, keyctl  # noqa: E402
+from policy_support import Peers  # noqa: E402
+from support import IFACE, MANAGER, PYTHON, SUB_IFACE, keyctl  # noqa: E402
+
+from credential_attacker import descendants  # noqa: E402  (tests/hostile: pytest puts it on the path)
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
 
@@ -35,77 +38,6 @@ helper_timeout = 1.0
 """
 AS_1000 = ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups"]
 HERE = Path(__file__).resolve().parent
-
-# Runs as uid 1000: every reachable process under wqd, every way a user may try.
-ATTACKER = r'''
-import ctypes, json, os, signal, sys, time
-root, seconds = int(sys.argv[1]), float(sys.argv[2])
-libc = ctypes.CDLL(None, use_errno=True)
-libc.syscall.restype = ctypes.c_long
-SYS_tgkill, PTRACE_ATTACH, PTRACE_DETACH = 234, 16, 17
-libc.ptrace.restype = ctypes.c_long
-libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-
-def tree():
-    parent = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    out, frontier = [root], [root]
-    while frontier:
-        p = frontier.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        out += kids
-        frontier += kids
-    return out
-
-def uids(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Uid:"):
-                    return [int(x) for x in line.split()[1:]]
-    except OSError:
-        return None
-
-seen, won, tries = {}, [], 0
-end = time.monotonic() + seconds
-while time.monotonic() < end:
-    for pid in tree():
-        u = uids(pid)
-        if u is None:
-            continue
-        seen[pid] = u
-        try:
-            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-        except OSError:
-            tids = []
-        for tid in tids:
-            tries += 1
-            if libc.syscall(SYS_tgkill, pid, tid, signal.SIGSTOP) == 0:
-                won.append([pid, "tgkill SIGSTOP", u])
-        for what, act in (
-            ("SIGSTOP", lambda: os.kill(pid, signal.SIGSTOP)),
-            ("setpriority", lambda: os.setpriority(os.PRIO_PROCESS, pid, 19)),
-            ("sched_setaffinity", lambda: os.sched_setaffinity(pid, {0})),
-            ("/proc/PID/mem", lambda: open(f"/proc/{pid}/mem", "rb").close()),
-            ("ptrace", lambda: (_ for _ in ()).throw(OSError()) if libc.ptrace(PTRACE_ATTACH, pid, None, None) != 0
-                       else libc.ptrace(PTRACE_DETACH, pid, None, None)),
-            ("SIGKILL", lambda: os.kill(pid, signal.SIGKILL)),
-        ):
-            tries += 1
-            try:
-                act()
-            except OSError:
-                continue
-            won.append([pid, what, u])
-    time.sleep(0.002)
-print(json.dumps({"seen": seen, "won": won, "tries": tries}))
-'''
 
 # Runs as uid 1000: many keys Watch+Close, pipelined, each answer recorded.
 STORM = r'''
@@ -142,16 +74,9 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
 
 @pytest.fixture
 def foreign(system_bus):
-    clients = []
-
-    def make(uid, **kw):
-        c = ForeignClient(system_bus.address, uid, **kw)
-        clients.append(c)
-        return c
-
-    yield make
-    for c in clients:
-        c.close()
+    peers = Peers(system_bus.address)
+    yield lambda uid, **kw: peers.start(f"uid{uid}-{len(peers.clients)}", uid, **kw)
+    peers.close()
 
 
 @pytest.fixture
@@ -196,36 +121,14 @@ class RootProbe:
         return max(self.latencies, default=0.0)
 
 
-def descendants(pid: int) -> dict[int, list[int]]:
-    """Processes under *pid*: pid -> [real, effective, saved, fs] uid."""
-    parent = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    out, frontier = {}, [pid]
-    while frontier:
-        p = frontier.pop()
-        for child, pp in parent.items():
-            if pp == p:
-                frontier.append(child)
-                try:
-                    with open(f"/proc/{child}/status") as f:
-                        out[child] = next([int(x) for x in line.split()[1:]] for line in f if line.startswith("Uid:"))
-                except (OSError, StopIteration):
-                    pass
-    return out
-
-
 def helpers_acting_as(wqd_pid: int, uid: int) -> list[int]:
     return [p for p, u in descendants(wqd_pid).items() if u[3] == uid]
 
 
 async def run_as_1000(script: str, *args: str, timeout: float = 120) -> dict:
-    proc = await asyncio.create_subprocess_exec(*AS_1000, PYTHON, "-c", script, *args, cwd="/",
+    """*script*: Python source, or a file of this directory."""
+    how = [str(HERE / script)] if script.endswith(".py") else ["-c", script]
+    proc = await asyncio.create_subprocess_exec(*AS_1000, PYTHON, *how, *args, cwd="/",
                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode == 0, err.decode()
@@ -254,7 +157,7 @@ async def test_nothing_wqd_runs_is_in_reach_of_the_peer(system_bus, wqd_factory,
     victim_path = (await victim.request("watch", source="keys", target=str(world_ring)))["result"][0]
     probe = RootProbe(root)
     try:
-        attack = asyncio.get_running_loop().create_task(run_as_1000(ATTACKER, str(wqd.proc.pid), "3"))
+        attack = asyncio.get_running_loop().create_task(run_as_1000("credential_attacker.py", str(wqd.proc.pid), "3"))
         answers = []
         while not attack.done():  # keep the attacker's helper busy meanwhile (resolving @u)
             out = await attacker.request("watch", source="keys", target="@u")
