@@ -47,8 +47,10 @@ Design, and why:
   ``Failed``, and the next call starts a new one. A helper that dies answers its
   calls at once.
 - Helpers are bounded: a few per uid (``PER_UID``), ``[keys] helpers_max`` in all,
-  at most ``MAX_PENDING`` queued calls each; beyond that ``LimitsExceeded``. One
-  that has been idle ``IDLE`` seconds is stopped. Each is an ~10 MiB process.
+  at most ``MAX_PENDING`` queued calls each; beyond that ``LimitsExceeded``. To make
+  room, one unused for ``EVICTABLE_AFTER`` seconds is stopped (never one in use, so
+  credential sets taking turns cannot make wqd start a helper per call); one idle
+  ``IDLE`` seconds is stopped anyway. Each is a ~17 MiB process (RSS measured here).
 
 The helper runs only the operations in ``cred_helper.OPS`` (no arbitrary code):
 requests and replies are length-prefixed pickles between two root processes on a
@@ -80,6 +82,7 @@ MAX_MESSAGE = 16 << 20  # a reply bigger than this is a broken helper
 PER_UID = 4  # credential sets (helpers) of one uid at once
 MAX_PENDING = 256  # calls queued on one helper
 IDLE = 30.0  # seconds an unused helper lives
+EVICTABLE_AFTER = 5.0  # seconds unused before a helper may be stopped to make room for another
 SPAWN_TIMEOUT = 60.0  # for a helper to start (Python under qemu TCG takes seconds); not the peer's to slow
 SPAWN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
 
@@ -257,16 +260,20 @@ class HelperPool:
         if creds is not None:
             same_uid = [h for h in self.helpers.values() if h.creds is not None and h.creds.uid == creds.uid]
             if len(same_uid) >= PER_UID:
-                self._evict(same_uid, f"uid {creds.uid} has {PER_UID} credential helpers busy")
+                self._evict(same_uid, f"uid {creds.uid} has {PER_UID} credential sets in use")
         if len(self.helpers) >= self.limit:
-            self._evict(list(self.helpers.values()), "too many credential helpers busy")
+            self._evict(list(self.helpers.values()), "too many credential sets in use")
         helper = self.helpers[creds] = Helper(creds, self.timeout, self.pass_fds)
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().call_later(IDLE / 2, self._reap)
         return helper
 
     def _evict(self, candidates: list[Helper], why: str) -> None:
-        idle = [h for h in candidates if not h.pending]
+        """Make room by stopping the longest-unused helper, if one has been unused a
+        while: never one in use (a poller's, every interval), or credential sets that
+        take turns would start a helper per call."""
+        now = time.monotonic()
+        idle = [h for h in candidates if not h.pending and now - h.last_used >= EVICTABLE_AFTER]
         if not idle:
             raise LimitsExceeded(why)
         victim = min(idle, key=lambda h: h.last_used)
