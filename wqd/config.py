@@ -14,6 +14,10 @@
     poll_interval = 1.0            # proc-keys, seconds
     queue_pages = 4                # watch_queue: notification pipe size in pages
     replay_path = ""               # replay: file or FIFO of kernel-format records
+    helper_timeout = 5.0           # seconds a credential helper may take per operation
+    helpers_max = 64               # credential helper processes at once
+    watch_rate = 20.0              # keys Watch calls a second per non-root uid ...
+    watch_burst = 40               # ... and how many may come at once
 
     [policy]
     plugins = ["unix"]             # in order; any deny wins (docs/policy-plugins.md)
@@ -58,6 +62,10 @@ class Config:
     keys_poll_interval: float = 1.0
     keys_queue_pages: int = 4
     keys_replay_path: str = ""
+    keys_helper_timeout: float = 5.0
+    keys_helpers_max: int = 64
+    keys_watch_rate: float = 20.0
+    keys_watch_burst: int = 40
     policy_plugins: list[str] = field(default_factory=lambda: ["unix"])
     policy_timeout: float = 5.0
     policy_rules: list[str] | None = None  # None: DEFAULT_RULES, and missing is fine
@@ -78,6 +86,10 @@ _SCHEMA = {
     ("keys", "poll_interval"): ("keys_poll_interval", (int, float), lambda v: 0.01 <= v <= 3600, "0.01..3600"),
     ("keys", "queue_pages"): ("keys_queue_pages", int, lambda v: 1 <= v <= 16, "1..16"),
     ("keys", "replay_path"): ("keys_replay_path", str, lambda v: True, "a path"),
+    ("keys", "helper_timeout"): ("keys_helper_timeout", (int, float), lambda v: 0.1 <= v <= 600, "0.1..600"),
+    ("keys", "helpers_max"): ("keys_helpers_max", int, lambda v: 1 <= v <= 4096, "1..4096"),
+    ("keys", "watch_rate"): ("keys_watch_rate", (int, float), lambda v: 0.01 <= v <= 1e6, "0.01..1000000"),
+    ("keys", "watch_burst"): ("keys_watch_burst", int, lambda v: 1 <= v <= 1_000_000, "1..1000000"),
     ("policy", "plugins"): ("policy_plugins", list,
                             lambda v: v and all(isinstance(x, str) and x for x in v) and len(set(v)) == len(v),
                             "a non-empty list of distinct plugin names"),

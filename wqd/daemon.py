@@ -37,7 +37,9 @@ def sd_notify(state: str) -> None:
 def open_keys(cfg: configuration.Config):
     backend = open_backend(cfg.keys_backend, replay_path=cfg.keys_replay_path,
                            interval=cfg.keys_poll_interval, pages=cfg.keys_queue_pages)
-    return KeysSource(backend, resolve_keys=backend.name != "replay")
+    return KeysSource(backend, resolve_keys=backend.name != "replay", helper_timeout=cfg.keys_helper_timeout,
+                      helpers_max=cfg.keys_helpers_max, watch_rate=cfg.keys_watch_rate,
+                      watch_burst=cfg.keys_watch_burst)
 
 
 def limits_of(cfg: configuration.Config) -> Limits:

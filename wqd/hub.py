@@ -11,6 +11,7 @@ the queue, so the subscriber is told ``Lost(n)`` exactly where the gap is.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import secrets
 from collections import deque
@@ -138,12 +139,15 @@ class Hub:
             raise AccessDenied(decision.reason or "access denied")
         # Random, never 0, unique among the live ones: the numbers tell nobody how
         # often others subscribe (issue 12). 63 bits: at most 19 digits in the path.
+        # Two Watch calls awaiting attach at once could only collide with odds of 2**-63.
         number = secrets.randbits(63)
         while not number or number in self.subscriptions:
             number = secrets.randbits(63)
         sub = Subscription(number, peer, source_name, target, options)
         sub.routes = tuple(source.routes(sub))
-        source.attach(sub)  # may raise: nothing registered yet
+        attached = source.attach(sub)  # may raise: nothing registered yet
+        if inspect.isawaitable(attached):  # keys: arming runs in a credential helper
+            await attached
         self.subscriptions[sub.number] = sub
         self._by_owner.setdefault(peer.unique_name, set()).add(sub)
         self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1

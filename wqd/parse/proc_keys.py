@@ -2,7 +2,8 @@
 
 What the fallback cannot see (and the watch queue can): changes that come and go
 within one poll interval; ``updated`` of keys whose payload the watcher may not read
-(e.g. ``logon`` keys, keyrings); ``cleared`` is inferred when a keyring with at least
+(e.g. ``logon`` keys, keyrings; the watcher is whichever subscriber's credentials
+see the most of the key, see ``wqd.sources.key_backends``); ``cleared`` is inferred when a keyring with at least
 two links becomes empty in one interval (otherwise each removal is ``unlinked``);
 ``invalidated`` only if the key is seen flagged before the garbage collector takes it
 (usually it is simply gone, which ends the subscription with ``Removed``).

@@ -1,24 +1,39 @@
 """Backends of the ``keys`` source: ``watch_queue``, ``proc-keys``, ``replay``.
 
-Each has ``arm(watch)`` / ``disarm(watch)`` for one watched key, and
-``filters_changed(source)`` when the set of wanted changes may have changed.
+Each has ``async arm(watch)`` / ``async disarm(source, watch)`` for one watched key,
+run in a credential helper (``source.run``), never on the event loop;
+``async join(source, watch, creds)`` / ``left(source, watch, creds)`` when a
+subscriber with *creds* shares or leaves a watch; and ``filters_changed(source)``
+when the set of wanted changes may have changed.
+
+Sharing one watch between subscribers (issue 12, finding 5):
+
+- ``watch_queue``: the kernel checks View once, when ``KEYCTL_WATCH_KEY`` arms, and
+  then posts every change of the key to the queue, Read or not (only an LSM's
+  ``post_notification`` hook may filter, by the armer's credentials). A peer's own
+  watch would get exactly that. So a watch armed by the daemon (or the first peer)
+  serves every subscriber whose own Watch passed the View check and the policy:
+  nothing is lost and nothing extra is shown. Sharing is safe; ``join`` does nothing.
+- ``proc-keys``: the poller sees only what its credentials may Read (a keyring's
+  members, a payload's digest). When a subscriber whose credentials see more joins,
+  the watch is taken over by those credentials (no events from the switch itself);
+  when the subscriber whose credentials poll leaves, the remaining subscribers'
+  credentials are tried and the one that sees the most takes over. Subscribers with
+  View only then get ``linked``/``unlinked``, as the watch queue would give them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import logging
 import os
 import stat
 
 from wqd.events import KEY_CHANGE_SUBTYPE, KeyRemoved, SourceLoss
 from wqd.kernel import errors as kerr
-from wqd.kernel import keyctl
 from wqd.kernel import watch_queue as wq
-from wqd.kernel.credentials import run_as
-from wqd.parse.proc_keys import KeySnapshot, diff, parse_proc_keys
+from wqd.parse.proc_keys import KeySnapshot, diff
 from wqd.parse.watch_queue import WatchQueueParser
 from wqd.sources.reader import FdReader, read_available
 
@@ -84,6 +99,12 @@ class _RecordReader:
     def resync(self) -> None:
         pass
 
+    async def join(self, source, watch, creds) -> None:
+        pass
+
+    def left(self, source, watch, creds) -> None:
+        pass
+
 
 class WatchQueueBackend(_RecordReader):
     """One notification pipe; one kernel watch per watched key."""
@@ -100,6 +121,7 @@ class WatchQueueBackend(_RecordReader):
             raise
         self.parser = WatchQueueParser()
         self._tag = 0
+        self._resync: asyncio.Task | None = None
         self._filter: frozenset[str] | None | bool = False  # False: never set
 
     async def start(self, source, sink) -> None:
@@ -124,12 +146,24 @@ class WatchQueueBackend(_RecordReader):
                 return self._tag
         return self._tag
 
-    def arm(self, watch) -> None:
-        watch.tag = self._next_tag({w.tag for w in self.source.watches.values()})
-        run_as(watch.creds, keyctl.watch_key, watch.serial, self.fd, watch.tag)
+    @property
+    def helper_fds(self) -> tuple[int, ...]:
+        return (self.fd,)  # KEYCTL_WATCH_KEY names the queue by fd: helpers inherit it
 
-    def disarm(self, watch) -> None:
-        run_as(watch.creds, keyctl.watch_key, watch.serial, self.fd, -1)
+    async def arm(self, watch) -> None:
+        watch.tag = self._next_tag({w.tag for w in self.source.watches.values()})
+        try:
+            await self.source.run(watch.creds, "watch_key", watch.serial, self.fd, watch.tag)
+        except kerr.Busy as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            # A watch of ours on this key outlived its subscription (its release or
+            # its arming was abandoned at the helper's deadline): replace it.
+            await self.source.run(watch.creds, "watch_key", watch.serial, self.fd, -1)
+            await self.source.run(watch.creds, "watch_key", watch.serial, self.fd, watch.tag)
+
+    async def disarm(self, source, watch) -> None:
+        await source.run(watch.creds, "watch_key", watch.serial, self.fd, -1)
 
     def filters_changed(self, source) -> None:
         wanted = source.wanted_changes()
@@ -149,56 +183,49 @@ class WatchQueueBackend(_RecordReader):
 
     def resync(self) -> None:
         """After a loss record: end the subscriptions of keys that went away."""
+        if self._resync is None or self._resync.done():
+            self._resync = asyncio.get_running_loop().create_task(self._resync_now())
+
+    async def _resync_now(self) -> None:
         for watch in list(self.source.watches.values()):
             try:
-                run_as(watch.creds, keyctl.describe, watch.serial)
-            except (kerr.NoSuchKey, kerr.KeyExpired):
+                exists = await self.source.run(watch.creds, "exists", watch.serial)
+            except Exception as exc:  # noqa: BLE001 - a helper gone: try again at the next loss
+                log.warning("resync of key %d: %s", watch.serial, exc)
+                continue
+            if not exists and self.source.watches.get(watch.serial) is watch:
                 self.emit(KeyRemoved(watch.serial, "key removed", watch.tag))
-            except kerr.KernelError:
-                pass
 
 
-def snapshot_keys(serials: list[int]) -> dict[int, KeySnapshot]:
-    """Runs with the watcher's credentials: what it can see of each key now."""
-    try:
-        with open("/proc/keys") as f:
-            proc = parse_proc_keys(f.read())
-    except OSError:
-        proc = {}
-    out = {}
-    for serial in serials:
-        try:
-            desc = keyctl.describe(serial)
-        except kerr.KeyRevoked:
-            entry = proc.get(serial)
-            out[serial] = KeySnapshot(True, entry.flags if entry else "IR", *(
-                (entry.perm, entry.uid, entry.gid) if entry else (0, 0, 0)))
-            continue
-        except kerr.KernelError:
-            out[serial] = KeySnapshot(False)
-            continue
-        entry = proc.get(serial)
-        members = digest = None
-        try:
-            payload = keyctl.read(serial)
-            if desc.type == "keyring":
-                members = tuple(keyctl.read_keyring_serials(serial))
-            else:
-                digest = hashlib.blake2b(payload, digest_size=16).digest()
-        except kerr.KernelError:
-            pass
-        out[serial] = KeySnapshot(True, entry.flags if entry else "I", desc.perm, desc.uid, desc.gid, members, digest)
-    return out
+def sees_more(new: KeySnapshot, old: KeySnapshot | None) -> bool:
+    """Does *new* show what *old* could not (members of a keyring, a payload)?"""
+    if not new.exists:
+        return False
+    if old is None or not old.exists:
+        return True
+    return (new.members is not None and old.members is None) or (new.digest is not None and old.digest is None)
 
 
 class ProcKeysBackend:
-    """Polling fallback: snapshots every *interval* seconds while keys are watched."""
+    """Polling fallback: snapshots every *interval* seconds while keys are watched.
+
+    Each credential set's keys are polled by its own helper, in its own task: a slow
+    or stopped helper delays only the watches polled with those credentials, and a
+    poll in flight is not started again. At most ``BATCH`` keys of one credential
+    set are read per interval (the rest in the next intervals, in turn), so one uid
+    with thousands of watched keys costs a bounded amount per tick.
+    """
 
     name = "proc-keys"
+    BATCH = 256
+    CANDIDATES = 8  # credentials tried when the polling subscriber leaves
 
     def __init__(self, interval: float = 1.0) -> None:
         self.interval = interval
         self._timer: asyncio.TimerHandle | None = None
+        self._polling: dict[object, asyncio.Task] = {}
+        self._cursor: dict[object, int] = {}
+        self._tasks: set[asyncio.Task] = set()
 
     async def start(self, source, sink) -> None:
         self.source = source
@@ -209,9 +236,15 @@ class ProcKeysBackend:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        for task in [*self._polling.values(), *self._tasks]:
+            task.cancel()
+        self._polling.clear()
 
-    def arm(self, watch) -> None:
-        snap = run_as(watch.creds, snapshot_keys, [watch.serial])[watch.serial]
+    async def _snapshot(self, creds, serial: int) -> KeySnapshot:
+        return (await self.source.run(creds, "snapshot", [serial]))[serial]
+
+    async def arm(self, watch) -> None:
+        snap = await self._snapshot(watch.creds, watch.serial)
         if not snap.exists:
             raise kerr.NoSuchKey(errno.ENOKEY, "key is gone or not visible with these credentials")
         watch.state = snap
@@ -219,10 +252,57 @@ class ProcKeysBackend:
         if self._timer is None:
             self._timer = self.loop.call_later(self.interval, self._tick)
 
-    def disarm(self, watch) -> None:
-        if not self.source.watches and self._timer is not None:
+    async def disarm(self, source, watch) -> None:
+        if not source.watches and self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    async def join(self, source, watch, creds) -> None:
+        """Take the watch over with *creds* if they see more of the key."""
+        if creds == watch.creds:
+            return
+        snap = await self._snapshot(creds, watch.serial)
+        if sees_more(snap, watch.state) and source.watches.get(watch.serial) is watch:
+            self._switch(watch, creds, snap)
+
+    def _switch(self, watch, creds, snap: KeySnapshot) -> None:
+        log.debug("key %d: now polled as %s, who sees more than %s", watch.serial, creds or "the daemon",
+                  watch.creds or "the daemon")
+        old, watch.creds, watch.state = watch.state, creds, snap
+        if old is not None:
+            self._apply(watch, old, snap)
+
+    def left(self, source, watch, creds) -> None:
+        if creds != watch.creds:
+            return
+        task = self.loop.create_task(self._rechoose(source, watch, creds))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _rechoose(self, source, watch, gone) -> None:
+        """The subscriber whose credentials polled left: the remaining one who sees most polls."""
+        from wqd.sources.keys import peer_credentials  # the keys source module imports us
+        candidates = []
+        for sub in watch.subs:
+            creds = peer_credentials(sub.owner)
+            if creds not in candidates:
+                candidates.append(creds)
+        if gone in candidates:  # another connection of the same credentials stays
+            return
+        best = None
+        for creds in candidates[: self.CANDIDATES]:
+            try:
+                snap = await self._snapshot(creds, watch.serial)
+            except Exception as exc:  # noqa: BLE001
+                log.debug("key %d: cannot poll as %s: %s", watch.serial, creds, exc)
+                continue
+            if not snap.exists:
+                continue
+            if best is None or sees_more(snap, best[1]):
+                best = (creds, snap)
+        if best is None or source.watches.get(watch.serial) is not watch or watch.creds != gone:
+            return
+        self._switch(watch, *best)
 
     def filters_changed(self, source) -> None:
         pass
@@ -233,23 +313,42 @@ class ProcKeysBackend:
         for watch in self.source.watches.values():
             groups.setdefault(watch.creds, []).append(watch)
         for creds, watches in groups.items():
-            try:
-                snaps = run_as(creds, snapshot_keys, [w.serial for w in watches])
-            except Exception:
-                log.exception("polling keys failed")
-                continue
-            for watch in watches:
-                new = snaps[watch.serial]
-                changes, gone = diff(watch.state, new)
-                if changes or gone:
-                    log.debug("key %d: %s%s", watch.serial, changes, " (gone)" if gone else "")
-                watch.state = new
-                for change, aux in changes:
-                    self.source.emit_change(watch.serial, change, aux)
-                if gone:
-                    self.emit(KeyRemoved(watch.serial, "key removed", watch.tag))
+            if creds in self._polling:
+                continue  # still at the last one
+            if len(watches) > self.BATCH:
+                start = self._cursor.get(creds, 0) % len(watches)
+                watches = (watches[start:] + watches[:start])[: self.BATCH]
+                self._cursor[creds] = start + self.BATCH
+            task = self.loop.create_task(self._poll(creds, watches))
+            self._polling[creds] = task
+            task.add_done_callback(lambda _t, c=creds: self._polling.pop(c, None))
+        for creds in list(self._cursor):
+            if creds not in groups:
+                del self._cursor[creds]
         if self.source.watches:
             self._timer = self.loop.call_later(self.interval, self._tick)
+
+    async def _poll(self, creds, watches: list) -> None:
+        try:
+            snaps = await self.source.run(creds, "snapshot", [w.serial for w in watches])
+        except Exception as exc:  # noqa: BLE001 - a helper that failed: the next tick tries again
+            log.warning("polling keys as %s failed: %s", creds or "the daemon", exc)
+            return
+        for watch in watches:
+            if self.source.watches.get(watch.serial) is not watch or watch.creds != creds:
+                continue  # released or taken over while we polled
+            new = snaps[watch.serial]
+            old, watch.state = watch.state, new
+            self._apply(watch, old, new)
+
+    def _apply(self, watch, old: KeySnapshot, new: KeySnapshot) -> None:
+        changes, gone = diff(old, new)
+        if changes or gone:
+            log.debug("key %d: %s%s", watch.serial, changes, " (gone)" if gone else "")
+        for change, aux in changes:
+            self.source.emit_change(watch.serial, change, aux)
+        if gone:
+            self.emit(KeyRemoved(watch.serial, "key removed", watch.tag))
 
 
 class ReplayBackend(_RecordReader):
@@ -284,10 +383,10 @@ class ReplayBackend(_RecordReader):
                 os.close(fd)
         self.fd = self._keepalive = -1
 
-    def arm(self, watch) -> None:
+    async def arm(self, watch) -> None:
         pass
 
-    def disarm(self, watch) -> None:
+    async def disarm(self, source, watch) -> None:
         pass
 
     def filters_changed(self, source) -> None:

@@ -2,38 +2,44 @@
 
 Targets: a key serial in decimal, ``@u`` (the caller's user keyring), ``@us`` (its
 user session keyring) or ``@p`` (its persistent keyring). Resolution and the
-kernel watch happen with the *peer's* credentials where the daemon is root (see
+kernel watch happen with the *peer's* credentials where the daemon is root, in a
+credential helper out of the event loop and out of the peer's reach (see
 ``wqd.kernel.credentials``), so the kernel itself judges View as it would for the
-peer; the ``unix`` policy then judges the permission word as well.
+peer; the ``unix`` policy then judges the permission word as well. Watch calls of a
+non-root uid are paced by a token bucket per uid (``[keys] watch_rate`` and
+``watch_burst``): each costs the helper several key operations.
 
-One kernel watch per watched key, refcounted across subscriptions. Backends:
-``watch_queue`` (notification pipe), ``proc-keys`` (polling fallback), ``replay``
-(kernel-format records from a file or FIFO, explicit configuration only).
+One kernel watch per watched key, refcounted across subscriptions. It serves every
+subscriber only if it sees what each is entitled to (issue 12, finding 5): the
+``proc-keys`` poller arms with the credentials of the subscriber that sees the most
+of the key (members of a keyring, a payload), so a keyring that grants root only
+View is polled with its owner's credentials once the owner subscribes; see the
+backends for ``watch_queue``. Backends: ``watch_queue`` (notification pipe),
+``proc-keys`` (polling fallback), ``replay`` (kernel-format records from a file or
+FIFO, explicit configuration only).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import pwd
+import time
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NotSupported
 from wqd.events import KEY_CHANGES, Event, KeyChanged, WatchTarget
 from wqd.kernel import errors as kerr
-from wqd.kernel import keyctl
-from wqd.kernel.credentials import Credentials, run_as
-from wqd.parse.proc_keys import parse_proc_keys
+from wqd.kernel.credentials import Credentials, HelperPool
 from wqd.peer import PeerCredentials
 from wqd.sources import Sink, string_list_option
 
 log = logging.getLogger(__name__)
 
-SPECIAL_TARGETS = {
-    "@u": keyctl.KEY_SPEC_USER_KEYRING,
-    "@us": keyctl.KEY_SPEC_USER_SESSION_KEYRING,
-}
+SPECIAL_TARGETS = frozenset({"@u", "@us", "@p"})
 OPTIONS = frozenset({"changes"})
 
 
@@ -49,32 +55,15 @@ class KeyWatch:
 
 
 def peer_credentials(peer: PeerCredentials) -> Credentials | None:
-    """The credentials to act with for *peer*: ``None`` means the daemon's own."""
-    if peer.uid == os.geteuid():
+    """The credentials to act with for *peer*: ``None`` means the daemon's own
+    (the peer is the daemon's uid, or the daemon is not root and cannot change)."""
+    if peer.uid == os.geteuid() or os.geteuid() != 0:
         return None
     try:
         gid = pwd.getpwuid(peer.uid).pw_gid
     except KeyError:
         gid = min(peer.gids) if peer.gids else 65534
     return Credentials(peer.uid, gid, tuple(sorted(peer.gids)))
-
-
-def _resolve_as(spec: str, uid: int) -> int:
-    """Runs with the peer's credentials (or the daemon's, for itself)."""
-    if spec == "@p":
-        return keyctl.get_persistent(-1 if uid == os.geteuid() else uid, keyctl.KEY_SPEC_PROCESS_KEYRING)
-    return keyctl.get_keyring_id(SPECIAL_TARGETS[spec], True)
-
-
-def _describe_with_flags(serial: int) -> tuple[keyctl.KeyDescription, str | None]:
-    """KEYCTL_DESCRIBE plus the key's /proc/keys flags (None if not listed there)."""
-    desc = keyctl.describe(serial)
-    try:
-        with open("/proc/keys") as f:
-            entry = parse_proc_keys(f.read()).get(serial)
-    except OSError:
-        entry = None
-    return desc, entry.flags if entry else None
 
 
 def parse_serial(spec: str) -> int:
@@ -86,14 +75,48 @@ def parse_serial(spec: str) -> int:
     return serial
 
 
+class TokenBuckets:
+    """A token bucket per uid: *rate* tokens a second, at most *burst* saved up."""
+
+    MAX_TRACKED = 4096
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.buckets: dict[int, tuple[float, float]] = {}  # uid -> (tokens, when)
+
+    def take(self, uid: int) -> bool:
+        now = time.monotonic()
+        tokens, when = self.buckets.get(uid, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - when) * self.rate)
+        if tokens < 1:
+            self.buckets[uid] = (tokens, now)
+            return False
+        if len(self.buckets) >= self.MAX_TRACKED and uid not in self.buckets:
+            self._prune(now)
+        self.buckets[uid] = (tokens - 1, now)
+        return True
+
+    def _prune(self, now: float) -> None:
+        """Forget the uids whose buckets are full again (they lose nothing)."""
+        for uid, (tokens, when) in list(self.buckets.items()):
+            if tokens + (now - when) * self.rate >= self.burst:
+                del self.buckets[uid]
+
+
 class KeysSource:
     name = "keys"
 
-    def __init__(self, backend, *, resolve_keys: bool = True) -> None:
+    def __init__(self, backend, *, resolve_keys: bool = True, helper_timeout: float = 5.0,
+                 helpers_max: int = 64, watch_rate: float = 20.0, watch_burst: int = 40) -> None:
         self.impl = backend
         self.resolve_keys = resolve_keys  # replay: targets are serials, nothing to ask the kernel
         self.watches: dict[int, KeyWatch] = {}
         self.sink = None
+        self.helpers = HelperPool(timeout=helper_timeout, limit=helpers_max,
+                                  pass_fds=getattr(backend, "helper_fds", ()))
+        self.rate = TokenBuckets(watch_rate, watch_burst)
+        self._turns: dict[int, asyncio.Future] = {}  # serial -> the last arm/disarm in line
+        self._disarming: set[asyncio.Task] = set()
 
     @property
     def backend(self) -> str:
@@ -102,12 +125,45 @@ class KeysSource:
     async def start(self, sink: Sink) -> None:
         self.sink = sink
         await self.impl.start(self, sink)
+        if self.resolve_keys:
+            self.helpers.prestart(None)  # the daemon's own: most first Watch calls need it
 
     async def stop(self) -> None:
         for watch in list(self.watches.values()):
-            self._disarm(watch)
+            self._schedule_disarm(watch)
         self.watches.clear()
+        if self._disarming:
+            await asyncio.wait(set(self._disarming), timeout=self.helpers.timeout + 1)
         await self.impl.stop()
+        await self.helpers.close()
+
+    async def run(self, creds: Credentials | None, op: str, *args):
+        """A key operation with *creds* (``None``: the daemon's), in a helper."""
+        return await self.helpers.run(creds, op, *args)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, serial: int):
+        """Arms and disarms of one key, one at a time and in order (a re-arm must
+        not overtake the disarm of the watch it replaces: the kernel says EBUSY)."""
+        loop = asyncio.get_running_loop()
+        prev = self._turns.get(serial)
+        mine = self._turns[serial] = loop.create_future()
+
+        def release(_=None):
+            if not mine.done():
+                mine.set_result(None)
+            if self._turns.get(serial) is mine:
+                del self._turns[serial]
+        try:
+            if prev is not None:
+                await asyncio.shield(prev)
+        except asyncio.CancelledError:
+            prev.add_done_callback(release)  # keep the order for those behind us
+            raise
+        try:
+            yield
+        finally:
+            release()
 
     # -- Watch() ----------------------------------------------------------
 
@@ -118,28 +174,30 @@ class KeysSource:
         changes = string_list_option(options, "changes", KEY_CHANGES)
         if changes is not None and not changes:
             raise InvalidArgument("option 'changes' must not be empty")
-        creds = peer_credentials(peer)
-        if spec in SPECIAL_TARGETS or spec == "@p":
+        if spec in SPECIAL_TARGETS:
             if not self.resolve_keys:
                 raise NotSupported(f"{spec} cannot be resolved by the {self.backend} backend; pass a serial")
-            if creds is not None and os.geteuid() != 0:
+            if peer.uid != os.geteuid() and os.geteuid() != 0:
                 raise NotSupported(f"this instance runs as uid {os.geteuid()} and cannot reach {spec} of uid {peer.uid}")
+        else:
+            serial = parse_serial(spec)
+        if not self.resolve_keys:
+            return WatchTarget("keys", spec, serial, extra={"changes": changes})
+        if peer.uid != 0 and not self.rate.take(peer.uid):
+            raise LimitsExceeded(f"too many keys Watch calls from uid {peer.uid}; "
+                                 f"at most {self.rate.rate:g} a second")
+        creds = peer_credentials(peer)
+        if spec in SPECIAL_TARGETS:
             try:
-                serial = run_as(creds, _resolve_as, spec, peer.uid)
+                serial = await self.run(creds, "resolve", spec, peer.uid)
             except kerr.NotSupported:
                 raise NotSupported(f"{spec} is not supported by this kernel") from None
             except kerr.PermissionDenied:
                 raise AccessDenied(f"cannot resolve {spec} for the caller") from None
             except kerr.KernelError as exc:
                 raise NotSupported(f"cannot resolve {spec}: {exc.strerror}") from None
-        else:
-            serial = parse_serial(spec)
-        if not self.resolve_keys:
-            return WatchTarget("keys", spec, serial, extra={"changes": changes})
-        if creds is not None and os.geteuid() != 0:
-            creds = None  # an unprivileged instance describes as itself; policy judges
         try:
-            desc, flags = run_as(creds, _describe_with_flags, serial)
+            desc, flags = await self.run(creds, "describe", serial)
         except (kerr.NoSuchKey, kerr.KeyRevoked, kerr.KeyExpired):
             raise InvalidArgument(f"no such key {serial}") from None
         except kerr.PermissionDenied:
@@ -148,7 +206,7 @@ class KeysSource:
             raise InvalidArgument(f"cannot describe key {serial}: {exc.strerror}") from None
         if flags is not None and "I" not in flags and "N" not in flags:
             # KEYCTL_WATCH_KEY waits until construction ends (lookup_user_key without
-            # KEY_LOOKUP_PARTIAL): arming now would stall the daemon on the constructor.
+            # KEY_LOOKUP_PARTIAL): arming now would stall the helper on the constructor.
             raise NotSupported(f"key {serial} is still under construction; watch it once it is instantiated")
         return WatchTarget("keys", spec, serial, desc.uid, desc.gid, desc.perm,
                            extra={"type": desc.type, "description": desc.description, "changes": changes})
@@ -160,25 +218,34 @@ class KeysSource:
         changes = sub.target.extra.get("changes")
         return changes is None or event.change in changes
 
-    def attach(self, sub) -> None:
+    async def attach(self, sub) -> None:
         serial = sub.target.object_id
-        watch = self.watches.get(serial)
-        if watch is None:
-            watch = self._arm(serial, sub)
-            self.watches[serial] = watch
-        watch.subs.add(sub)
+        creds = peer_credentials(sub.owner) if self.resolve_keys else None
+        async with self._turn(serial):  # arming only: joining must not hold up others
+            watch = self.watches.get(serial)
+            if watch is None:
+                watch = await self._arm(serial, sub)
+                self.watches[serial] = watch
+            watch.subs.add(sub)  # now: a detach meanwhile must not find it empty
+        try:
+            await self.impl.join(self, watch, creds)
+        except (kerr.KernelError, LimitsExceeded) as exc:
+            log.debug("key %d: no better view with %s: %s", serial, creds, exc)
+        except BaseException:
+            self._leave(watch, sub)
+            raise
         self.impl.filters_changed(self)
 
-    def _arm(self, serial: int, sub) -> KeyWatch:
+    async def _arm(self, serial: int, sub) -> KeyWatch:
         """Arm with the daemon's own credentials where they reach the key (so one
         watch serves every entitled peer, as the kernel's would), else the peer's."""
         attempts: list[Credentials | None] = [None]
-        if os.geteuid() == 0 and (creds := peer_credentials(sub.owner)) is not None:
+        if self.resolve_keys and (creds := peer_credentials(sub.owner)) is not None:
             attempts.append(creds)
         for i, creds in enumerate(attempts):
             watch = KeyWatch(serial, creds)
             try:
-                self.impl.arm(watch)
+                await self.impl.arm(watch)
                 return watch
             except (kerr.PermissionDenied, kerr.NoSuchKey):
                 if i + 1 < len(attempts):
@@ -188,24 +255,38 @@ class KeysSource:
                 raise LimitsExceeded(f"the kernel refused another watch: {exc.strerror}") from None
             except (kerr.KeyRevoked, kerr.KeyExpired):
                 raise InvalidArgument(f"key {serial} is revoked or expired") from None
+            except kerr.KernelError as exc:
+                raise InvalidArgument(f"cannot watch key {serial}: {exc.strerror}") from None
         raise AssertionError("unreachable")
 
     def detach(self, sub) -> None:
-        serial = sub.target.object_id
-        watch = self.watches.get(serial)
-        if watch is None:
-            return
-        watch.subs.discard(sub)
-        if not watch.subs:
-            del self.watches[serial]
-            self._disarm(watch)
+        watch = self.watches.get(sub.target.object_id)
+        if watch is not None:
+            self._leave(watch, sub)
         self.impl.filters_changed(self)
 
-    def _disarm(self, watch: KeyWatch) -> None:
-        try:
-            self.impl.disarm(watch)
-        except kerr.KernelError as exc:
-            log.debug("unwatching key %d: %s", watch.serial, exc)
+    def _leave(self, watch: KeyWatch, sub) -> None:
+        watch.subs.discard(sub)
+        if watch.subs:
+            self.impl.left(self, watch, peer_credentials(sub.owner) if self.resolve_keys else None)
+            return
+        if self.watches.get(watch.serial) is watch:
+            del self.watches[watch.serial]
+        self._schedule_disarm(watch)
+
+    def _schedule_disarm(self, watch: KeyWatch) -> None:
+        task = asyncio.get_running_loop().create_task(self._disarm(watch))
+        self._disarming.add(task)
+        task.add_done_callback(self._disarming.discard)
+
+    async def _disarm(self, watch: KeyWatch) -> None:
+        async with self._turn(watch.serial):
+            try:
+                await self.impl.disarm(self, watch)
+            except kerr.KernelError as exc:
+                log.debug("unwatching key %d: %s", watch.serial, exc)
+            except Exception as exc:  # noqa: BLE001 - a helper that timed out: the key's watch
+                log.warning("unwatching key %d: %s", watch.serial, exc)  # dies with the key
         log.debug("released the watch on key %d", watch.serial)
 
     def wanted_changes(self) -> frozenset[str] | None:

@@ -1,0 +1,262 @@
+"""The credential helper process: the key operations it may perform, and its main.
+
+Started by ``wqd.kernel.credentials.Helper`` (``python -I -S``, this module only,
+no asyncio: it starts fast even on a slow machine). See that module for the design.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import os
+import pickle
+import signal
+import socket
+import struct
+
+from wqd.kernel import errors as kerr
+from wqd.kernel import keyctl
+from wqd.parse.proc_keys import KeySnapshot, parse_proc_keys
+
+_LEN = struct.Struct("=I")
+READY = 0  # the message number of the helper's "ready" (after it took the credentials)
+
+
+def op_resolve(spec: str, uid: int) -> int:
+    """``@u``, ``@us`` or ``@p`` of *uid*, which the helper acts as (fs ids).
+
+    ``@p``: ``KEYCTL_GET_PERSISTENT`` takes the uid (root may name any). ``@u``/
+    ``@us``: looked up in the kernel's register of user keyrings (``.user_reg``,
+    root may read it; only the kernel links into it, and userspace may not name a
+    keyring with a leading dot), where ``_uid.N``/``_uid_ses.N`` owned by *uid* is
+    the one. Only if it does not exist yet is it made by the kernel's own lookup,
+    which reads the *real* uid (``_RealUid``): the one moment the peer can reach
+    the helper.
+    """
+    if spec == "@p":
+        serial = keyctl.get_persistent(uid, keyctl.KEY_SPEC_PROCESS_KEYRING)
+        try:  # linked there by the kernel: do not keep possessing it
+            keyctl.unlink(serial, keyctl.KEY_SPEC_PROCESS_KEYRING)
+        except kerr.KernelError:
+            pass
+        return serial
+    name = ("_uid." if spec == "@u" else "_uid_ses.") + str(uid)
+    found = _registered_user_keyring(name, uid)
+    if found is not None:
+        return found
+    raise _NeedRealUid
+
+
+class _NeedRealUid(Exception):
+    pass
+
+
+def op_create_user_keyring(spec: str) -> int:
+    special = {"@u": keyctl.KEY_SPEC_USER_KEYRING, "@us": keyctl.KEY_SPEC_USER_SESSION_KEYRING}[spec]
+    return keyctl.get_keyring_id(special, True)
+
+
+def _registered_user_keyring(name: str, uid: int) -> int | None:
+    fsuid = _libc.setfsuid(0)  # the register grants root (its owner) View and Read
+    try:
+        reg = None
+        try:
+            with open("/proc/keys") as f:
+                for line in f:
+                    parts = line.split(None, 8)
+                    if len(parts) == 9 and parts[7] == "keyring" and parts[5] == "0" \
+                            and parts[8].startswith(".user_reg:"):
+                        reg = int(parts[0], 16)
+                        break
+        except OSError:
+            return None
+        if reg is None:
+            return None
+        try:
+            members = keyctl.read_keyring_serials(reg)
+        except kerr.KernelError:
+            return None
+    finally:
+        _libc.setfsuid(fsuid)
+    for serial in members:
+        try:
+            desc = keyctl.describe(serial)  # with the peer's fs ids: only its own are visible
+        except kerr.KernelError:
+            continue
+        if desc.type == "keyring" and desc.description == name and desc.uid == uid:
+            return serial
+    return None
+
+
+def op_describe(serial: int) -> tuple[keyctl.KeyDescription, str | None]:
+    """KEYCTL_DESCRIBE plus the key's /proc/keys flags (None if not listed there)."""
+    desc = keyctl.describe(serial)
+    try:
+        with open("/proc/keys") as f:
+            entry = parse_proc_keys(f.read()).get(serial)
+    except OSError:
+        entry = None
+    return desc, entry.flags if entry else None
+
+
+def op_exists(serial: int) -> bool:
+    """False if the key is gone (ENOKEY, expired); other errors say nothing."""
+    try:
+        keyctl.describe(serial)
+    except (kerr.NoSuchKey, kerr.KeyExpired):
+        return False
+    except kerr.KernelError:
+        pass
+    return True
+
+
+def op_snapshot(serials: list[int]) -> dict[int, KeySnapshot]:
+    """What the helper's credentials can see of each key now."""
+    try:
+        with open("/proc/keys") as f:
+            proc = parse_proc_keys(f.read())
+    except OSError:
+        proc = {}
+    out = {}
+    for serial in serials:
+        try:
+            desc = keyctl.describe(serial)
+        except kerr.KeyRevoked:
+            entry = proc.get(serial)
+            out[serial] = KeySnapshot(True, entry.flags if entry else "IR", *(
+                (entry.perm, entry.uid, entry.gid) if entry else (0, 0, 0)))
+            continue
+        except kerr.KernelError:
+            out[serial] = KeySnapshot(False)
+            continue
+        entry = proc.get(serial)
+        members = digest = None
+        try:
+            payload = keyctl.read(serial)
+            if desc.type == "keyring":
+                members = tuple(keyctl.read_keyring_serials(serial))
+            else:
+                digest = hashlib.blake2b(payload, digest_size=16).digest()
+        except kerr.KernelError:
+            pass
+        out[serial] = KeySnapshot(True, entry.flags if entry else "I", desc.perm, desc.uid, desc.gid, members, digest)
+    return out
+
+
+def op_watch_key(serial: int, fd: int, tag: int) -> None:
+    keyctl.watch_key(serial, fd, tag)
+
+
+OPS = {"resolve": op_resolve, "describe": op_describe, "exists": op_exists,
+       "snapshot": op_snapshot, "watch_key": op_watch_key}
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+KEYCTL_JOIN_SESSION_KEYRING = 1
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return bytes(buf)
+
+
+def _status_uids() -> list[int]:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                return [int(x) for x in line.split()[1:]]
+    return []
+
+
+def _drop_to(uid: int, gid: int, groups: tuple[int, ...]) -> None:
+    """Take the peer's ids only where key permission checks read them (fs ids, groups)."""
+    os.setgroups(list(groups))
+    _libc.setfsgid(gid)
+    _libc.setfsuid(uid)
+    if _libc.setfsuid(-1) != uid:  # setfsuid returns the previous fsuid
+        raise OSError(errno.EPERM, "setfsuid did not take")
+    if _status_uids() != [0, 0, 0, uid]:
+        raise OSError(errno.EPERM, f"unexpected uids {_status_uids()}")
+
+
+class _RealUid:
+    """The real uid is the peer's for the body only; then everything it let the peer
+    touch (nice value, policy, CPU mask) is put back. setresuid(2) also resets the
+    fsuid to the effective uid: it is set again."""
+
+    def __init__(self, uid: int) -> None:
+        self.uid = uid
+
+    def __enter__(self):
+        self.nice = os.getpriority(os.PRIO_PROCESS, 0)
+        self.policy = os.sched_getscheduler(0)
+        self.param = os.sched_getparam(0)
+        self.cpus = os.sched_getaffinity(0)
+        os.setresuid(self.uid, -1, -1)
+
+    def __exit__(self, *exc):
+        os.setresuid(0, -1, -1)
+        _libc.setfsuid(self.uid)
+        for fix in (lambda: os.setpriority(os.PRIO_PROCESS, 0, self.nice),
+                    lambda: os.sched_setscheduler(0, self.policy, self.param),
+                    lambda: os.sched_setaffinity(0, self.cpus)):
+            try:
+                fix()
+            except OSError:
+                pass
+        return False
+
+
+def helper_main(argv: list[str]) -> None:  # pragma: no cover - runs in the helper process
+    """``fd uid gid groups|- self|peer``: serve requests until the socket closes."""
+    fd, uid, gid, groups, mode = int(argv[0]), int(argv[1]), int(argv[2]), argv[3], argv[4]
+    for sig in signal.valid_signals():
+        if sig not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
+            try:
+                signal.signal(sig, signal.SIG_IGN)
+            except (OSError, ValueError):
+                pass
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:
+        os._exit(0)
+    sock = socket.socket(fileno=fd)
+    peer = mode == "peer"
+    if peer:
+        # A fresh anonymous session keyring: possess nothing of the daemon's.
+        keyctl.keyctl(KEYCTL_JOIN_SESSION_KEYRING, 0)
+        keyctl.get_keyring_id(keyctl.KEY_SPEC_PROCESS_KEYRING, True)  # root's, made before dropping
+        _drop_to(uid, gid, tuple(int(g) for g in groups.split(",")) if groups != "-" else ())
+    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    ready = pickle.dumps((READY, True, os.getpid()))
+    sock.sendall(_LEN.pack(len(ready)) + ready)
+    while True:
+        try:
+            (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
+            number, op, args = pickle.loads(_recv_exact(sock, n))
+        except EOFError:
+            os._exit(0)
+        try:
+            if op == "resolve":
+                args = (args[0], uid)  # the helper's uid, whatever was asked
+            try:
+                result = (True, OPS[op](*args))
+            except _NeedRealUid:
+                if peer:
+                    with _RealUid(uid):
+                        result = (True, op_create_user_keyring(args[0]))
+                else:
+                    result = (True, op_create_user_keyring(args[0]))
+        except OSError as exc:
+            result = (False, exc)
+        except Exception as exc:  # noqa: BLE001 - carried to the daemon, as text
+            result = (False, RuntimeError(repr(exc)))
+        data = pickle.dumps((number, *result))
+        sock.sendall(_LEN.pack(len(data)) + data)
