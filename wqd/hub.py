@@ -6,6 +6,37 @@ the subscriber's bounded queue -> the outlet (the bus emitter) drains it.
 
 A full queue drops the event, counts it in ``lost`` and leaves a ``LostMark`` in
 the queue, so the subscriber is told ``Lost(n)`` exactly where the gap is.
+
+Fan-out (what one event costs). ``dispatch`` does not judge and queue per
+subscriber on the spot. The subscriptions on the event's route are taken as they
+are (per uid: the route table is kept per uid), and the work is queued in one
+*lane* per uid. Lanes are served round-robin, ``QUANTUM`` subscriptions a turn and
+at most ``SLICE`` per turn of the event loop, so method calls are answered during
+any fan-out, and one uid's thousands of subscriptions cannot starve another uid's
+one: that one waits for at most one quantum of each other uid per event. The work
+in each lane stays in order, so each subscription still gets its events in order,
+and losses (``SourceLoss``) and removals (``KeyRemoved``, ``TargetGone``) queue in
+the same lanes, behind the events before them. While any work waits in the lanes
+the hub is ``congested``, as with a queue more than half full: the sources stop
+reading the kernel (which reports its own overflow its own way) until the lanes
+are empty, so what waits in wqd is at most what one read of a source dispatched,
+and nothing is lost silently.
+
+The judging is shared: the policy stack's ``decision_key(peer, event)`` says
+what its ``post`` depends on for that event (see ``wqd.policy``), and subscribers
+whose keys are equal get one judged (redacted) copy, judged once per event; a
+source's ``shape_key(sub)`` does the same for its per-subscription trimming
+(``shape``). So one event costs ``post`` once per *distinct* decision and a dict
+look-up per subscriber. A policy that declares no key is asked per peer.
+
+Budgets. Besides the counts (per connection, per uid, in all), each uid but root
+has ``Limits.bytes_per_uid`` for what wqd keeps on its behalf: per subscription a
+fixed ``SUBSCRIPTION_BYTES`` plus its target, plus its options (an option set held
+by several subscriptions is stored once, and charged to a uid once), plus the
+events queued for its subscriptions (each at its estimated size). A Watch that
+would go beyond it answers ``LimitsExceeded``; an event that would is lost
+(``Lost``) for that subscription, like on a full queue. What a subscription held
+is given back when it ends.
 """
 
 from __future__ import annotations
@@ -25,6 +56,10 @@ from wqd.policy import PolicyStack
 from wqd.sources import ANY, Source
 
 log = logging.getLogger(__name__)
+
+SLICE = 1024  # subscriptions judged and queued per turn of the event loop
+QUANTUM = 64  # ... per uid before the next uid's turn
+SUBSCRIPTION_BYTES = 2048  # what a subscription costs besides its target and options (measured: p5)
 
 
 @dataclass(slots=True)
@@ -53,6 +88,7 @@ class Limits:
     subscriptions_total: int = 65536
     target_length: int = 4096  # bytes
     subscriptions_per_uid: int = 16384  # all connections of one uid but root's
+    bytes_per_uid: int = 64 << 20  # options, targets and queued events of one uid but root (see module doc)
 
 
 @dataclass(eq=False, slots=True)
@@ -71,6 +107,9 @@ class Subscription:
     stalled: bool = False  # ... and has waited too long: its queue no longer pauses the sources
     routes: tuple = ()
     state: dict = field(default_factory=dict)  # the source's per-subscription data
+    charge: int = 0  # bytes charged to the owner's uid for the subscription itself (Hub budgets)
+    options_key: tuple | None = None  # its entry in the hub's pool of option sets
+    queued_bytes: int = 0  # charged for its queued events
 
     @property
     def peer(self) -> str:
@@ -103,12 +142,22 @@ class Hub:
         self.limits = limits or Limits()
         self.outlet: Outlet | None = None
         self.subscriptions: dict[int, Subscription] = {}
-        self._by_route: dict[tuple[str, Hashable], set[Subscription]] = {}
+        # (source, route) -> uid -> subscriptions: a fan-out is split into per-uid lanes without a pass over them
+        self._by_route: dict[tuple[str, Hashable], dict[int, set[Subscription]]] = {}
         self._by_owner: dict[str, set[Subscription]] = {}
         self._per_uid: dict[int, int] = {}  # active subscriptions of each uid
+        self._uid_bytes: dict[int, int] = {}  # bytes held for each uid (budgets; root not counted)
+        self._options: dict[tuple, list] = {}  # canonical option set -> [shared options, shared extra, bytes, refs]
+        self._uid_options: dict[tuple[int, tuple], int] = {}  # (uid, option set) -> subscriptions holding it
         self._next = 1
         self._pressured = 0  # subscriptions not stalled with a queue more than half full
         self._relief: list = []
+        self._lanes: dict[int, deque] = {}  # uid -> work not done yet (see ``_run``)
+        self._turns: deque[int] = deque()  # uids with a lane, in round-robin order
+        self._backlog = 0  # subscriptions waiting in the lanes
+        self._budget = SLICE  # left for this turn of the loop
+        self._tick: asyncio.Handle | None = None
+        self._running = False
 
     # -- subscribing ------------------------------------------------------
 
@@ -126,6 +175,7 @@ class Hub:
             raise LimitsExceeded(f"too many subscriptions for uid {peer.uid}")
         if len(self.subscriptions) >= self.limits.subscriptions_total:
             raise LimitsExceeded("too many subscriptions")
+        self._check_budget(peer.uid, SUBSCRIPTION_BYTES + len(spec))
         target = await source.resolve(peer, spec, options)
         policy = self.policy
         decision = await policy.watch(peer, target)
@@ -136,15 +186,23 @@ class Hub:
             log.info("denied %s watch %s %r: %s", peer.unique_name, source_name, spec, decision.reason,
                      extra={"MESSAGE_ID": journal.POLICY_DENIED, "peer_uid": peer.uid, "peer_pid": peer.pid})
             raise AccessDenied(decision.reason or "access denied")
-        sub = Subscription(self._next, peer, source_name, target, options)
-        sub.routes = tuple(source.routes(sub))
-        source.attach(sub)  # may raise: nothing registered yet
+        options, options_key, charge = self._share_options(peer.uid, source_name, target, options, spec)
+        self._hold_options(peer.uid, options_key)
+        try:
+            sub = Subscription(self._next, peer, source_name, target, options)
+            sub.options_key, sub.charge = options_key, charge
+            sub.routes = tuple(source.routes(sub))
+            source.attach(sub)  # may raise: nothing registered yet
+        except BaseException:
+            self._release_options(peer.uid, options_key)
+            raise
         self._next += 1
         self.subscriptions[sub.number] = sub
         self._by_owner.setdefault(peer.unique_name, set()).add(sub)
         self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
+        self._charge(peer.uid, charge)
         for route in sub.routes:
-            self._by_route.setdefault((source_name, route), set()).add(sub)
+            self._by_route.setdefault((source_name, route), {}).setdefault(peer.uid, set()).add(sub)
         log.info("subscription %d: %s watches %s %r", sub.number, peer.unique_name, source_name, spec,
                  extra={"MESSAGE_ID": journal.SUBSCRIPTION_CREATED, "peer_uid": peer.uid, "peer_pid": peer.pid})
         return sub
@@ -160,6 +218,80 @@ class Hub:
     def owned_by(self, peer: str) -> list[Subscription]:
         return sorted(self._by_owner.get(peer, ()), key=lambda s: s.number)
 
+    # -- budgets ----------------------------------------------------------
+
+    def held_by(self, uid: int) -> int:
+        """Bytes charged to *uid* now (0 for root, which is not counted)."""
+        return self._uid_bytes.get(uid, 0)
+
+    def _check_budget(self, uid: int, more: int) -> None:
+        if uid != 0 and self._uid_bytes.get(uid, 0) + more > self.limits.bytes_per_uid:
+            raise LimitsExceeded(f"uid {uid} holds its share of wqd's memory ({self.limits.bytes_per_uid} bytes)")
+
+    def _charge(self, uid: int, amount: int) -> None:
+        if uid == 0 or not amount:
+            return
+        left = self._uid_bytes.get(uid, 0) + amount
+        if left > 0:
+            self._uid_bytes[uid] = left
+        else:
+            self._uid_bytes.pop(uid, None)
+
+    def _share_options(self, uid: int, source: str, target: WatchTarget, options: dict,
+                       spec: str) -> tuple[dict, tuple, int]:
+        """One stored copy per distinct option set: the subscription keeps the pool's
+        (the caller's own copies are dropped with the call), and its target's
+        ``extra`` the pool's frozensets. Returns (options, pool key, bytes to charge)
+        and raises ``LimitsExceeded`` when *uid* cannot afford them."""
+        extra = target.extra
+        key = (source, _canonical(options), _canonical(extra))
+        entry = self._options.get(key)
+        if entry is None:
+            size = _size_of(options) + _size_of(extra)
+            entry = [_frozen_copy(options), {k: v for k, v in extra.items() if isinstance(v, frozenset)}, size, 0]
+            self._options[key] = entry
+            fresh = True
+        else:
+            fresh = False
+        shared_options, shared_extra, size, _refs = entry
+        charge = SUBSCRIPTION_BYTES + len(spec)
+        options_charge = 0 if (uid, key) in self._uid_options else size
+        try:
+            self._check_budget(uid, charge + options_charge)
+        except LimitsExceeded:
+            if fresh:
+                del self._options[key]
+            raise
+        for k, v in shared_extra.items():  # equal frozensets: the pool's copy instead of this call's
+            extra[k] = v
+        return shared_options, key, charge
+
+    def _hold_options(self, uid: int, key: tuple) -> None:
+        entry = self._options[key]
+        entry[3] += 1
+        n = self._uid_options.get((uid, key), 0)
+        if not n:
+            self._charge(uid, entry[2])
+        self._uid_options[(uid, key)] = n + 1
+
+    def _release_options(self, uid: int, key: tuple | None) -> None:
+        if key is None:
+            return
+        entry = self._options.get(key)
+        if entry is None:
+            return
+        n = self._uid_options.get((uid, key), 0) - 1
+        if n > 0:
+            self._uid_options[(uid, key)] = n
+        else:
+            self._uid_options.pop((uid, key), None)
+            self._charge(uid, -entry[2])
+        entry[3] -= 1
+        if entry[3] <= 0:
+            del self._options[key]
+
+    # -- ending -----------------------------------------------------------
+
     def end(self, sub: Subscription, reason: str | None = None) -> None:
         """Stop routing to *sub* and release its kernel watch.
 
@@ -169,23 +301,31 @@ class Hub:
         if not sub.active:
             return
         sub.active = False
+        uid = sub.owner.uid
         for route in sub.routes:
-            bucket = self._by_route.get((sub.source, route))
-            if bucket is not None:
-                bucket.discard(sub)
-                if not bucket:
-                    del self._by_route[(sub.source, route)]
+            by_uid = self._by_route.get((sub.source, route))
+            if by_uid is not None:
+                bucket = by_uid.get(uid)
+                if bucket is not None:
+                    bucket.discard(sub)
+                    if not bucket:
+                        del by_uid[uid]
+                        if not by_uid:
+                            del self._by_route[(sub.source, route)]
         owned = self._by_owner.get(sub.peer)
         if owned is not None:
             owned.discard(sub)
             if not owned:
                 del self._by_owner[sub.peer]
-        uid = sub.owner.uid
         left = self._per_uid.get(uid, 0) - 1
         if left > 0:
             self._per_uid[uid] = left
         else:
             self._per_uid.pop(uid, None)
+        self._charge(uid, -sub.charge)
+        sub.charge = 0
+        self._release_options(uid, sub.options_key)
+        sub.options_key = None
         try:
             self.sources[sub.source].detach(sub)
         except Exception:
@@ -202,7 +342,10 @@ class Hub:
         if sub.queued_events > self.limits.queue_length // 2 and not sub.stalled:
             self._unpressure()
         sub.queue.clear()
+        sub._queue = None
         sub.queued_events = 0
+        self._charge(sub.owner.uid, -sub.queued_bytes)
+        sub.queued_bytes = 0
         self.subscriptions.pop(sub.number, None)
         if self.outlet is not None:
             self.outlet.forget(sub)
@@ -245,36 +388,108 @@ class Hub:
 
     # -- delivering -------------------------------------------------------
 
-    def subscribers(self, source: str, route: Hashable) -> list[Subscription]:
+    def _routed(self, source: str, route: Hashable) -> dict[int, list[Subscription]]:
+        """uid -> the subscriptions on *route* (and on ``ANY``) now."""
         found = self._by_route.get((source, route))
         any_ = self._by_route.get((source, ANY))
-        if found and any_:
-            return [*found, *any_]
-        return list(found or any_ or ())
+        out: dict[int, list[Subscription]] = {}
+        for table in (found, any_):
+            if table:
+                for uid, subs in table.items():
+                    have = out.get(uid)
+                    if have is None:
+                        out[uid] = list(subs)
+                    else:
+                        have.extend(subs)
+        return out
+
+    def subscribers(self, source: str, route: Hashable) -> list[Subscription]:
+        return [sub for subs in self._routed(source, route).values() for sub in subs]
 
     def dispatch(self, event: Event) -> None:
-        """Entry point for sources (synchronous: runs in the fd's reader callback)."""
+        """Entry point for sources (synchronous: runs in the fd's reader callback).
+
+        Queues the work in the lanes of the uids it reaches and does what this turn
+        of the loop still allows (``SLICE``); the rest follows in later turns, in order.
+        """
         if isinstance(event, SourceLoss):
-            self._loss(event)
-            return
-        if isinstance(event, KeyRemoved):
-            for sub in self.subscribers("keys", event.key):
-                self.end(sub, event.reason)
-            return
-        if isinstance(event, TargetGone):
-            for sub in self.subscribers(event.source_name, event.route):
-                if not event.object_id or sub.target.object_id == event.object_id:
-                    self.end(sub, event.reason)
-            return
-        source = self.sources[event.source]
-        post = self.policy.post
-        shape = getattr(source, "shape", None)  # per-subscription trimming (devices: "properties")
-        for sub in self.subscribers(event.source, event.route):
-            if not source.accepts(sub, event):
-                continue
-            seen = post(sub.owner, event)
-            if seen is not None:
-                self.enqueue(sub, seen if shape is None else shape(sub, seen))
+            if event.routes is None:
+                groups: dict[int, list[Subscription]] = {}
+                for sub in self.subscriptions.values():
+                    if sub.source == event.source_name and sub.active:
+                        groups.setdefault(sub.owner.uid, []).append(sub)
+            else:
+                seen_subs: dict[int, set[Subscription]] = {}
+                for route in event.routes:
+                    for uid, subs in self._routed(event.source_name, route).items():
+                        seen_subs.setdefault(uid, set()).update(subs)
+                groups = {uid: list(subs) for uid, subs in seen_subs.items()}
+            log.warning("source %s lost %d event(s); %d subscriber(s) told", event.source_name, event.count,
+                        sum(len(g) for g in groups.values()), extra={"MESSAGE_ID": journal.EVENTS_LOST})
+            self._queue_work(groups, _Lose(event.count))
+        elif isinstance(event, KeyRemoved):
+            self._queue_work(self._routed("keys", event.key), _End(event.reason))
+        elif isinstance(event, TargetGone):
+            groups = self._routed(event.source_name, event.route)
+            if event.object_id:
+                groups = {uid: kept for uid, subs in groups.items()
+                          if (kept := [s for s in subs if s.target.object_id == event.object_id])}
+            self._queue_work(groups, _End(event.reason))
+        else:
+            groups = self._routed(event.source, event.route)
+            if groups:
+                source = self.sources[event.source]
+                self._queue_work(groups, _Fanout(event, source, self.policy))
+        self._run()
+
+    def _queue_work(self, groups: dict[int, list[Subscription]], job) -> None:
+        lanes, turns = self._lanes, self._turns
+        for uid, subs in groups.items():
+            lane = lanes.get(uid)
+            if lane is None:
+                lane = lanes[uid] = deque()
+                turns.append(uid)
+            lane.append([job, subs, 0])
+            self._backlog += len(subs)
+
+    def _run(self) -> None:
+        """Serve the lanes round-robin until this turn's budget is spent."""
+        if self._running:
+            return  # called back from within (a source dispatching while detaching, ...)
+        self._running = True
+        lanes, turns = self._lanes, self._turns
+        try:
+            while turns and self._budget > 0:
+                uid = turns[0]
+                lane = lanes[uid]
+                work = lane[0]
+                job, subs, pos = work
+                stop = min(len(subs), pos + QUANTUM, pos + self._budget)
+                job.apply(self, subs, pos, stop)
+                done = stop - pos
+                self._budget -= done
+                self._backlog -= done
+                if stop >= len(subs):
+                    lane.popleft()
+                else:
+                    work[2] = stop
+                if not lane:
+                    del lanes[uid]
+                    turns.popleft()
+                else:
+                    turns.rotate(-1)
+        finally:
+            self._running = False
+        if self._tick is None and (turns or self._budget < SLICE):
+            self._tick = asyncio.get_running_loop().call_soon(self._next_turn)
+        if not self._backlog:
+            self._relieve()
+
+    def _next_turn(self) -> None:
+        self._tick = None
+        self._budget = SLICE
+        if self._turns:
+            self._run()
 
     def preload(self, sub: Subscription, events) -> int:
         """Queue *events* (an initial snapshot) for *sub* alone, judged like any event
@@ -293,11 +508,23 @@ class Hub:
                 self.outlet.wake(sub)
         return len(seen)
 
-    def enqueue(self, sub: Subscription, item: Event) -> None:
+    def enqueue(self, sub: Subscription, item: Event, size: int = 0) -> None:
+        """Queue *item* for *sub*; *size*: its estimated bytes, charged to the owner's
+        uid while it is queued (0: estimated here). Root is not charged."""
         n = sub.queued_events
         if n >= self.limits.queue_length:
             self.lose(sub, 1)
             return
+        uid = sub.owner.uid
+        if uid:
+            if not size:
+                size = event_bytes(item)
+            held = self._uid_bytes.get(uid, 0)
+            if held + size > self.limits.bytes_per_uid:
+                self.lose(sub, 1)
+                return
+            sub.queued_bytes += size
+            self._uid_bytes[uid] = held + size
         sub.queue.append(item)
         sub.queued_events = n + 1
         if n + 1 == self.limits.queue_length // 2 + 1 and not sub.stalled:
@@ -320,6 +547,10 @@ class Hub:
             n = sub.queued_events
             sub.queued_events = n - 1
             sub.delivered += 1
+            if sub.queued_bytes:  # the average share: exact once the queue is empty
+                freed = sub.queued_bytes // n if n > 1 else sub.queued_bytes
+                sub.queued_bytes -= freed
+                self._charge(sub.owner.uid, -freed)
             if n == self.limits.queue_length // 2 + 1 and not sub.stalled:
                 self._unpressure()
         return item
@@ -351,7 +582,11 @@ class Hub:
 
     def _unpressure(self) -> None:
         self._pressured -= 1
-        if not self._pressured and self._relief:
+        if not self._pressured:
+            self._relieve()
+
+    def _relieve(self) -> None:
+        if self._relief and not self.congested:
             relief, self._relief = self._relief, []
             loop = asyncio.get_running_loop()
             for callback in relief:
@@ -359,10 +594,10 @@ class Hub:
 
     @property
     def congested(self) -> bool:
-        return self._pressured > 0
+        return self._pressured > 0 or self._backlog > 0
 
     def on_relief(self, callback) -> None:
-        if self._pressured:
+        if self.congested:
             self._relief.append(callback)
         else:
             callback()
@@ -377,12 +612,142 @@ class Hub:
             if self.outlet is not None:
                 self.outlet.wake(sub)
 
-    def _loss(self, loss: SourceLoss) -> None:
-        if loss.routes is None:
-            subs = [s for s in self.subscriptions.values() if s.source == loss.source_name and s.active]
+
+# -- the work in the lanes ------------------------------------------------------
+
+
+class _Fanout:
+    """One event on its way to the subscriptions of its route: judged once per
+    distinct decision (``PolicyStack.decision_key``), shaped once per distinct
+    shape (``Source.shape_key``), shared by every lane it is in."""
+
+    __slots__ = ("event", "source", "post", "key_of", "shape", "shape_key", "by_peer", "by_key", "shaped", "sizes")
+
+    def __init__(self, event: Event, source, policy) -> None:
+        self.event = event
+        self.source = source
+        self.post = policy.post
+        self.key_of = getattr(policy, "decision_key", None)
+        self.shape = getattr(source, "shape", None)
+        self.shape_key = getattr(source, "shape_key", None)
+        self.by_peer: dict[int, tuple] = {}  # id(owner) -> (owner, judged copy or None)
+        self.by_key: dict = {}  # decision key -> judged copy or None
+        self.shaped: dict = {}  # (id(judged copy), shape key) -> shaped copy
+        self.sizes: dict[int, tuple] = {}  # id(copy) -> (copy, estimated bytes)
+
+    def judged(self, owner: PeerCredentials) -> Event | None:
+        cached = self.by_peer.get(id(owner))
+        if cached is not None and cached[0] is owner:
+            return cached[1]
+        event = self.event
+        key = self.key_of(owner, event) if self.key_of is not None else None
+        if key is None:
+            seen = self.post(owner, event)
+        elif key in self.by_key:
+            seen = self.by_key[key]
         else:
-            subs = {s for r in loss.routes for s in self.subscribers(loss.source_name, r)}
-        log.warning("source %s lost %d event(s); %d subscriber(s) told", loss.source_name, loss.count, len(subs),
-                    extra={"MESSAGE_ID": journal.EVENTS_LOST})
-        for sub in subs:
-            self.lose(sub, loss.count)
+            seen = self.by_key[key] = self.post(owner, event)
+        self.by_peer[id(owner)] = (owner, seen)
+        return seen
+
+    def size(self, copy: Event) -> int:
+        cached = self.sizes.get(id(copy))
+        if cached is None or cached[0] is not copy:
+            cached = self.sizes[id(copy)] = (copy, event_bytes(copy))
+        return cached[1]
+
+    def apply(self, hub: Hub, subs: list[Subscription], start: int, stop: int) -> None:
+        event, accepts, shape, shape_key = self.event, self.source.accepts, self.shape, self.shape_key
+        enqueue = hub.enqueue
+        for i in range(start, stop):
+            sub = subs[i]
+            if not sub.active or not accepts(sub, event):
+                continue
+            seen = self.judged(sub.owner)
+            if seen is None:
+                continue
+            if shape is not None:
+                if shape_key is None:
+                    seen = shape(sub, seen)
+                else:
+                    k = (id(seen), shape_key(sub))
+                    shaped = self.shaped.get(k)
+                    if shaped is None:
+                        shaped = self.shaped[k] = shape(sub, seen)
+                    seen = shaped
+            enqueue(sub, seen, self.size(seen) if sub.owner.uid else 0)
+
+
+class _Lose:
+    __slots__ = ("count",)
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def apply(self, hub: Hub, subs: list[Subscription], start: int, stop: int) -> None:
+        for i in range(start, stop):
+            if subs[i].active:
+                hub.lose(subs[i], self.count)
+
+
+class _End:
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def apply(self, hub: Hub, subs: list[Subscription], start: int, stop: int) -> None:
+        for i in range(start, stop):
+            hub.end(subs[i], self.reason)
+
+
+# -- sizes and sharing ------------------------------------------------------------
+
+
+def event_bytes(event) -> int:
+    """A fair estimate of what *event* holds in memory (strings, dicts, the object)."""
+    total = 96
+    for value in event.body():
+        total += _size_of(value)
+    return total
+
+
+def _size_of(value) -> int:
+    if isinstance(value, str):
+        return 56 + len(value)
+    if isinstance(value, bytes):
+        return 40 + len(value)
+    if isinstance(value, (bool, int, float)) or value is None:
+        return 32
+    if isinstance(value, dict):
+        return 64 + sum(24 + _size_of(k) + _size_of(v) for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return 64 + sum(16 + _size_of(v) for v in value)
+    return 64
+
+
+def _frozen(value):
+    """*value* as something that can be shared: lists become tuples (the sources
+    have read what they need from the options; the stored copy is for the record)."""
+    if isinstance(value, list):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _frozen(v) for k, v in value.items()}
+    return value
+
+
+def _frozen_copy(options: dict) -> dict:
+    return {k: _frozen(v) for k, v in options.items()}
+
+
+def _canonical(value):
+    """A hashable, order-independent key for an options dict or a target's ``extra``."""
+    if isinstance(value, dict):
+        return tuple(sorted(((str(k), _canonical(v)) for k, v in value.items()), key=lambda kv: kv[0]))
+    if isinstance(value, (list, tuple)):
+        return ("l", tuple(_canonical(v) for v in value))
+    if isinstance(value, (set, frozenset)):
+        return ("s", frozenset(_canonical(v) for v in value))
+    if isinstance(value, (str, bytes, int, float, bool)) or value is None:
+        return value
+    return ("o", object())  # not comparable by value: never shared
