@@ -147,7 +147,8 @@ class Hub:
         self._by_owner: dict[str, set[Subscription]] = {}
         self._per_uid: dict[int, int] = {}  # active subscriptions of each uid
         self._uid_bytes: dict[int, int] = {}  # bytes held for each uid (budgets; root not counted)
-        self._options: dict[tuple, list] = {}  # canonical option set -> [shared options, shared extra, bytes, refs]
+        # canonical option set -> [shared options, shared extra, bytes, refs, the key itself]
+        self._options: dict[tuple, list] = {}
         self._uid_options: dict[tuple[int, tuple], int] = {}  # (uid, option set) -> subscriptions holding it
         self._next = 1
         self._pressured = 0  # subscriptions not stalled with a queue more than half full
@@ -169,12 +170,7 @@ class Hub:
             raise NotSupported(f"source {source_name!r} is not available on this system")
         if len(spec.encode()) > self.limits.target_length:
             raise InvalidArgument("target is too long")
-        if len(self._by_owner.get(peer.unique_name, ())) >= self.limits.subscriptions_per_peer:
-            raise LimitsExceeded("too many subscriptions for this connection")
-        if peer.uid != 0 and self._per_uid.get(peer.uid, 0) >= self.limits.subscriptions_per_uid:
-            raise LimitsExceeded(f"too many subscriptions for uid {peer.uid}")
-        if len(self.subscriptions) >= self.limits.subscriptions_total:
-            raise LimitsExceeded("too many subscriptions")
+        self._check_counts(peer)
         self._check_budget(peer.uid, SUBSCRIPTION_BYTES + len(spec))
         target = await source.resolve(peer, spec, options)
         policy = self.policy
@@ -186,6 +182,7 @@ class Hub:
             log.info("denied %s watch %s %r: %s", peer.unique_name, source_name, spec, decision.reason,
                      extra={"MESSAGE_ID": journal.POLICY_DENIED, "peer_uid": peer.uid, "peer_pid": peer.pid})
             raise AccessDenied(decision.reason or "access denied")
+        self._check_counts(peer)  # again: other Watch calls of this peer may have been decided meanwhile
         options, options_key, charge = self._share_options(peer.uid, source_name, target, options, spec)
         self._hold_options(peer.uid, options_key)
         try:
@@ -220,6 +217,14 @@ class Hub:
 
     # -- budgets ----------------------------------------------------------
 
+    def _check_counts(self, peer: PeerCredentials) -> None:
+        if len(self._by_owner.get(peer.unique_name, ())) >= self.limits.subscriptions_per_peer:
+            raise LimitsExceeded("too many subscriptions for this connection")
+        if peer.uid != 0 and self._per_uid.get(peer.uid, 0) >= self.limits.subscriptions_per_uid:
+            raise LimitsExceeded(f"too many subscriptions for uid {peer.uid}")
+        if len(self.subscriptions) >= self.limits.subscriptions_total:
+            raise LimitsExceeded("too many subscriptions")
+
     def held_by(self, uid: int) -> int:
         """Bytes charged to *uid* now (0 for root, which is not counted)."""
         return self._uid_bytes.get(uid, 0)
@@ -248,12 +253,13 @@ class Hub:
         entry = self._options.get(key)
         if entry is None:
             size = _size_of(options) + _size_of(extra)
-            entry = [_frozen_copy(options), {k: v for k, v in extra.items() if isinstance(v, frozenset)}, size, 0]
+            entry = [_frozen_copy(options), {k: v for k, v in extra.items() if isinstance(v, frozenset)}, size, 0,
+                     key]
             self._options[key] = entry
             fresh = True
         else:
             fresh = False
-        shared_options, shared_extra, size, _refs = entry
+        shared_options, shared_extra, size, _refs, key = entry  # the pool's key: this call's copies are let go
         charge = SUBSCRIPTION_BYTES + len(spec)
         options_charge = 0 if (uid, key) in self._uid_options else size
         try:
