@@ -19,6 +19,8 @@ from wqd.peer import PeerCredentials
 from wqd.policy import PolicyStack
 from wqd.policy.unix import UnixPolicy
 
+from test_hub_limits import PathSource
+
 pytestmark = pytest.mark.asyncio
 
 NS = 4026531840
@@ -53,24 +55,16 @@ class NoKey:
         return event
 
 
-class MountsSource:
+class MountsSource(PathSource):
+    """test_hub_limits' least source, routing by mount namespace."""
+
     name = "mounts"
-    backend = "test"
 
     async def resolve(self, peer, spec, options):
         return WatchTarget("mounts", spec, peer.mnt_ns, extra={"mnt_ns": peer.mnt_ns, **options})
 
     def routes(self, sub):
         return (sub.target.object_id,)
-
-    def attach(self, sub):
-        pass
-
-    def detach(self, sub):
-        pass
-
-    def accepts(self, sub, event):
-        return True
 
 
 def peer(n: int, uid: int) -> PeerCredentials:
@@ -194,3 +188,28 @@ async def test_queued_events_count_against_the_budget():
     while sub.queue:
         hub.take(sub)
     assert hub.held_by(1000) == base
+
+
+async def test_a_uid_far_behind_loses_for_itself_instead_of_holding_everyone_back(monkeypatch):
+    """A lane behind for longer than the grace no longer holds the sources back: what
+    it cannot take is counted Lost for its own subscriptions, in place, while the
+    other uid's lane gets every event."""
+    monkeypatch.setattr(hub_module, "LANE_GRACE", 0.0)
+    hub = Hub({"mounts": MountsSource()}, PolicyStack([CountingUnix()]),
+              Limits(subscriptions_per_peer=20_000, queue_length=100_000))
+    many = await subscribe(hub, [peer(1, 1000)], 2 * hub_module.LANE_BEHIND)
+    (one,) = await subscribe(hub, [peer(2, 1001)], 1)
+    events = hub_module.LANE_JOBS + 50
+    held = 0
+    for n in range(events):  # dispatched faster than uid 1000's lane can take them
+        hub.dispatch(mount(n))
+        held += hub.congested
+        await asyncio.sleep(0)  # one turn of the loop: uid 1001's lane is served each time
+    assert one.queued_events == events and one.lost == 0
+    assert held < events  # uid 1000's lane stopped holding the sources back
+    await settle(hub)
+    for sub in many[:: 1000]:
+        assert sub.queued_events + sub.lost == events and sub.lost > 0
+        kinds = [type(i) for i in sub.queue]
+        assert kinds.count(LostMark) >= 1 and kinds[-1] is LostMark  # the gap where it is: at the end
+    assert not hub.congested

@@ -16,11 +16,16 @@ any fan-out, and one uid's thousands of subscriptions cannot starve another uid'
 one: that one waits for at most one quantum of each other uid per event. The work
 in each lane stays in order, so each subscription still gets its events in order,
 and losses (``SourceLoss``) and removals (``KeyRemoved``, ``TargetGone``) queue in
-the same lanes, behind the events before them. While any work waits in the lanes
-the hub is ``congested``, as with a queue more than half full: the sources stop
-reading the kernel (which reports its own overflow its own way) until the lanes
-are empty, so what waits in wqd is at most what one read of a source dispatched,
-and nothing is lost silently.
+the same lanes, behind the events before them. While work waits in a lane the
+hub is ``congested``, as with a queue more than half full: the sources stop
+reading the kernel (which reports its own overflow its own way) until it is
+done, so what waits in wqd is what one read of a source dispatched, and nothing
+is lost silently. Except for a lane that is *behind* (more than ``LANE_BEHIND``
+subscriptions waiting: a uid with more subscriptions on one route than a turn
+of the loop can serve): it does not hold the sources back, or every other uid
+would wait for it; it keeps up to ``LANE_JOBS`` events waiting, and what comes
+beyond is counted ``Lost`` for its own subscriptions, in place (logged once per
+episode). A uid's subscriptions cost the others at most a quantum per turn.
 
 The judging is shared: the policy stack's ``decision_key(peer, event)`` says
 what its ``post`` depends on for that event (see ``wqd.policy``), and subscribers
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -59,6 +65,10 @@ log = logging.getLogger(__name__)
 
 SLICE = 1024  # subscriptions judged and queued per turn of the event loop
 QUANTUM = 64  # ... per uid before the next uid's turn
+LANE_BEHIND = SLICE  # subscriptions waiting in one uid's lane that make it "behind"
+LANE_GRACE = 0.0  # seconds a lane may be behind and still hold the sources back: none (p7, module doc)
+LANE_JOBS = 256  # events a lane behind keeps waiting; beyond, they are lost for it
+LANE_JOBS_MAX = 4096  # ... and with more work than this waiting, it holds the sources back again
 SUBSCRIPTION_BYTES = 2048  # what a subscription costs besides its target and options (measured: p5)
 
 
@@ -153,9 +163,10 @@ class Hub:
         self._next = 1
         self._pressured = 0  # subscriptions not stalled with a queue more than half full
         self._relief: list = []
-        self._lanes: dict[int, deque] = {}  # uid -> work not done yet (see ``_run``)
+        self._lanes: dict[int, _Lane] = {}  # uid -> work not done yet (see ``_run``)
         self._turns: deque[int] = deque()  # uids with a lane, in round-robin order
         self._backlog = 0  # subscriptions waiting in the lanes
+        self._snaps: dict[tuple, dict[int, list[Subscription]]] = {}  # route -> uid -> snapshot (``_routed``)
         self._budget = SLICE  # left for this turn of the loop
         self._tick: asyncio.Handle | None = None
         self._running = False
@@ -200,6 +211,7 @@ class Hub:
         self._charge(peer.uid, charge)
         for route in sub.routes:
             self._by_route.setdefault((source_name, route), {}).setdefault(peer.uid, set()).add(sub)
+            self._changed((source_name, route), peer.uid)
         log.info("subscription %d: %s watches %s %r", sub.number, peer.unique_name, source_name, spec,
                  extra={"MESSAGE_ID": journal.SUBSCRIPTION_CREATED, "peer_uid": peer.uid, "peer_pid": peer.pid})
         return sub
@@ -318,6 +330,7 @@ class Hub:
                         del by_uid[uid]
                         if not by_uid:
                             del self._by_route[(sub.source, route)]
+                self._changed((sub.source, route), uid)
         owned = self._by_owner.get(sub.peer)
         if owned is not None:
             owned.discard(sub)
@@ -395,19 +408,42 @@ class Hub:
     # -- delivering -------------------------------------------------------
 
     def _routed(self, source: str, route: Hashable) -> dict[int, list[Subscription]]:
-        """uid -> the subscriptions on *route* (and on ``ANY``) now."""
+        """uid -> the subscriptions on *route* (and on ``ANY``) now. Where one table
+        serves, the lists are its kept snapshots (made again when it changes): the
+        same list from event to event, never to be modified."""
         found = self._by_route.get((source, route))
         any_ = self._by_route.get((source, ANY))
-        out: dict[int, list[Subscription]] = {}
+        if not (found and any_):
+            table = found or any_
+            if not table:
+                return {}
+            key = (source, route) if found else (source, ANY)
+            snaps = self._snaps.get(key)
+            if snaps is None:
+                snaps = self._snaps[key] = {}
+            out = {}
+            for uid, subs in table.items():
+                snap = snaps.get(uid)
+                if snap is None:
+                    snap = snaps[uid] = list(subs)
+                out[uid] = snap
+            return out
+        out = {}
         for table in (found, any_):
-            if table:
-                for uid, subs in table.items():
-                    have = out.get(uid)
-                    if have is None:
-                        out[uid] = list(subs)
-                    else:
-                        have.extend(subs)
+            for uid, subs in table.items():
+                have = out.get(uid)
+                if have is None:
+                    out[uid] = list(subs)
+                else:
+                    have.extend(subs)
         return out
+
+    def _changed(self, key: tuple, uid: int) -> None:
+        snaps = self._snaps.get(key)
+        if snaps is not None:
+            snaps.pop(uid, None)
+            if not snaps or key not in self._by_route:
+                del self._snaps[key]
 
     def subscribers(self, source: str, route: Hashable) -> list[Subscription]:
         return [sub for subs in self._routed(source, route).values() for sub in subs]
@@ -450,13 +486,30 @@ class Hub:
 
     def _queue_work(self, groups: dict[int, list[Subscription]], job) -> None:
         lanes, turns = self._lanes, self._turns
+        now = time.monotonic()
         for uid, subs in groups.items():
             lane = lanes.get(uid)
             if lane is None:
-                lane = lanes[uid] = deque()
+                lane = lanes[uid] = _Lane()
                 turns.append(uid)
-            lane.append([job, subs, 0])
+            work = job
+            if isinstance(job, _Fanout) and len(lane.jobs) >= LANE_JOBS and lane.hogging(now):
+                # This uid's lane has been far behind for a while: what it cannot take is lost
+                # for it (told, in place), instead of holding everyone's sources back.
+                last = lane.jobs[-1]
+                if isinstance(last[0], _Lose) and last[0].private and last[1] is subs and last[2] == 0:
+                    last[0].count += 1
+                    continue
+                work = _Lose(1, private=True)
+                if not lane.told:
+                    lane.told = True
+                    log.warning("uid %d is far behind (%d subscriptions waiting): its subscriptions lose events "
+                                "until it catches up", uid, lane.steps,
+                                extra={"MESSAGE_ID": journal.EVENTS_LOST, "peer_uid": uid})
+            lane.jobs.append([work, subs, 0])
+            lane.steps += len(subs)
             self._backlog += len(subs)
+            lane.account(now)
 
     def _run(self) -> None:
         """Serve the lanes round-robin until this turn's budget is spent."""
@@ -468,28 +521,33 @@ class Hub:
             while turns and self._budget > 0:
                 uid = turns[0]
                 lane = lanes[uid]
-                work = lane[0]
-                job, subs, pos = work
-                stop = min(len(subs), pos + QUANTUM, pos + self._budget)
-                job.apply(self, subs, pos, stop)
-                done = stop - pos
-                self._budget -= done
-                self._backlog -= done
-                if stop >= len(subs):
-                    lane.popleft()
-                else:
-                    work[2] = stop
-                if not lane:
+                jobs = lane.jobs
+                quantum = min(QUANTUM, self._budget)
+                while jobs and quantum > 0:
+                    work = jobs[0]
+                    job, subs, pos = work
+                    stop = min(len(subs), pos + quantum)
+                    job.apply(self, subs, pos, stop)
+                    done = stop - pos
+                    quantum -= done
+                    self._budget -= done
+                    self._backlog -= done
+                    lane.steps -= done
+                    if stop >= len(subs):
+                        jobs.popleft()
+                    else:
+                        work[2] = stop
+                if not jobs:
                     del lanes[uid]
                     turns.popleft()
                 else:
+                    lane.account(time.monotonic())
                     turns.rotate(-1)
         finally:
             self._running = False
         if self._tick is None and (turns or self._budget < SLICE):
             self._tick = asyncio.get_running_loop().call_soon(self._next_turn)
-        if not self._backlog:
-            self._relieve()
+        self._relieve()
 
     def _next_turn(self) -> None:
         self._tick = None
@@ -600,7 +658,12 @@ class Hub:
 
     @property
     def congested(self) -> bool:
-        return self._pressured > 0 or self._backlog > 0
+        if self._pressured > 0:
+            return True
+        if not self._backlog:
+            return False
+        now = time.monotonic()
+        return any(lane.holds(now) for lane in self._lanes.values())
 
     def on_relief(self, callback) -> None:
         if self.congested:
@@ -641,10 +704,11 @@ class _Fanout:
         self.shaped: dict = {}  # (id(judged copy), shape key) -> shaped copy
         self.sizes: dict[int, tuple] = {}  # id(copy) -> (copy, estimated bytes)
 
-    def judged(self, owner: PeerCredentials) -> Event | None:
+    def judged(self, owner: PeerCredentials) -> tuple:
+        """(owner, the event as *owner* may see it or None, its estimated size)."""
         cached = self.by_peer.get(id(owner))
         if cached is not None and cached[0] is owner:
-            return cached[1]
+            return cached
         event = self.event
         key = self.key_of(owner, event) if self.key_of is not None else None
         if key is None:
@@ -653,8 +717,8 @@ class _Fanout:
             seen = self.by_key[key]
         else:
             seen = self.by_key[key] = self.post(owner, event)
-        self.by_peer[id(owner)] = (owner, seen)
-        return seen
+        cached = self.by_peer[id(owner)] = (owner, seen, 0 if seen is None else self.size(seen))
+        return cached
 
     def size(self, copy: Event) -> int:
         cached = self.sizes.get(id(copy))
@@ -664,31 +728,77 @@ class _Fanout:
 
     def apply(self, hub: Hub, subs: list[Subscription], start: int, stop: int) -> None:
         event, accepts, shape, shape_key = self.event, self.source.accepts, self.shape, self.shape_key
-        enqueue = hub.enqueue
+        enqueue, lose, full, by_peer = hub.enqueue, hub.lose, hub.limits.queue_length, self.by_peer
         for i in range(start, stop):
             sub = subs[i]
             if not sub.active or not accepts(sub, event):
                 continue
-            seen = self.judged(sub.owner)
+            if sub.queued_events >= full:  # the common case of a peer that does not read: count, no more
+                queue = sub._queue
+                if queue and type(queue[-1]) is LostMark:
+                    queue[-1].count += 1
+                    sub.lost += 1
+                else:
+                    lose(sub, 1)
+                continue
+            owner = sub.owner
+            judged = by_peer.get(id(owner))
+            if judged is None or judged[0] is not owner:
+                judged = self.judged(owner)
+            seen = judged[1]
             if seen is None:
                 continue
-            if shape is not None:
-                if shape_key is None:
-                    seen = shape(sub, seen)
-                else:
-                    k = (id(seen), shape_key(sub))
-                    shaped = self.shaped.get(k)
-                    if shaped is None:
-                        shaped = self.shaped[k] = shape(sub, seen)
-                    seen = shaped
-            enqueue(sub, seen, self.size(seen) if sub.owner.uid else 0)
+            if shape is None:
+                enqueue(sub, seen, judged[2])
+                continue
+            if shape_key is None:
+                seen = shape(sub, seen)
+            else:
+                k = (id(seen), shape_key(sub))
+                shaped = self.shaped.get(k)
+                if shaped is None:
+                    shaped = self.shaped[k] = shape(sub, seen)
+                seen = shaped
+            enqueue(sub, seen, self.size(seen))
+
+
+class _Lane:
+    """One uid's work, in order: [job, subscriptions, how far done]."""
+
+    __slots__ = ("jobs", "steps", "behind_since", "told")
+
+    def __init__(self) -> None:
+        self.jobs: deque = deque()
+        self.steps = 0  # subscriptions waiting
+        self.behind_since: float | None = None
+        self.told = False
+
+    def account(self, now: float) -> None:
+        if self.steps > LANE_BEHIND:
+            if self.behind_since is None:
+                self.behind_since = now
+        else:
+            self.behind_since = None
+            self.told = False
+
+    def hogging(self, now: float) -> bool:
+        return self.behind_since is not None and now - self.behind_since >= LANE_GRACE
+
+    def holds(self, now: float) -> bool:
+        """Whether this lane holds the sources back: any work waiting does, unless
+        the lane has been behind for longer than the grace (then its excess is lost
+        for it instead), up to ``LANE_JOBS_MAX``."""
+        if not self.steps:
+            return False
+        return not self.hogging(now) or len(self.jobs) > LANE_JOBS_MAX
 
 
 class _Lose:
-    __slots__ = ("count",)
+    __slots__ = ("count", "private")
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, private: bool = False) -> None:
         self.count = count
+        self.private = private  # one lane's own (events it could not take), may grow
 
     def apply(self, hub: Hub, subs: list[Subscription], start: int, stop: int) -> None:
         for i in range(start, stop):

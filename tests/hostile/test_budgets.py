@@ -19,7 +19,7 @@ import subprocess
 
 import pytest
 
-from support import IFACE, MANAGER, PYTHON, ForeignClient
+from support import IFACE, MANAGER, PYTHON, SUB_IFACE, ForeignClient
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
 
@@ -189,3 +189,29 @@ async def test_sixteen_thousand_identical_option_sets_cost_one_copy(system_bus, 
     assert peak - base < DEFAULT_BUDGET, (base, peak)
     await freed(wqd, 16_384)
     await others_still_served(system_bus)
+
+
+async def test_a_devices_watch_close_loop_is_served_from_the_kept_table(system_bus, wqd_factory, client_factory):
+    """Finding 4 (devices half): each first ``devices ""`` Watch enumerated every
+    device on the loop (67 ms a Watch+Close cycle). The monitor and its table now
+    outlive the last subscription for a while: a loop of cycles enumerates once,
+    and root is answered meanwhile."""
+    wqd = await wqd_factory(system_bus, CONFIG)
+    root = await client_factory(system_bus.address)
+    peer = ForeignClient(system_bus.address, 1000)
+    worst = 0.0
+    try:
+        for _ in range(40):
+            out = await peer.request("watch", source="devices", target="")
+            assert out["ok"], out
+            assert (await peer.request("call", path=out["result"][0], iface=SUB_IFACE, member="Close"))["ok"]
+            t = asyncio.get_running_loop().time()
+            await root.get(MANAGER, IFACE, "Version")
+            worst = max(worst, asyncio.get_running_loop().time() - t)
+    finally:
+        peer.close()
+    enumerations = re.findall(r"devices: tracking all \((\d+) devices\)", wqd.log_text())
+    print(f"40 Watch+Close cycles: {len(enumerations)} enumeration(s) of {enumerations[0]} devices; "
+          f"root's worst call {worst * 1000:.0f} ms")
+    assert len(enumerations) == 1
+    assert worst < 1.0
