@@ -199,7 +199,7 @@ async def test_a_uid_far_behind_loses_for_itself_instead_of_holding_everyone_bac
               Limits(subscriptions_per_peer=20_000, queue_length=100_000))
     many = await subscribe(hub, [peer(1, 1000)], 2 * hub_module.LANE_BEHIND)
     (one,) = await subscribe(hub, [peer(2, 1001)], 1)
-    events = hub_module.LANE_JOBS + 50
+    events = 3 * hub_module.LANE_JOBS
     held = 0
     for n in range(events):  # dispatched faster than uid 1000's lane can take them
         hub.dispatch(mount(n))

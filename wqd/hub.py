@@ -38,7 +38,9 @@ Budgets. Besides the counts (per connection, per uid, in all), each uid but root
 has ``Limits.bytes_per_uid`` for what wqd keeps on its behalf: per subscription a
 fixed ``SUBSCRIPTION_BYTES`` plus its target, plus its options (an option set held
 by several subscriptions is stored once, and charged to a uid once), plus the
-events queued for its subscriptions (each at its estimated size). A Watch that
+events queued for its subscriptions: ``QUEUE_ENTRY_BYTES`` an entry, and each
+distinct copy at its estimated size once (the copy shared by a uid's thousand
+subscriptions is one copy in memory). A Watch that
 would go beyond it answers ``LimitsExceeded``; an event that would is lost
 (``Lost``) for that subscription, like on a full queue. What a subscription held
 is given back when it ends.
@@ -70,6 +72,7 @@ LANE_GRACE = 0.0  # seconds a lane may be behind and still hold the sources back
 LANE_JOBS = 256  # events a lane behind keeps waiting; beyond, they are lost for it
 LANE_JOBS_MAX = 4096  # ... and with more work than this waiting, it holds the sources back again
 SUBSCRIPTION_BYTES = 2048  # what a subscription costs besides its target and options (measured: p5)
+QUEUE_ENTRY_BYTES = 16  # a queued entry (a deque slot and its share of the block), besides the event itself
 
 
 @dataclass(slots=True)
@@ -119,7 +122,6 @@ class Subscription:
     state: dict = field(default_factory=dict)  # the source's per-subscription data
     charge: int = 0  # bytes charged to the owner's uid for the subscription itself (Hub budgets)
     options_key: tuple | None = None  # its entry in the hub's pool of option sets
-    queued_bytes: int = 0  # charged for its queued events
 
     @property
     def peer(self) -> str:
@@ -167,6 +169,7 @@ class Hub:
         self._turns: deque[int] = deque()  # uids with a lane, in round-robin order
         self._backlog = 0  # subscriptions waiting in the lanes
         self._snaps: dict[tuple, dict[int, list[Subscription]]] = {}  # route -> uid -> snapshot (``_routed``)
+        self._copies: dict[tuple[int, int], list] = {}  # (uid, id(event)) -> [entries queued, bytes charged]
         self._budget = SLICE  # left for this turn of the loop
         self._tick: asyncio.Handle | None = None
         self._running = False
@@ -360,11 +363,14 @@ class Hub:
     def forget(self, sub: Subscription) -> None:
         if sub.queued_events > self.limits.queue_length // 2 and not sub.stalled:
             self._unpressure()
+        uid = sub.owner.uid
+        if uid and sub.queued_events:
+            for item in sub.queue:
+                if isinstance(item, Event):
+                    self._release_copy(uid, item)
         sub.queue.clear()
         sub._queue = None
         sub.queued_events = 0
-        self._charge(sub.owner.uid, -sub.queued_bytes)
-        sub.queued_bytes = 0
         self.subscriptions.pop(sub.number, None)
         if self.outlet is not None:
             self.outlet.forget(sub)
@@ -573,28 +579,52 @@ class Hub:
         return len(seen)
 
     def enqueue(self, sub: Subscription, item: Event, size: int = 0) -> None:
-        """Queue *item* for *sub*; *size*: its estimated bytes, charged to the owner's
-        uid while it is queued (0: estimated here). Root is not charged."""
+        """Queue *item* for *sub*; *size*: its estimated bytes (0: estimated here).
+
+        The owner's uid (not root) is charged ``QUEUE_ENTRY_BYTES`` per queued entry,
+        and each distinct copy's *size* once however many of its subscriptions hold
+        it (one shared copy is one copy in memory), until the last is taken."""
         n = sub.queued_events
         if n >= self.limits.queue_length:
             self.lose(sub, 1)
             return
         uid = sub.owner.uid
         if uid:
-            if not size:
-                size = event_bytes(item)
             held = self._uid_bytes.get(uid, 0)
-            if held + size > self.limits.bytes_per_uid:
+            key = (uid, id(item))
+            copy = self._copies.get(key)
+            if copy is None:
+                if not size:
+                    size = event_bytes(item)
+                cost = QUEUE_ENTRY_BYTES + size
+            else:
+                cost = QUEUE_ENTRY_BYTES
+            if held + cost > self.limits.bytes_per_uid:
                 self.lose(sub, 1)
                 return
-            sub.queued_bytes += size
-            self._uid_bytes[uid] = held + size
+            if copy is None:
+                self._copies[key] = [1, size]
+            else:
+                copy[0] += 1
+            self._uid_bytes[uid] = held + cost
         sub.queue.append(item)
         sub.queued_events = n + 1
         if n + 1 == self.limits.queue_length // 2 + 1 and not sub.stalled:
             self._pressured += 1
         if self.outlet is not None:
             self.outlet.wake(sub)
+
+    def _release_copy(self, uid: int, item: Event) -> None:
+        key = (uid, id(item))
+        copy = self._copies.get(key)
+        if copy is None:
+            return
+        copy[0] -= 1
+        freed = QUEUE_ENTRY_BYTES
+        if not copy[0]:
+            del self._copies[key]
+            freed += copy[1]
+        self._charge(uid, -freed)
 
     def take(self, sub: Subscription):
         """Pop the next item for the outlet (Event, LostMark or EndMark), counting it."""
@@ -611,10 +641,8 @@ class Hub:
             n = sub.queued_events
             sub.queued_events = n - 1
             sub.delivered += 1
-            if sub.queued_bytes:  # the average share: exact once the queue is empty
-                freed = sub.queued_bytes // n if n > 1 else sub.queued_bytes
-                sub.queued_bytes -= freed
-                self._charge(sub.owner.uid, -freed)
+            if sub.owner.uid:
+                self._release_copy(sub.owner.uid, item)
             if n == self.limits.queue_length // 2 + 1 and not sub.stalled:
                 self._unpressure()
         return item
