@@ -12,6 +12,7 @@ import asyncio
 import pytest
 
 from wqd import hub as hub_module
+from wqd import lanes
 from wqd.errors import LimitsExceeded
 from wqd.events import MountChanged, SourceLoss, WatchTarget
 from wqd.hub import Hub, Limits, LostMark
@@ -194,12 +195,12 @@ async def test_a_uid_far_behind_loses_for_itself_instead_of_holding_everyone_bac
     """A lane behind for longer than the grace no longer holds the sources back: what
     it cannot take is counted Lost for its own subscriptions, in place, while the
     other uid's lane gets every event."""
-    monkeypatch.setattr(hub_module, "LANE_GRACE", 0.0)
+    monkeypatch.setattr(lanes, "LANE_GRACE", 0.0)
     hub = Hub({"mounts": MountsSource()}, PolicyStack([CountingUnix()]),
               Limits(subscriptions_per_peer=20_000, queue_length=100_000))
-    many = await subscribe(hub, [peer(1, 1000)], 2 * hub_module.LANE_BEHIND)
+    many = await subscribe(hub, [peer(1, 1000)], 2 * lanes.LANE_BEHIND)
     (one,) = await subscribe(hub, [peer(2, 1001)], 1)
-    events = 3 * hub_module.LANE_JOBS
+    events = 3 * lanes.LANE_JOBS
     held = 0
     for n in range(events):  # dispatched faster than uid 1000's lane can take them
         hub.dispatch(mount(n))

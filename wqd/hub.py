@@ -20,7 +20,7 @@ the same lanes, behind the events before them. While work waits in a lane the
 hub is ``congested``, as with a queue more than half full: the sources stop
 reading the kernel (which reports its own overflow its own way) until it is
 done, so what waits in wqd is what one read of a source dispatched, and nothing
-is lost silently. Except for a lane that is *behind* (more than ``LANE_BEHIND``
+is lost silently. Except for a lane that is *behind* (more than ``wqd.lanes.LANE_BEHIND``
 subscriptions waiting: a uid with more subscriptions on one route than a turn
 of the loop can serve): it does not hold the sources back, or every other uid
 would wait for it; it keeps up to ``LANE_JOBS`` events waiting, and what comes
@@ -59,25 +59,17 @@ from typing import Protocol
 from wqd import journal
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NoSuchObject, NotSupported
 from wqd.events import Event, KeyRemoved, SourceLoss, TargetGone, WatchTarget
+from wqd.lanes import (LANE_JOBS, SLICE, End, Fanout, Lane, Lose, LostMark, canonical, event_bytes, frozen_copy,
+                       size_of)
 from wqd.peer import PeerCredentials
 from wqd.policy import PolicyStack
 from wqd.sources import ANY, Source
 
 log = logging.getLogger(__name__)
 
-SLICE = 1024  # subscriptions judged and queued per turn of the event loop
-QUANTUM = 64  # ... per uid before the next uid's turn
-LANE_BEHIND = SLICE  # subscriptions waiting in one uid's lane that make it "behind"
-LANE_GRACE = 0.0  # seconds a lane may be behind and still hold the sources back: none (p7, module doc)
-LANE_JOBS = 256  # events a lane behind keeps waiting; beyond, they are lost for it
-LANE_JOBS_MAX = 4096  # ... and with more work than this waiting, it holds the sources back again
+QUANTUM = 64  # subscriptions of one uid's lane served before the next uid's turn
 SUBSCRIPTION_BYTES = 2048  # what a subscription costs besides its target and options (measured: p5)
 QUEUE_ENTRY_BYTES = 16  # a queued entry (a deque slot and its share of the block), besides the event itself
-
-
-@dataclass(slots=True)
-class LostMark:
-    count: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +157,7 @@ class Hub:
         self._next = 1
         self._pressured = 0  # subscriptions not stalled with a queue more than half full
         self._relief: list = []
-        self._lanes: dict[int, _Lane] = {}  # uid -> work not done yet (see ``_run``)
+        self._lanes: dict[int, Lane] = {}  # uid -> work not done yet (see ``_run``)
         self._turns: deque[int] = deque()  # uids with a lane, in round-robin order
         self._backlog = 0  # subscriptions waiting in the lanes
         self._snaps: dict[tuple, dict[int, list[Subscription]]] = {}  # route -> uid -> snapshot (``_routed``)
@@ -264,11 +256,11 @@ class Hub:
         ``extra`` the pool's frozensets. Returns (options, pool key, bytes to charge)
         and raises ``LimitsExceeded`` when *uid* cannot afford them."""
         extra = target.extra
-        key = (source, _canonical(options), _canonical(extra))
+        key = (source, canonical(options), canonical(extra))
         entry = self._options.get(key)
         if entry is None:
-            size = _size_of(options) + _size_of(extra)
-            entry = [_frozen_copy(options), {k: v for k, v in extra.items() if isinstance(v, frozenset)}, size, 0,
+            size = size_of(options) + size_of(extra)
+            entry = [frozen_copy(options), {k: v for k, v in extra.items() if isinstance(v, frozenset)}, size, 0,
                      key]
             self._options[key] = entry
             fresh = True
@@ -474,20 +466,20 @@ class Hub:
                 groups = {uid: list(subs) for uid, subs in seen_subs.items()}
             log.warning("source %s lost %d event(s); %d subscriber(s) told", event.source_name, event.count,
                         sum(len(g) for g in groups.values()), extra={"MESSAGE_ID": journal.EVENTS_LOST})
-            self._queue_work(groups, _Lose(event.count))
+            self._queue_work(groups, Lose(event.count))
         elif isinstance(event, KeyRemoved):
-            self._queue_work(self._routed("keys", event.key), _End(event.reason))
+            self._queue_work(self._routed("keys", event.key), End(event.reason))
         elif isinstance(event, TargetGone):
             groups = self._routed(event.source_name, event.route)
             if event.object_id:
                 groups = {uid: kept for uid, subs in groups.items()
                           if (kept := [s for s in subs if s.target.object_id == event.object_id])}
-            self._queue_work(groups, _End(event.reason))
+            self._queue_work(groups, End(event.reason))
         else:
             groups = self._routed(event.source, event.route)
             if groups:
                 source = self.sources[event.source]
-                self._queue_work(groups, _Fanout(event, source, self.policy))
+                self._queue_work(groups, Fanout(event, source, self.policy))
         self._run()
 
     def _queue_work(self, groups: dict[int, list[Subscription]], job) -> None:
@@ -496,17 +488,17 @@ class Hub:
         for uid, subs in groups.items():
             lane = lanes.get(uid)
             if lane is None:
-                lane = lanes[uid] = _Lane()
+                lane = lanes[uid] = Lane()
                 turns.append(uid)
             work = job
-            if isinstance(job, _Fanout) and len(lane.jobs) >= LANE_JOBS and lane.hogging(now):
+            if isinstance(job, Fanout) and len(lane.jobs) >= LANE_JOBS and lane.hogging(now):
                 # This uid's lane has been far behind for a while: what it cannot take is lost
                 # for it (told, in place), instead of holding everyone's sources back.
                 last = lane.jobs[-1]
-                if isinstance(last[0], _Lose) and last[0].private and last[1] is subs and last[2] == 0:
+                if isinstance(last[0], Lose) and last[0].private and last[1] is subs and last[2] == 0:
                     last[0].count += 1
                     continue
-                work = _Lose(1, private=True)
+                work = Lose(1, private=True)
                 if not lane.told:
                     lane.told = True
                     log.warning("uid %d is far behind (%d subscriptions waiting): its subscriptions lose events "
@@ -708,190 +700,3 @@ class Hub:
             sub.queue.append(LostMark(count))
             if self.outlet is not None:
                 self.outlet.wake(sub)
-
-
-# -- the work in the lanes ------------------------------------------------------
-
-
-class _Fanout:
-    """One event on its way to the subscriptions of its route: judged once per
-    distinct decision (``PolicyStack.decision_key``), shaped once per distinct
-    shape (``Source.shape_key``), shared by every lane it is in."""
-
-    __slots__ = ("event", "source", "post", "key_of", "shape", "shape_key", "by_peer", "by_key", "shaped", "sizes")
-
-    def __init__(self, event: Event, source, policy) -> None:
-        self.event = event
-        self.source = source
-        self.post = policy.post
-        self.key_of = getattr(policy, "decision_key", None)
-        self.shape = getattr(source, "shape", None)
-        self.shape_key = getattr(source, "shape_key", None)
-        self.by_peer: dict[int, tuple] = {}  # id(owner) -> (owner, judged copy or None)
-        self.by_key: dict = {}  # decision key -> judged copy or None
-        self.shaped: dict = {}  # (id(judged copy), shape key) -> shaped copy
-        self.sizes: dict[int, tuple] = {}  # id(copy) -> (copy, estimated bytes)
-
-    def judged(self, owner: PeerCredentials) -> tuple:
-        """(owner, the event as *owner* may see it or None, its estimated size)."""
-        cached = self.by_peer.get(id(owner))
-        if cached is not None and cached[0] is owner:
-            return cached
-        event = self.event
-        key = self.key_of(owner, event) if self.key_of is not None else None
-        if key is None:
-            seen = self.post(owner, event)
-        elif key in self.by_key:
-            seen = self.by_key[key]
-        else:
-            seen = self.by_key[key] = self.post(owner, event)
-        cached = self.by_peer[id(owner)] = (owner, seen, 0 if seen is None else self.size(seen))
-        return cached
-
-    def size(self, copy: Event) -> int:
-        cached = self.sizes.get(id(copy))
-        if cached is None or cached[0] is not copy:
-            cached = self.sizes[id(copy)] = (copy, event_bytes(copy))
-        return cached[1]
-
-    def apply(self, hub: Hub, subs: list[Subscription], start: int, stop: int) -> None:
-        event, accepts, shape, shape_key = self.event, self.source.accepts, self.shape, self.shape_key
-        enqueue, lose, full, by_peer = hub.enqueue, hub.lose, hub.limits.queue_length, self.by_peer
-        for i in range(start, stop):
-            sub = subs[i]
-            if not sub.active or not accepts(sub, event):
-                continue
-            if sub.queued_events >= full:  # the common case of a peer that does not read: count, no more
-                queue = sub._queue
-                if queue and type(queue[-1]) is LostMark:
-                    queue[-1].count += 1
-                    sub.lost += 1
-                else:
-                    lose(sub, 1)
-                continue
-            owner = sub.owner
-            judged = by_peer.get(id(owner))
-            if judged is None or judged[0] is not owner:
-                judged = self.judged(owner)
-            seen = judged[1]
-            if seen is None:
-                continue
-            if shape is None:
-                enqueue(sub, seen, judged[2])
-                continue
-            if shape_key is None:
-                seen = shape(sub, seen)
-            else:
-                k = (id(seen), shape_key(sub))
-                shaped = self.shaped.get(k)
-                if shaped is None:
-                    shaped = self.shaped[k] = shape(sub, seen)
-                seen = shaped
-            enqueue(sub, seen, self.size(seen))
-
-
-class _Lane:
-    """One uid's work, in order: [job, subscriptions, how far done]."""
-
-    __slots__ = ("jobs", "steps", "behind_since", "told")
-
-    def __init__(self) -> None:
-        self.jobs: deque = deque()
-        self.steps = 0  # subscriptions waiting
-        self.behind_since: float | None = None
-        self.told = False
-
-    def account(self, now: float) -> None:
-        if self.steps > LANE_BEHIND:
-            if self.behind_since is None:
-                self.behind_since = now
-        else:
-            self.behind_since = None
-            self.told = False
-
-    def hogging(self, now: float) -> bool:
-        return self.behind_since is not None and now - self.behind_since >= LANE_GRACE
-
-    def holds(self, now: float) -> bool:
-        """Whether this lane holds the sources back: any work waiting does, unless
-        the lane has been behind for longer than the grace (then its excess is lost
-        for it instead), up to ``LANE_JOBS_MAX``."""
-        if not self.steps:
-            return False
-        return not self.hogging(now) or len(self.jobs) > LANE_JOBS_MAX
-
-
-class _Lose:
-    __slots__ = ("count", "private")
-
-    def __init__(self, count: int, private: bool = False) -> None:
-        self.count = count
-        self.private = private  # one lane's own (events it could not take), may grow
-
-    def apply(self, hub: Hub, subs: list[Subscription], start: int, stop: int) -> None:
-        for i in range(start, stop):
-            if subs[i].active:
-                hub.lose(subs[i], self.count)
-
-
-class _End:
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-    def apply(self, hub: Hub, subs: list[Subscription], start: int, stop: int) -> None:
-        for i in range(start, stop):
-            hub.end(subs[i], self.reason)
-
-
-# -- sizes and sharing ------------------------------------------------------------
-
-
-def event_bytes(event) -> int:
-    """A fair estimate of what *event* holds in memory (strings, dicts, the object)."""
-    total = 96
-    for value in event.body():
-        total += _size_of(value)
-    return total
-
-
-def _size_of(value) -> int:
-    if isinstance(value, str):
-        return 56 + len(value)
-    if isinstance(value, bytes):
-        return 40 + len(value)
-    if isinstance(value, (bool, int, float)) or value is None:
-        return 32
-    if isinstance(value, dict):
-        return 64 + sum(24 + _size_of(k) + _size_of(v) for k, v in value.items())
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return 64 + sum(16 + _size_of(v) for v in value)
-    return 64
-
-
-def _frozen(value):
-    """*value* as something that can be shared: lists become tuples (the sources
-    have read what they need from the options; the stored copy is for the record)."""
-    if isinstance(value, list):
-        return tuple(_frozen(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _frozen(v) for k, v in value.items()}
-    return value
-
-
-def _frozen_copy(options: dict) -> dict:
-    return {k: _frozen(v) for k, v in options.items()}
-
-
-def _canonical(value):
-    """A hashable, order-independent key for an options dict or a target's ``extra``."""
-    if isinstance(value, dict):
-        return tuple(sorted(((str(k), _canonical(v)) for k, v in value.items()), key=lambda kv: kv[0]))
-    if isinstance(value, (list, tuple)):
-        return ("l", tuple(_canonical(v) for v in value))
-    if isinstance(value, (set, frozenset)):
-        return ("s", frozenset(_canonical(v) for v in value))
-    if isinstance(value, (str, bytes, int, float, bool)) or value is None:
-        return value
-    return ("o", object())  # not comparable by value: never shared
