@@ -214,3 +214,24 @@ async def test_a_uid_far_behind_loses_for_itself_instead_of_holding_everyone_bac
         kinds = [type(i) for i in sub.queue]
         assert kinds.count(LostMark) >= 1 and kinds[-1] is LostMark  # the gap where it is: at the end
     assert not hub.congested
+
+
+async def test_a_failing_filter_loses_the_event_for_its_lane_and_nothing_sticks(caplog):
+    """A source whose filter raises must not wedge a lane (the job would be retried
+    every turn): the event is lost for the rest of that lane, told, and the next
+    event flows."""
+
+    class Picky(MountsSource):
+        def accepts(self, sub, event):
+            if event.mount_id == 1:
+                raise RuntimeError("boom")
+            return True
+
+    hub = Hub({"mounts": Picky()}, PolicyStack([CountingUnix()]))
+    (sub,) = await subscribe(hub, [peer(1, 1000)], 1)
+    with caplog.at_level("ERROR", logger="wqd.hub"):
+        hub.dispatch(mount(1))
+        hub.dispatch(mount(2))
+        await settle(hub)
+    assert [type(i) for i in sub.queue] == [LostMark, MountChanged] and sub.lost == 1
+    assert "delivering to uid 1000 failed" in caplog.text and not hub.congested

@@ -525,7 +525,14 @@ class Hub:
                     work = jobs[0]
                     job, subs, pos = work
                     stop = min(len(subs), pos + quantum)
-                    job.apply(self, subs, pos, stop)
+                    try:
+                        job.apply(self, subs, pos, stop)
+                    except Exception:  # a source's filter or shape raised: the daemon lives on
+                        log.exception("delivering to uid %d failed; the rest of this event is lost for it", uid)
+                        stop = len(subs)
+                        for sub in subs[pos:]:
+                            if sub.active:
+                                self.lose(sub, 1)
                     done = stop - pos
                     quantum -= done
                     self._budget -= done
