@@ -171,13 +171,15 @@ async def run(directory: Path, quick: bool) -> Result:
                     caller.request(op="stop")
                     calls = [ms for _begun, ms in (await caller.read())["calls"]]
                     lat = [(got[p] - t) * 1000 for p, t in mounted.items() if p in got]
+                    worst = sorted(((ms, i) for i, ms in enumerate(lat)), reverse=True)[:5]
                     calls_ms += calls
                     latencies_ms += lat
                     missing += len(mounted) - len(got)
                     lost += lost_now
                     runs.append({"mounts": len(mounted), "received": len(got), "lost": lost_now,
                                  "calls": len(calls), "call_max_ms": max(calls, default=0.0),
-                                 "event_max_ms": max(lat, default=0.0)})
+                                 "event_max_ms": max(lat, default=0.0),
+                                 "worst_events": [[i, round(ms, 1)] for ms, i in worst]})  # [mount number, ms]
                     await unmount(holder.pid, mounted)
                     await asyncio.sleep(0.2)
                     victim.request(op="dump")  # the detach events: not measured
