@@ -60,7 +60,7 @@ from wqd import journal
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NoSuchObject, NotSupported
 from wqd.events import Event, KeyRemoved, SourceLoss, TargetGone, WatchTarget
 from wqd.lanes import (LANE_JOBS, SLICE, End, Fanout, Lane, Lose, LostMark, canonical, event_bytes, frozen_copy,
-                       size_of)
+                       kit_of, size_of)
 from wqd.peer import PeerCredentials
 from wqd.policy import PolicyStack
 from wqd.sources import ANY, Source
@@ -161,6 +161,7 @@ class Hub:
         self._turns: deque[int] = deque()  # uids with a lane, in round-robin order
         self._backlog = 0  # subscriptions waiting in the lanes
         self._snaps: dict[tuple, dict[int, list[Subscription]]] = {}  # route -> uid -> snapshot (``_routed``)
+        self._kits: dict[str, tuple] = {}  # source -> (policy, what a Fanout needs of it and the source)
         self._copies: dict[tuple[int, int], list] = {}  # (uid, id(event)) -> [entries queued, bytes charged]
         self._budget = SLICE  # left for this turn of the loop
         self._tick: asyncio.Handle | None = None
@@ -477,9 +478,31 @@ class Hub:
             self._queue_work(groups, End(event.reason))
         else:
             groups = self._routed(event.source, event.route)
-            if groups:
-                source = self.sources[event.source]
-                self._queue_work(groups, Fanout(event, source, self.policy))
+            if not groups:
+                return
+            source = self.sources[event.source]
+            kit = self._kits.get(event.source)
+            if kit is None or kit[0] is not self.policy:
+                kit = self._kits[event.source] = (self.policy, kit_of(self.policy, source))
+            job = Fanout(event, source, kit[1])
+            if not self._turns and not self._running and len(groups) == 1:
+                (uid, subs), = groups.items()
+                if len(subs) <= min(QUANTUM, self._budget):  # nothing waits, and little to do: do it now
+                    self._running = True
+                    try:
+                        job.apply(self, subs, 0, len(subs))
+                    except Exception:
+                        log.exception("delivering to uid %d failed; the event is lost for it", uid)
+                        for sub in subs:
+                            if sub.active:
+                                self.lose(sub, 1)
+                    finally:
+                        self._running = False
+                    self._budget -= len(subs)
+                    if self._tick is None:
+                        self._tick = asyncio.get_running_loop().call_soon(self._next_turn)
+                    return
+            self._queue_work(groups, job)
         self._run()
 
     def _queue_work(self, groups: dict[int, list[Subscription]], job) -> None:

@@ -35,6 +35,12 @@ class LostMark:
 # -- the work in the lanes ------------------------------------------------------
 
 
+def kit_of(policy, source) -> tuple:
+    """What a ``Fanout`` needs of the policy stack and the source, looked up once."""
+    return (policy.post, getattr(policy, "decision_key", None), getattr(source, "shape", None),
+            getattr(source, "shape_key", None))
+
+
 class Fanout:
     """One event on its way to the subscriptions of its route: judged once per
     distinct decision (``PolicyStack.decision_key``), shaped once per distinct
@@ -42,20 +48,18 @@ class Fanout:
 
     __slots__ = ("event", "source", "post", "key_of", "shape", "shape_key", "by_peer", "by_key", "shaped", "sizes")
 
-    def __init__(self, event: Event, source, policy) -> None:
+    def __init__(self, event: Event, source, kit: tuple) -> None:
+        """*kit*: (post, decision_key or None, shape or None, shape_key or None), from ``kit_of``."""
         self.event = event
         self.source = source
-        self.post = policy.post
-        self.key_of = getattr(policy, "decision_key", None)
-        self.shape = getattr(source, "shape", None)
-        self.shape_key = getattr(source, "shape_key", None)
-        self.by_peer: dict[int, tuple] = {}  # id(owner) -> (owner, judged copy or None)
-        self.by_key: dict = {}  # decision key -> judged copy or None
-        self.shaped: dict = {}  # (id(judged copy), shape key) -> shaped copy
-        self.sizes: dict[int, tuple] = {}  # id(copy) -> (copy, estimated bytes)
+        self.post, self.key_of, self.shape, self.shape_key = kit
+        self.by_peer: dict[int, tuple] = {}  # id(owner) -> (owner, judged copy or None, its size)
+        self.by_key: dict | None = None  # decision key -> judged copy or None (made when needed)
+        self.shaped: dict | None = None  # (id(judged copy), shape key) -> shaped copy
+        self.sizes: dict[int, tuple] | None = None  # id(copy) -> (copy, estimated bytes)
 
     def judged(self, owner: PeerCredentials) -> tuple:
-        """(owner, the event as *owner* may see it or None, its estimated size)."""
+        """(owner, the event as *owner* may see it or None, its estimated size: 0 for root)."""
         cached = self.by_peer.get(id(owner))
         if cached is not None and cached[0] is owner:
             return cached
@@ -63,17 +67,25 @@ class Fanout:
         key = self.key_of(owner, event) if self.key_of is not None else None
         if key is None:
             seen = self.post(owner, event)
-        elif key in self.by_key:
-            seen = self.by_key[key]
         else:
-            seen = self.by_key[key] = self.post(owner, event)
-        cached = self.by_peer[id(owner)] = (owner, seen, 0 if seen is None else self.size(seen))
+            by_key = self.by_key
+            if by_key is None:
+                by_key = self.by_key = {}
+            if key in by_key:
+                seen = by_key[key]
+            else:
+                seen = by_key[key] = self.post(owner, event)
+        size = 0 if seen is None or not owner.uid else self.size(seen)
+        cached = self.by_peer[id(owner)] = (owner, seen, size)
         return cached
 
     def size(self, copy: Event) -> int:
-        cached = self.sizes.get(id(copy))
+        sizes = self.sizes
+        if sizes is None:
+            sizes = self.sizes = {}
+        cached = sizes.get(id(copy))
         if cached is None or cached[0] is not copy:
-            cached = self.sizes[id(copy)] = (copy, event_bytes(copy))
+            cached = sizes[id(copy)] = (copy, event_bytes(copy))
         return cached[1]
 
     def apply(self, hub: Hub, subs: list[Subscription], start: int, stop: int) -> None:
@@ -105,11 +117,14 @@ class Fanout:
                 seen = shape(sub, seen)
             else:
                 k = (id(seen), shape_key(sub))
-                shaped = self.shaped.get(k)
+                cache = self.shaped
+                if cache is None:
+                    cache = self.shaped = {}
+                shaped = cache.get(k)
                 if shaped is None:
-                    shaped = self.shaped[k] = shape(sub, seen)
+                    shaped = cache[k] = shape(sub, seen)
                 seen = shaped
-            enqueue(sub, seen, self.size(seen))
+            enqueue(sub, seen, self.size(seen) if owner.uid else 0)
 
 
 class Lane:
