@@ -190,17 +190,12 @@ class Hub:
                      extra={"MESSAGE_ID": journal.POLICY_DENIED, "peer_uid": peer.uid, "peer_pid": peer.pid})
             raise AccessDenied(decision.reason or "access denied")
         self._check_counts(peer)  # again: other Watch calls of this peer may have been decided meanwhile
-        options, options_key, charge = self._share_options(peer.uid, source_name, target, options, spec)
-        self._hold_options(peer.uid, options_key)
-        try:
-            sub = Subscription(self._next, peer, source_name, target, options)
-            sub.options_key, sub.charge = options_key, charge
-            sub.routes = tuple(source.routes(sub))
-            source.attach(sub)  # may raise: nothing registered yet
-        except BaseException:
-            self._release_options(peer.uid, options_key)
-            raise
+        options, pooled, charge = self._share_options(peer.uid, source_name, target, options, spec)
+        sub = Subscription(self._next, peer, source_name, target, options)
+        sub.routes = tuple(source.routes(sub))
+        source.attach(sub)  # may raise: nothing registered yet
         self._next += 1
+        sub.options_key, sub.charge = self._hold_options(peer.uid, pooled), charge
         self.subscriptions[sub.number] = sub
         self._by_owner.setdefault(peer.unique_name, set()).add(sub)
         self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
@@ -251,11 +246,12 @@ class Hub:
             self._uid_bytes.pop(uid, None)
 
     def _share_options(self, uid: int, source: str, target: WatchTarget, options: dict,
-                       spec: str) -> tuple[dict, tuple, int]:
+                       spec: str) -> tuple[dict, list, int]:
         """One stored copy per distinct option set: the subscription keeps the pool's
         (the caller's own copies are dropped with the call), and its target's
-        ``extra`` the pool's frozensets. Returns (options, pool key, bytes to charge)
-        and raises ``LimitsExceeded`` when *uid* cannot afford them."""
+        ``extra`` the pool's frozensets. Returns (options, pool entry, bytes to
+        charge for the subscription itself) and raises ``LimitsExceeded`` when *uid*
+        cannot afford them. Nothing is held until ``_hold_options``."""
         extra = target.extra
         key = (source, canonical(options), canonical(extra))
         entry = self._options.get(key)
@@ -263,30 +259,25 @@ class Hub:
             size = size_of(options) + size_of(extra)
             entry = [frozen_copy(options), {k: v for k, v in extra.items() if isinstance(v, frozenset)}, size, 0,
                      key]
-            self._options[key] = entry
-            fresh = True
-        else:
-            fresh = False
         shared_options, shared_extra, size, _refs, key = entry  # the pool's key: this call's copies are let go
         charge = SUBSCRIPTION_BYTES + len(spec)
         options_charge = 0 if (uid, key) in self._uid_options else size
-        try:
-            self._check_budget(uid, charge + options_charge)
-        except LimitsExceeded:
-            if fresh:
-                del self._options[key]
-            raise
+        self._check_budget(uid, charge + options_charge)
         for k, v in shared_extra.items():  # equal frozensets: the pool's copy instead of this call's
             extra[k] = v
-        return shared_options, key, charge
+        return shared_options, entry, charge
 
-    def _hold_options(self, uid: int, key: tuple) -> None:
-        entry = self._options[key]
+    def _hold_options(self, uid: int, entry: list) -> tuple:
+        """Hold the pool *entry* for a subscription of *uid* (charged once per uid);
+        returns its key, for ``_release_options``."""
+        key = entry[4]
+        entry = self._options.setdefault(key, entry)  # (an equal one may have come and gone meanwhile)
         entry[3] += 1
         n = self._uid_options.get((uid, key), 0)
         if not n:
             self._charge(uid, entry[2])
         self._uid_options[(uid, key)] = n + 1
+        return key
 
     def _release_options(self, uid: int, key: tuple | None) -> None:
         if key is None:
