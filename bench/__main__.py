@@ -33,6 +33,7 @@ BENCHMARKS = {
     "p4": "bench.p4_idle",
     "p5": "bench.p5_footprint",
     "p6": "bench.p6_storm",
+    "p7": "bench.p7_hostile",
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

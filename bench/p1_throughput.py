@@ -40,7 +40,7 @@ async def run(directory: Path, quick: bool) -> Result:
                  "raw_signals_per_s": out["raw_rate"], "wqd_lost": out["wqd_lost"],
                  "wqd_cpu_us_per_signal": out["wqd_cpu_us_per_signal"],
                  "raw_cpu_us_per_signal": out["raw_cpu_us_per_signal"],
-                 "bus_cpu_us_per_signal": out["bus_cpu_us_per_signal"],
+                 "bus_cpu_us_per_signal": out["bus_cpu_us_per_signal"], "cpu_clock": out["cpu_clock"],
                  "raw_runs": out["raw_runs"], "wqd_runs": out["wqd_runs"]},
         series={"throughput": {"p1 1 subscriber": (out["wqd_rate"], out["raw_rate"])}},
     )

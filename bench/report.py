@@ -17,12 +17,20 @@ TARGETS = {
     "p5_bytes_per_subscription": ("RSS growth per subscription (bytes)", "<= 2048", lambda v: v <= 2048),
     "p5_start_to_ready_s": ("exec -> name owned, median of 5 (s)", "<= 0.3", lambda v: v <= 0.3),
     "p6_call_p99_ms_under_storm": ("ListSubscriptions p99 during 10,000 events (ms)", "<= 50", lambda v: v <= 50),
+    "p7_call_p99_ms_attacked": ("root's ListSubscriptions p99, a stopped uid at its cap + mount storm (ms)", "<= 50",
+                                lambda v: v <= 50),
+    "p7_call_p99_ratio": ("... the same / without the attacker, same run", "<= 3", lambda v: v <= 3),
+    "p7_event_p99_ms_attacked": ("another uid's mount event latency p99, the same attack (ms)", "<= 50",
+                                 lambda v: v <= 50),
+    "p7_event_p99_ratio": ("... the same / without the attacker, same run", "<= 3", lambda v: v <= 3),
 }
 INFORMATIVE = {
     "bus_ceiling_signals_per_s": "bus ceiling: raw dbus-fast unicast signals/s, this run",
     "p5_start_floor_s": "exec -> name owned for a bare dbus-fast service (s), same run",
     "p3_bridge_added_latency_p50_ms": "added by a minimal pyudev -> dbus-fast bridge, p50 (ms), same run",
     "p6_call_p99_ms_under_bus_storm": "ListSubscriptions p99 while a raw sender storms the bus (ms), same run",
+    "p7_call_p99_ms_quiet": "p7 root's ListSubscriptions p99 without the attacker (ms), same run",
+    "p7_event_p99_ms_quiet": "p7 the victim's event latency p99 without the attacker (ms), same run",
 }
 
 
@@ -63,13 +71,14 @@ def markdown(name: str, run: dict) -> str:
     if "wqd_signals_per_s" in p1:
         lines.append(f"- p1: wqd {p1['wqd_signals_per_s']:,.0f} signals/s, raw dbus-fast {p1['raw_signals_per_s']:,.0f}"
                      f" ({p1['signals_per_round']:,} signals x {p1['rounds']} interleaved pairs of rounds, medians;"
-                     f" lost: {p1['wqd_lost']}); CPU per signal: wqd {p1['wqd_cpu_us_per_signal']:.1f} us,"
-                     f" raw sender {p1['raw_cpu_us_per_signal']:.1f} us, bus daemon {p1['bus_cpu_us_per_signal']:.1f} us")
+                     f" lost: {p1['wqd_lost']}); CPU per signal: wqd {p1['wqd_cpu_us_per_signal']:.2f} us,"
+                     f" raw sender {p1['raw_cpu_us_per_signal']:.2f} us, bus daemon {p1['bus_cpu_us_per_signal']:.2f} us"
+                     f" (all rounds' run time / their signals; clock: {p1.get('cpu_clock', 'clock ticks')})")
     if "wqd_messages_per_s" in p2:
         lines.append(f"- p2: wqd {p2['wqd_messages_per_s']:,.0f} messages/s, raw {p2['raw_messages_per_s']:,.0f}"
                      f" ({p2['messages_per_round']:,} messages to {p2['subscribers']} connections per round);"
-                     f" CPU per message: wqd {p2['wqd_cpu_us_per_message']:.1f} us,"
-                     f" raw sender {p2['raw_cpu_us_per_message']:.1f} us, bus daemon {p2['bus_cpu_us_per_message']:.1f} us")
+                     f" CPU per message: wqd {p2['wqd_cpu_us_per_message']:.2f} us,"
+                     f" raw sender {p2['raw_cpu_us_per_message']:.2f} us, bus daemon {p2['bus_cpu_us_per_message']:.2f} us")
     p3 = details.get("p3", {})
     if "unavailable" in p3:
         lines.append(f"- p3: unavailable: {p3['unavailable']}")
@@ -88,6 +97,18 @@ def markdown(name: str, run: dict) -> str:
                      f" {p6['storm_p50_ms']:.2f} ms, max {p6['storm_max_ms']:.1f} ms; idle p50 {p6['idle_p50_ms']:.2f} ms;"
                      f" during as many raw-sender storms on the bus (wqd idle): p50 {p6['bus_storm_p50_ms']:.2f} ms,"
                      f" p99 {p6['bus_storm_p99_ms']:.1f} ms")
+    p7 = details.get("p7", {})
+    if "unavailable" in p7:
+        lines.append(f"- p7: unavailable: {p7['unavailable']}")
+    elif "attacked_call_p50_ms" in p7:
+        lines.append(f"- p7: uid 1000 stopped with {p7['attacked_attacker_subscriptions']:,} subscriptions (its cap"
+                     f" {p7['cap']:,}); {p7['storms_per_phase']} storm(s) of {p7['mounts_per_storm']} mounts at"
+                     f" {p7['rate_per_s']:.0f}/s per phase; root's calls p50 {p7['quiet_call_p50_ms']:.2f} ->"
+                     f" {p7['attacked_call_p50_ms']:.2f} ms, p99 {p7['quiet_call_p99_ms']:.1f} ->"
+                     f" {p7['attacked_call_p99_ms']:.1f} ms; uid 1001's events p50 {p7['quiet_event_p50_ms']:.2f} ->"
+                     f" {p7['attacked_event_p50_ms']:.2f} ms, p99 {p7['quiet_event_p99_ms']:.1f} ->"
+                     f" {p7['attacked_event_p99_ms']:.1f} ms (missing {p7['quiet_missing']} / {p7['attacked_missing']},"
+                     f" lost {p7['quiet_lost']} / {p7['attacked_lost']})")
     for bench, error in run.get("errors", {}).items():
         lines.append(f"- {bench}: **failed**: {error.strip().splitlines()[-1]}")
     lines += ["", f"Load average at start / end: {run['meta']['loadavg_start']} / {run['meta']['loadavg_end']}", ""]
@@ -138,7 +159,8 @@ def plots(name: str, series: dict, directory: Path) -> list[str]:
             ax.set_xscale("symlog", linthresh=0.1)
             ax.set_xlabel("milliseconds")
             ax.set_ylabel("fraction of events / calls")
-            ax.set_title({"p3": "Device event latency", "p6": "ListSubscriptions round trip"}.get(group, group))
+            ax.set_title({"p3": "Device event latency", "p6": "ListSubscriptions round trip",
+                          "p7": "Hostile uid at its cap: calls and another uid's events"}.get(group, group))
             ax.grid(True, alpha=0.3)
             ax.legend(loc="lower right", fontsize="small")
         fig.tight_layout()

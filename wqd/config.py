@@ -8,6 +8,7 @@
     subscriptions_per_uid = 16384  # all connections of one uid (root: no cap)
     subscriptions_total = 65536
     connect_timeout = 25.0         # seconds to reach the bus and get Hello answered
+    bytes_per_uid = 67108864       # memory one uid (not root) may hold: options, targets, queued events
 
     [keys]
     backend = "auto"               # auto | watch_queue | proc-keys | replay
@@ -58,6 +59,7 @@ class Config:
     subscriptions_per_uid: int = 16384
     subscriptions_total: int = 65536
     connect_timeout: float = 25.0
+    bytes_per_uid: int = 64 << 20
     keys_backend: str = "auto"
     keys_poll_interval: float = 1.0
     keys_queue_pages: int = 4
@@ -81,6 +83,7 @@ _SCHEMA = {
     ("daemon", "subscriptions_per_uid"): ("subscriptions_per_uid", int, lambda v: v >= 1, ">= 1"),
     ("daemon", "subscriptions_total"): ("subscriptions_total", int, lambda v: v >= 1, ">= 1"),
     ("daemon", "connect_timeout"): ("connect_timeout", (int, float), lambda v: 0 < v <= 3600, "0..3600"),
+    ("daemon", "bytes_per_uid"): ("bytes_per_uid", int, lambda v: 65536 <= v <= 1 << 40, "65536..2^40 bytes"),
     ("keys", "backend"): ("keys_backend", str, lambda v: v in ("auto", "watch_queue", "proc-keys", "replay"),
                           "auto, watch_queue, proc-keys or replay"),
     ("keys", "poll_interval"): ("keys_poll_interval", (int, float), lambda v: 0.01 <= v <= 3600, "0.01..3600"),

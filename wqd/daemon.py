@@ -44,7 +44,7 @@ def open_keys(cfg: configuration.Config):
 
 def limits_of(cfg: configuration.Config) -> Limits:
     return Limits(cfg.queue_length, cfg.subscriptions_per_peer, cfg.subscriptions_total,
-                  subscriptions_per_uid=cfg.subscriptions_per_uid)
+                  subscriptions_per_uid=cfg.subscriptions_per_uid, bytes_per_uid=cfg.bytes_per_uid)
 
 
 # source name -> "module:function" taking the Config and returning a Source

@@ -6,6 +6,44 @@ the subscriber's bounded queue -> the outlet (the bus emitter) drains it.
 
 A full queue drops the event, counts it in ``lost`` and leaves a ``LostMark`` in
 the queue, so the subscriber is told ``Lost(n)`` exactly where the gap is.
+
+Fan-out (what one event costs). ``dispatch`` does not judge and queue per
+subscriber on the spot. The subscriptions on the event's route are taken as they
+are (per uid: the route table is kept per uid), and the work is queued in one
+*lane* per uid. Lanes are served round-robin, ``QUANTUM`` subscriptions a turn and
+at most ``SLICE`` per turn of the event loop, so method calls are answered during
+any fan-out, and one uid's thousands of subscriptions cannot starve another uid's
+one: that one waits for at most one quantum of each other uid per event. The work
+in each lane stays in order, so each subscription still gets its events in order,
+and losses (``SourceLoss``) and removals (``KeyRemoved``, ``TargetGone``) queue in
+the same lanes, behind the events before them. While work waits in a lane the
+hub is ``congested``, as with a queue more than half full: the sources stop
+reading the kernel (which reports its own overflow its own way) until it is
+done, so what waits in wqd is what one read of a source dispatched, and nothing
+is lost silently. Except for a lane that is *behind* (more than ``wqd.lanes.LANE_BEHIND``
+subscriptions waiting: a uid with more subscriptions on one route than a turn
+of the loop can serve): it does not hold the sources back, or every other uid
+would wait for it; it keeps up to ``LANE_JOBS`` events waiting, and what comes
+beyond is counted ``Lost`` for its own subscriptions, in place (logged once per
+episode). A uid's subscriptions cost the others at most a quantum per turn.
+
+The judging is shared: the policy stack's ``decision_key(peer, event)`` says
+what its ``post`` depends on for that event (see ``wqd.policy``), and subscribers
+whose keys are equal get one judged (redacted) copy, judged once per event; a
+source's ``shape_key(sub)`` does the same for its per-subscription trimming
+(``shape``). So one event costs ``post`` once per *distinct* decision and a dict
+look-up per subscriber. A policy that declares no key is asked per peer.
+
+Budgets. Besides the counts (per connection, per uid, in all), each uid but root
+has ``Limits.bytes_per_uid`` for what wqd keeps on its behalf: per subscription a
+fixed ``SUBSCRIPTION_BYTES`` plus its target, plus its options (an option set held
+by several subscriptions is stored once, and charged to a uid once), plus the
+events queued for its subscriptions: ``QUEUE_ENTRY_BYTES`` an entry, and each
+distinct copy at its estimated size once (the copy shared by a uid's thousand
+subscriptions is one copy in memory). A Watch that
+would go beyond it answers ``LimitsExceeded``; an event that would is lost
+(``Lost``) for that subscription, like on a full queue. What a subscription held
+is given back when it ends.
 """
 
 from __future__ import annotations
@@ -14,6 +52,7 @@ import asyncio
 import inspect
 import logging
 import secrets
+import time
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -22,16 +61,17 @@ from typing import Protocol
 from wqd import journal
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NoSuchObject, NotSupported
 from wqd.events import Event, KeyRemoved, SourceLoss, TargetGone, WatchTarget
+from wqd.lanes import (LANE_JOBS, SLICE, End, Fanout, Lane, Lose, LostMark, canonical, event_bytes, frozen_copy,
+                       kit_of, size_of)
 from wqd.peer import PeerCredentials
 from wqd.policy import PolicyStack
 from wqd.sources import ANY, Source
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(slots=True)
-class LostMark:
-    count: int
+QUANTUM = 64  # subscriptions of one uid's lane served before the next uid's turn
+SUBSCRIPTION_BYTES = 2048  # what a subscription costs besides its target and options (measured: p5)
+QUEUE_ENTRY_BYTES = 16  # a queued entry (a deque slot and its share of the block), besides the event itself
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +95,7 @@ class Limits:
     subscriptions_total: int = 65536
     target_length: int = 4096  # bytes
     subscriptions_per_uid: int = 16384  # all connections of one uid but root's
+    bytes_per_uid: int = 64 << 20  # options, targets and queued events of one uid but root (see module doc)
 
 
 @dataclass(eq=False, slots=True)
@@ -73,6 +114,8 @@ class Subscription:
     stalled: bool = False  # ... and has waited too long: its queue no longer pauses the sources
     routes: tuple = ()
     state: dict = field(default_factory=dict)  # the source's per-subscription data
+    charge: int = 0  # bytes charged to the owner's uid for the subscription itself (Hub budgets)
+    options_key: tuple | None = None  # its entry in the hub's pool of option sets
 
     @property
     def peer(self) -> str:
@@ -105,11 +148,25 @@ class Hub:
         self.limits = limits or Limits()
         self.outlet: Outlet | None = None
         self.subscriptions: dict[int, Subscription] = {}
-        self._by_route: dict[tuple[str, Hashable], set[Subscription]] = {}
+        # (source, route) -> uid -> subscriptions: a fan-out is split into per-uid lanes without a pass over them
+        self._by_route: dict[tuple[str, Hashable], dict[int, set[Subscription]]] = {}
         self._by_owner: dict[str, set[Subscription]] = {}
         self._per_uid: dict[int, int] = {}  # active subscriptions of each uid
+        self._uid_bytes: dict[int, int] = {}  # bytes held for each uid (budgets; root not counted)
+        # canonical option set -> [shared options, shared extra, bytes, refs, the key itself]
+        self._options: dict[tuple, list] = {}
+        self._uid_options: dict[tuple[int, tuple], int] = {}  # (uid, option set) -> subscriptions holding it
         self._pressured = 0  # subscriptions not stalled with a queue more than half full
         self._relief: list = []
+        self._lanes: dict[int, Lane] = {}  # uid -> work not done yet (see ``_run``)
+        self._turns: deque[int] = deque()  # uids with a lane, in round-robin order
+        self._backlog = 0  # subscriptions waiting in the lanes
+        self._snaps: dict[tuple, dict[int, list[Subscription]]] = {}  # route -> uid -> snapshot (``_routed``)
+        self._kits: dict[str, tuple] = {}  # source -> (policy, what a Fanout needs of it and the source)
+        self._copies: dict[tuple[int, int], list] = {}  # (uid, id(event)) -> [entries queued, bytes charged]
+        self._budget = SLICE  # left for this turn of the loop
+        self._tick: asyncio.Handle | None = None
+        self._running = False
 
     # -- subscribing ------------------------------------------------------
 
@@ -121,12 +178,8 @@ class Hub:
             raise NotSupported(f"source {source_name!r} is not available on this system")
         if len(spec.encode()) > self.limits.target_length:
             raise InvalidArgument("target is too long")
-        if len(self._by_owner.get(peer.unique_name, ())) >= self.limits.subscriptions_per_peer:
-            raise LimitsExceeded("too many subscriptions for this connection")
-        if peer.uid != 0 and self._per_uid.get(peer.uid, 0) >= self.limits.subscriptions_per_uid:
-            raise LimitsExceeded(f"too many subscriptions for uid {peer.uid}")
-        if len(self.subscriptions) >= self.limits.subscriptions_total:
-            raise LimitsExceeded("too many subscriptions")
+        self._check_counts(peer)
+        self._check_budget(peer.uid, SUBSCRIPTION_BYTES + len(spec))
         target = await source.resolve(peer, spec, options)
         policy = self.policy
         decision = await policy.watch(peer, target)
@@ -137,9 +190,10 @@ class Hub:
             log.info("denied %s watch %s %r: %s", peer.unique_name, source_name, spec, decision.reason,
                      extra={"MESSAGE_ID": journal.POLICY_DENIED, "peer_uid": peer.uid, "peer_pid": peer.pid})
             raise AccessDenied(decision.reason or "access denied")
+        self._check_counts(peer)  # again: other Watch calls of this peer may have been decided meanwhile
+        options, pooled, charge = self._share_options(peer.uid, source_name, target, options, spec)
         # Random, never 0, unique among the live ones: the numbers tell nobody how
         # often others subscribe (issue 12). 63 bits: at most 19 digits in the path.
-        # Two Watch calls awaiting attach at once could only collide with odds of 2**-63.
         number = secrets.randbits(63)
         while not number or number in self.subscriptions:
             number = secrets.randbits(63)
@@ -148,11 +202,22 @@ class Hub:
         attached = source.attach(sub)  # may raise: nothing registered yet
         if inspect.isawaitable(attached):  # keys: arming runs in a credential helper
             await attached
+            try:  # it awaited: other calls may have been registered meanwhile
+                self._check_counts(peer)
+                options, pooled, charge = self._share_options(peer.uid, source_name, target, options, spec)
+                if number in self.subscriptions:
+                    raise LimitsExceeded("subscription number taken; try again")
+            except Exception:
+                source.detach(sub)
+                raise
+        sub.options_key, sub.charge = self._hold_options(peer.uid, pooled), charge
         self.subscriptions[sub.number] = sub
         self._by_owner.setdefault(peer.unique_name, set()).add(sub)
         self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
+        self._charge(peer.uid, charge)
         for route in sub.routes:
-            self._by_route.setdefault((source_name, route), set()).add(sub)
+            self._by_route.setdefault((source_name, route), {}).setdefault(peer.uid, set()).add(sub)
+            self._changed((source_name, route), peer.uid)
         log.info("subscription %d: %s watches %s %r", sub.number, peer.unique_name, source_name, spec,
                  extra={"MESSAGE_ID": journal.SUBSCRIPTION_CREATED, "peer_uid": peer.uid, "peer_pid": peer.pid})
         return sub
@@ -168,6 +233,85 @@ class Hub:
     def owned_by(self, peer: str) -> list[Subscription]:
         return sorted(self._by_owner.get(peer, ()), key=lambda s: s.number)
 
+    # -- budgets ----------------------------------------------------------
+
+    def _check_counts(self, peer: PeerCredentials) -> None:
+        if len(self._by_owner.get(peer.unique_name, ())) >= self.limits.subscriptions_per_peer:
+            raise LimitsExceeded("too many subscriptions for this connection")
+        if peer.uid != 0 and self._per_uid.get(peer.uid, 0) >= self.limits.subscriptions_per_uid:
+            raise LimitsExceeded(f"too many subscriptions for uid {peer.uid}")
+        if len(self.subscriptions) >= self.limits.subscriptions_total:
+            raise LimitsExceeded("too many subscriptions")
+
+    def held_by(self, uid: int) -> int:
+        """Bytes charged to *uid* now (0 for root, which is not counted)."""
+        return self._uid_bytes.get(uid, 0)
+
+    def _check_budget(self, uid: int, more: int) -> None:
+        if uid != 0 and self._uid_bytes.get(uid, 0) + more > self.limits.bytes_per_uid:
+            raise LimitsExceeded(f"uid {uid} holds its share of wqd's memory ({self.limits.bytes_per_uid} bytes)")
+
+    def _charge(self, uid: int, amount: int) -> None:
+        if uid == 0 or not amount:
+            return
+        left = self._uid_bytes.get(uid, 0) + amount
+        if left > 0:
+            self._uid_bytes[uid] = left
+        else:
+            self._uid_bytes.pop(uid, None)
+
+    def _share_options(self, uid: int, source: str, target: WatchTarget, options: dict,
+                       spec: str) -> tuple[dict, list, int]:
+        """One stored copy per distinct option set: the subscription keeps the pool's
+        (the caller's own copies are dropped with the call), and its target's
+        ``extra`` the pool's frozensets. Returns (options, pool entry, bytes to
+        charge for the subscription itself) and raises ``LimitsExceeded`` when *uid*
+        cannot afford them. Nothing is held until ``_hold_options``."""
+        extra = target.extra
+        key = (source, canonical(options), canonical(extra))
+        entry = self._options.get(key)
+        if entry is None:
+            size = size_of(options) + size_of(extra)
+            entry = [frozen_copy(options), {k: v for k, v in extra.items() if isinstance(v, frozenset)}, size, 0,
+                     key]
+        shared_options, shared_extra, size, _refs, key = entry  # the pool's key: this call's copies are let go
+        charge = SUBSCRIPTION_BYTES + len(spec)
+        options_charge = 0 if (uid, key) in self._uid_options else size
+        self._check_budget(uid, charge + options_charge)
+        for k, v in shared_extra.items():  # equal frozensets: the pool's copy instead of this call's
+            extra[k] = v
+        return shared_options, entry, charge
+
+    def _hold_options(self, uid: int, entry: list) -> tuple:
+        """Hold the pool *entry* for a subscription of *uid* (charged once per uid);
+        returns its key, for ``_release_options``."""
+        key = entry[4]
+        entry = self._options.setdefault(key, entry)  # (an equal one may have come and gone meanwhile)
+        entry[3] += 1
+        n = self._uid_options.get((uid, key), 0)
+        if not n:
+            self._charge(uid, entry[2])
+        self._uid_options[(uid, key)] = n + 1
+        return key
+
+    def _release_options(self, uid: int, key: tuple | None) -> None:
+        if key is None:
+            return
+        entry = self._options.get(key)
+        if entry is None:
+            return
+        n = self._uid_options.get((uid, key), 0) - 1
+        if n > 0:
+            self._uid_options[(uid, key)] = n
+        else:
+            self._uid_options.pop((uid, key), None)
+            self._charge(uid, -entry[2])
+        entry[3] -= 1
+        if entry[3] <= 0:
+            del self._options[key]
+
+    # -- ending -----------------------------------------------------------
+
     def end(self, sub: Subscription, reason: str | None = None) -> None:
         """Stop routing to *sub* and release its kernel watch.
 
@@ -177,23 +321,32 @@ class Hub:
         if not sub.active:
             return
         sub.active = False
+        uid = sub.owner.uid
         for route in sub.routes:
-            bucket = self._by_route.get((sub.source, route))
-            if bucket is not None:
-                bucket.discard(sub)
-                if not bucket:
-                    del self._by_route[(sub.source, route)]
+            by_uid = self._by_route.get((sub.source, route))
+            if by_uid is not None:
+                bucket = by_uid.get(uid)
+                if bucket is not None:
+                    bucket.discard(sub)
+                    if not bucket:
+                        del by_uid[uid]
+                        if not by_uid:
+                            del self._by_route[(sub.source, route)]
+                self._changed((sub.source, route), uid)
         owned = self._by_owner.get(sub.peer)
         if owned is not None:
             owned.discard(sub)
             if not owned:
                 del self._by_owner[sub.peer]
-        uid = sub.owner.uid
         left = self._per_uid.get(uid, 0) - 1
         if left > 0:
             self._per_uid[uid] = left
         else:
             self._per_uid.pop(uid, None)
+        self._charge(uid, -sub.charge)
+        sub.charge = 0
+        self._release_options(uid, sub.options_key)
+        sub.options_key = None
         try:
             self.sources[sub.source].detach(sub)
         except Exception:
@@ -209,7 +362,13 @@ class Hub:
     def forget(self, sub: Subscription) -> None:
         if sub.queued_events > self.limits.queue_length // 2 and not sub.stalled:
             self._unpressure()
+        uid = sub.owner.uid
+        if uid and sub.queued_events:
+            for item in sub.queue:
+                if isinstance(item, Event):
+                    self._release_copy(uid, item)
         sub.queue.clear()
+        sub._queue = None
         sub.queued_events = 0
         self.subscriptions.pop(sub.number, None)
         if self.outlet is not None:
@@ -253,36 +412,182 @@ class Hub:
 
     # -- delivering -------------------------------------------------------
 
-    def subscribers(self, source: str, route: Hashable) -> list[Subscription]:
+    def _routed(self, source: str, route: Hashable) -> dict[int, list[Subscription]]:
+        """uid -> the subscriptions on *route* (and on ``ANY``) now. Where one table
+        serves, the lists are its kept snapshots (made again when it changes): the
+        same list from event to event, never to be modified."""
         found = self._by_route.get((source, route))
         any_ = self._by_route.get((source, ANY))
-        if found and any_:
-            return [*found, *any_]
-        return list(found or any_ or ())
+        if not (found and any_):
+            table = found or any_
+            if not table:
+                return {}
+            key = (source, route) if found else (source, ANY)
+            snaps = self._snaps.get(key)
+            if snaps is None:
+                snaps = self._snaps[key] = {}
+            out = {}
+            for uid, subs in table.items():
+                snap = snaps.get(uid)
+                if snap is None:
+                    snap = snaps[uid] = list(subs)
+                out[uid] = snap
+            return out
+        out = {}
+        for table in (found, any_):
+            for uid, subs in table.items():
+                have = out.get(uid)
+                if have is None:
+                    out[uid] = list(subs)
+                else:
+                    have.extend(subs)
+        return out
+
+    def _changed(self, key: tuple, uid: int) -> None:
+        snaps = self._snaps.get(key)
+        if snaps is not None:
+            snaps.pop(uid, None)
+            if not snaps or key not in self._by_route:
+                del self._snaps[key]
+
+    def subscribers(self, source: str, route: Hashable) -> list[Subscription]:
+        return [sub for subs in self._routed(source, route).values() for sub in subs]
 
     def dispatch(self, event: Event) -> None:
-        """Entry point for sources (synchronous: runs in the fd's reader callback)."""
+        """Entry point for sources (synchronous: runs in the fd's reader callback).
+
+        Queues the work in the lanes of the uids it reaches and does what this turn
+        of the loop still allows (``SLICE``); the rest follows in later turns, in order.
+        """
         if isinstance(event, SourceLoss):
-            self._loss(event)
-            return
-        if isinstance(event, KeyRemoved):
-            for sub in self.subscribers("keys", event.key):
-                self.end(sub, event.reason)
-            return
-        if isinstance(event, TargetGone):
-            for sub in self.subscribers(event.source_name, event.route):
-                if not event.object_id or sub.target.object_id == event.object_id:
-                    self.end(sub, event.reason)
-            return
-        source = self.sources[event.source]
-        post = self.policy.post
-        shape = getattr(source, "shape", None)  # per-subscription trimming (devices: "properties")
-        for sub in self.subscribers(event.source, event.route):
-            if not source.accepts(sub, event):
-                continue
-            seen = post(sub.owner, event)
-            if seen is not None:
-                self.enqueue(sub, seen if shape is None else shape(sub, seen))
+            if event.routes is None:
+                groups: dict[int, list[Subscription]] = {}
+                for sub in self.subscriptions.values():
+                    if sub.source == event.source_name and sub.active:
+                        groups.setdefault(sub.owner.uid, []).append(sub)
+            else:
+                seen_subs: dict[int, set[Subscription]] = {}
+                for route in event.routes:
+                    for uid, subs in self._routed(event.source_name, route).items():
+                        seen_subs.setdefault(uid, set()).update(subs)
+                groups = {uid: list(subs) for uid, subs in seen_subs.items()}
+            log.warning("source %s lost %d event(s); %d subscriber(s) told", event.source_name, event.count,
+                        sum(len(g) for g in groups.values()), extra={"MESSAGE_ID": journal.EVENTS_LOST})
+            self._queue_work(groups, Lose(event.count))
+        elif isinstance(event, KeyRemoved):
+            self._queue_work(self._routed("keys", event.key), End(event.reason))
+        elif isinstance(event, TargetGone):
+            groups = self._routed(event.source_name, event.route)
+            if event.object_id:
+                groups = {uid: kept for uid, subs in groups.items()
+                          if (kept := [s for s in subs if s.target.object_id == event.object_id])}
+            self._queue_work(groups, End(event.reason))
+        else:
+            groups = self._routed(event.source, event.route)
+            if not groups:
+                return
+            source = self.sources[event.source]
+            kit = self._kits.get(event.source)
+            if kit is None or kit[0] is not self.policy:
+                kit = self._kits[event.source] = (self.policy, kit_of(self.policy, source))
+            job = Fanout(event, source, kit[1])
+            if not self._turns and not self._running and len(groups) == 1:
+                (uid, subs), = groups.items()
+                if len(subs) <= min(QUANTUM, self._budget):  # nothing waits, and little to do: do it now
+                    self._running = True
+                    try:
+                        job.apply(self, subs, 0, len(subs))
+                    except Exception:
+                        log.exception("delivering to uid %d failed; the event is lost for it", uid)
+                        for sub in subs:
+                            if sub.active:
+                                self.lose(sub, 1)
+                    finally:
+                        self._running = False
+                    self._budget -= len(subs)
+                    if self._tick is None:
+                        self._tick = asyncio.get_running_loop().call_soon(self._next_turn)
+                    return
+            self._queue_work(groups, job)
+        self._run()
+
+    def _queue_work(self, groups: dict[int, list[Subscription]], job) -> None:
+        lanes, turns = self._lanes, self._turns
+        now = time.monotonic()
+        for uid, subs in groups.items():
+            lane = lanes.get(uid)
+            if lane is None:
+                lane = lanes[uid] = Lane()
+                turns.append(uid)
+            work = job
+            if isinstance(job, Fanout) and len(lane.jobs) >= LANE_JOBS and lane.hogging(now):
+                # This uid's lane has been far behind for a while: what it cannot take is lost
+                # for it (told, in place), instead of holding everyone's sources back.
+                last = lane.jobs[-1]
+                if isinstance(last[0], Lose) and last[0].private and last[1] is subs and last[2] == 0:
+                    last[0].count += 1
+                    continue
+                work = Lose(1, private=True)
+                if not lane.told:
+                    lane.told = True
+                    log.warning("uid %d is far behind (%d subscriptions waiting): its subscriptions lose events "
+                                "until it catches up", uid, lane.steps,
+                                extra={"MESSAGE_ID": journal.EVENTS_LOST, "peer_uid": uid})
+            lane.jobs.append([work, subs, 0])
+            lane.steps += len(subs)
+            self._backlog += len(subs)
+            lane.account(now)
+
+    def _run(self) -> None:
+        """Serve the lanes round-robin until this turn's budget is spent."""
+        if self._running:
+            return  # called back from within (a source dispatching while detaching, ...)
+        self._running = True
+        lanes, turns = self._lanes, self._turns
+        try:
+            while turns and self._budget > 0:
+                uid = turns[0]
+                lane = lanes[uid]
+                jobs = lane.jobs
+                quantum = min(QUANTUM, self._budget)
+                while jobs and quantum > 0:
+                    work = jobs[0]
+                    job, subs, pos = work
+                    stop = min(len(subs), pos + quantum)
+                    try:
+                        job.apply(self, subs, pos, stop)
+                    except Exception:  # a source's filter or shape raised: the daemon lives on
+                        log.exception("delivering to uid %d failed; the rest of this event is lost for it", uid)
+                        stop = len(subs)
+                        for sub in subs[pos:]:
+                            if sub.active:
+                                self.lose(sub, 1)
+                    done = stop - pos
+                    quantum -= done
+                    self._budget -= done
+                    self._backlog -= done
+                    lane.steps -= done
+                    if stop >= len(subs):
+                        jobs.popleft()
+                    else:
+                        work[2] = stop
+                if not jobs:
+                    del lanes[uid]
+                    turns.popleft()
+                else:
+                    lane.account(time.monotonic())
+                    turns.rotate(-1)
+        finally:
+            self._running = False
+        if self._tick is None and (turns or self._budget < SLICE):
+            self._tick = asyncio.get_running_loop().call_soon(self._next_turn)
+        self._relieve()
+
+    def _next_turn(self) -> None:
+        self._tick = None
+        self._budget = SLICE
+        if self._turns:
+            self._run()
 
     def preload(self, sub: Subscription, events) -> int:
         """Queue *events* (an initial snapshot) for *sub* alone, judged like any event
@@ -301,17 +606,53 @@ class Hub:
                 self.outlet.wake(sub)
         return len(seen)
 
-    def enqueue(self, sub: Subscription, item: Event) -> None:
+    def enqueue(self, sub: Subscription, item: Event, size: int = 0) -> None:
+        """Queue *item* for *sub*; *size*: its estimated bytes (0: estimated here).
+
+        The owner's uid (not root) is charged ``QUEUE_ENTRY_BYTES`` per queued entry,
+        and each distinct copy's *size* once however many of its subscriptions hold
+        it (one shared copy is one copy in memory), until the last is taken."""
         n = sub.queued_events
         if n >= self.limits.queue_length:
             self.lose(sub, 1)
             return
+        uid = sub.owner.uid
+        if uid:
+            held = self._uid_bytes.get(uid, 0)
+            key = (uid, id(item))
+            copy = self._copies.get(key)
+            if copy is None:
+                if not size:
+                    size = event_bytes(item)
+                cost = QUEUE_ENTRY_BYTES + size
+            else:
+                cost = QUEUE_ENTRY_BYTES
+            if held + cost > self.limits.bytes_per_uid:
+                self.lose(sub, 1)
+                return
+            if copy is None:
+                self._copies[key] = [1, size]
+            else:
+                copy[0] += 1
+            self._uid_bytes[uid] = held + cost
         sub.queue.append(item)
         sub.queued_events = n + 1
         if n + 1 == self.limits.queue_length // 2 + 1 and not sub.stalled:
             self._pressured += 1
         if self.outlet is not None:
             self.outlet.wake(sub)
+
+    def _release_copy(self, uid: int, item: Event) -> None:
+        key = (uid, id(item))
+        copy = self._copies.get(key)
+        if copy is None:
+            return
+        copy[0] -= 1
+        freed = QUEUE_ENTRY_BYTES
+        if not copy[0]:
+            del self._copies[key]
+            freed += copy[1]
+        self._charge(uid, -freed)
 
     def take(self, sub: Subscription):
         """Pop the next item for the outlet (Event, LostMark or EndMark), counting it."""
@@ -328,6 +669,8 @@ class Hub:
             n = sub.queued_events
             sub.queued_events = n - 1
             sub.delivered += 1
+            if sub.owner.uid:
+                self._release_copy(sub.owner.uid, item)
             if n == self.limits.queue_length // 2 + 1 and not sub.stalled:
                 self._unpressure()
         return item
@@ -359,7 +702,11 @@ class Hub:
 
     def _unpressure(self) -> None:
         self._pressured -= 1
-        if not self._pressured and self._relief:
+        if not self._pressured:
+            self._relieve()
+
+    def _relieve(self) -> None:
+        if self._relief and not self.congested:
             relief, self._relief = self._relief, []
             loop = asyncio.get_running_loop()
             for callback in relief:
@@ -367,10 +714,15 @@ class Hub:
 
     @property
     def congested(self) -> bool:
-        return self._pressured > 0
+        if self._pressured > 0:
+            return True
+        if not self._backlog:
+            return False
+        now = time.monotonic()
+        return any(lane.holds(now) for lane in self._lanes.values())
 
     def on_relief(self, callback) -> None:
-        if self._pressured:
+        if self.congested:
             self._relief.append(callback)
         else:
             callback()
@@ -384,13 +736,3 @@ class Hub:
             sub.queue.append(LostMark(count))
             if self.outlet is not None:
                 self.outlet.wake(sub)
-
-    def _loss(self, loss: SourceLoss) -> None:
-        if loss.routes is None:
-            subs = [s for s in self.subscriptions.values() if s.source == loss.source_name and s.active]
-        else:
-            subs = {s for r in loss.routes for s in self.subscribers(loss.source_name, r)}
-        log.warning("source %s lost %d event(s); %d subscriber(s) told", loss.source_name, loss.count, len(subs),
-                    extra={"MESSAGE_ID": journal.EVENTS_LOST})
-        for sub in subs:
-            self.lose(sub, loss.count)

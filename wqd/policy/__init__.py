@@ -11,6 +11,14 @@ Like the kernel's ``security_watch_key`` and ``security_post_notification``:
 - optional ``probe() -> str | None``: ``None`` if the plugin can run here, else
   why not. A plugin that cannot run denies every ``Watch`` (fail closed).
 - optional ``forget(unique_name)``: the peer left the bus; drop what is cached.
+- optional ``decision_key(peer, event) -> Hashable | None``: what this plugin's
+  ``post(peer, event)`` depends on about *peer* for this *event*: two peers with
+  equal keys must get equal answers from ``post``. ``()`` says "the same for every
+  peer"; ``None`` says "ask me per peer". The hub judges an event once per distinct
+  key of the whole stack (``PolicyStack.decision_key``) and hands the same copy to
+  every subscriber with that key, so a key must cover *everything* ``post`` reads
+  of the peer (uid, groups, namespaces, ...). A plugin without the method is asked
+  per peer, which is always correct, only slower.
 
 Plugins stack in the configured order; any deny wins; a plugin that raises (or
 times out, or answers something that is not a ``Decision``) denies, and is
@@ -107,6 +115,9 @@ class UnavailablePlugin:
     def post(self, peer, event):
         return event
 
+    def decision_key(self, peer, event):
+        return ()
+
 
 class PolicyStack:
     """The configured plugins, in order."""
@@ -116,6 +127,10 @@ class PolicyStack:
         self.timeout = timeout
         self._post_failures: dict[str, int] = {}
         self._forgetters = [p for p in plugins if callable(getattr(p, "forget", None))]
+        keyers = [getattr(p, "decision_key", None) for p in plugins]
+        # None when a plugin declares no key: then every peer is judged on its own.
+        self._keyers = keyers if all(callable(k) for k in keyers) else None
+        self._key_failures = 0
 
     @property
     def names(self) -> list[str]:
@@ -159,6 +174,24 @@ class PolicyStack:
             if event is None:
                 return None
         return event
+
+    def decision_key(self, peer: PeerCredentials, event: Event):
+        """What ``post(peer, event)`` depends on, from every plugin's ``decision_key``
+        (a tuple of theirs), or ``None`` when some plugin declares none, answers
+        ``None`` or fails: then *peer* is judged on its own."""
+        keyers = self._keyers
+        if keyers is None:
+            return None
+        try:
+            key = tuple(keyer(peer, event) for keyer in keyers)
+        except Exception:
+            self._key_failures += 1
+            if self._key_failures == 1 or self._key_failures % 1000 == 0:
+                log.exception("a policy's decision_key failed (%d time(s)); judging per peer", self._key_failures)
+            return None
+        if None in key:
+            return None
+        return key
 
     def forget(self, unique_name: str) -> None:
         for plugin in self._forgetters:

@@ -91,3 +91,13 @@ class NamespacePolicy:
         if isinstance(event, (DeviceChanged, FilesystemError)) and (peer.user_ns is None or self.foreign(peer)):
             return None
         return event
+
+    def decision_key(self, peer: PeerCredentials, event: Event):
+        """What ``post`` reads of *peer*: its mount namespace and, from another user
+        namespace, its id maps (mounts); whether it is foreign (the rest)."""
+        if isinstance(event, MountChanged):
+            own = peer.user_ns == self.own_user
+            return (peer.mnt_ns, own, None if own else (peer.uid_map, peer.gid_map))
+        if isinstance(event, (DeviceChanged, FilesystemError)):
+            return peer.user_ns is None or self.foreign(peer)
+        return ()

@@ -56,3 +56,12 @@ class UnixPolicy:
         if rules is None:
             return None
         return rules.post(peer, event, self.config)
+
+    def decision_key(self, peer: PeerCredentials, event: Event):
+        """The source's rules module's ``decision_key(peer, event, config)``; ``None``
+        (judge per peer) where it has none."""
+        rules = self.rules.get(event.source)
+        if rules is None:
+            return ()  # post drops it for everyone
+        keyer = getattr(rules, "decision_key", None)
+        return None if keyer is None else keyer(peer, event, self.config)

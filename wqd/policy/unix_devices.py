@@ -257,3 +257,11 @@ def post(peer: PeerCredentials, event: Event, config: dict) -> Event | None:
     if may_open(peer, event.properties):
         return event
     return redact(event)
+
+
+def decision_key(peer: PeerCredentials, event: Event, config: dict):
+    """What ``post`` reads of *peer* (see ``wqd.policy``): nothing for root or for an
+    event without identifying properties; else its uid and groups (``may_open``)."""
+    if not isinstance(event, DeviceChanged) or peer.is_root:
+        return ()
+    return (peer.uid, peer.gid, peer.gids)

@@ -35,3 +35,7 @@ async def watch(peer: PeerCredentials, target: WatchTarget, config: dict) -> Dec
 
 def post(peer: PeerCredentials, event: Event, config: dict) -> Event | None:
     return event
+
+
+def decision_key(peer: PeerCredentials, event: Event, config: dict):
+    return ()  # post passes key events through

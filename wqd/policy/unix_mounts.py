@@ -83,6 +83,14 @@ def post(peer: PeerCredentials, event: Event, config: dict) -> Event | None:
     return None
 
 
+def decision_key(peer: PeerCredentials, event: Event, config: dict):
+    """What ``post`` reads of *peer* (see ``wqd.policy``): its mount namespace and uid
+    (mounts; root sees everything); nothing for filesystem errors."""
+    if isinstance(event, MountChanged):
+        return (peer.mnt_ns, 0 if peer.is_root else peer.uid)
+    return ()
+
+
 def redact_mount(event: MountChanged, uid: int) -> MountChanged:
     info = event.info
     if not info:

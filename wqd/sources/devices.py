@@ -45,6 +45,19 @@ reports it once per overflow) are reported as a second ``Lost`` before the
 resync. A datagram from the kernel or udevd that cannot be parsed counts as a
 loss the same way.
 
+Costly Watches, kept table. Opening the monitor and enumerating a subsystem (or
+all of them, for ``""``) costs tens of milliseconds on the loop, and an
+``"initial"`` snapshot is judged device by device. So after the last subscription
+ends the monitor and its table stay open for ``LINGER`` seconds (kept up to date
+by the uevents; with ``backend = "auto"`` udevd is probed again when the next
+subscription comes, and the monitor reopened if the answer changed): a
+Watch+Close loop is served from the kept table, without enumerating again. What
+still costs (the monitor closed, a subsystem not in the table, a snapshot) is
+paced per uid but root: such a Watch waits for its uid's turn, the next turn
+being at least ``PACE`` seconds and ``PACE_FACTOR`` times what the last one took
+away, so one uid spends at most a small share of the loop on them; a uid whose
+turn is more than ``PACE_WAIT_MAX`` seconds away is answered ``LimitsExceeded``.
+
 Back-pressure: while any subscriber's queue is more than half full the socket is
 not read, so uevents wait in the kernel (``receive_buffer``, 128 MiB by default)
 rather than in wqd; reading at most 64 datagrams per wakeup keeps method calls
@@ -57,9 +70,11 @@ beyond ``net.core.rmem_max`` needs ``CAP_NET_ADMIN``).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import re
+import time
 from collections.abc import Hashable, Iterable
 
 from wqd.errors import InvalidArgument, LimitsExceeded, NotSupported
@@ -79,6 +94,10 @@ SUBSYSTEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,63}\Z")
 PROPERTY = re.compile(r"[^=\0]{1,128}\Z")
 MAX_PROPERTIES = 256
 BACKENDS = ("auto", "udev", "uevent")
+LINGER = 10.0  # seconds the monitor and its table stay open after the last subscription
+PACE = 0.01  # seconds: least spacing of one uid's costly Watches (see the module doc)
+PACE_FACTOR = 10  # ... and that many times what the uid's last one took
+PACE_WAIT_MAX = 5.0  # seconds: a uid's turn further away than this is refused
 DEFAULT_RECEIVE_BUFFER = 128 << 20  # as systemd-udevd asks for its own monitor
 SCHEMA = {  # [devices]
     "backend": (str, "auto", lambda v: v in BACKENDS, "one of " + ", ".join(BACKENDS)),
@@ -108,6 +127,8 @@ class DevicesSource:
         self.tracked: frozenset[str] | None = frozenset()  # subsystems in the table; None: all
         self.table: dict[str, tuple[str, dict[str, str]]] = {}  # devpath -> (subsystem, properties)
         self.resync_pending = False
+        self._linger: asyncio.TimerHandle | None = None
+        self._turn: dict[int, float] = {}  # uid -> when (time.monotonic) its next costly Watch may run
 
     async def start(self, sink: Sink) -> None:
         self.sink = sink
@@ -135,6 +156,8 @@ class DevicesSource:
         if not isinstance(initial, bool):
             raise InvalidArgument("option 'initial' must be a boolean (b)")
         subsystem = parse_subsystem(spec)
+        if peer.uid != 0 and self._costly(subsystem, initial):
+            await self._wait_turn(peer.uid)
         return WatchTarget("devices", spec, extra={
             "subsystem": subsystem, "actions": actions, "properties": properties, "initial": initial})
 
@@ -146,6 +169,10 @@ class DevicesSource:
         actions = sub.target.extra["actions"]
         return actions is None or event.action in actions
 
+    def shape_key(self, sub):
+        """Subscriptions with equal keys get equal ``shape`` results (the hub shares them)."""
+        return sub.target.extra["properties"]
+
     def shape(self, sub, event: DeviceChanged) -> DeviceChanged:
         """Only the properties the subscription asked for (``"properties"``)."""
         wanted = sub.target.extra["properties"]
@@ -154,9 +181,45 @@ class DevicesSource:
         props = event.properties
         return event.redact(properties={k: props[k] for k in wanted if k in props})
 
+    def _costly(self, subsystem: str | None, initial: bool) -> bool:
+        """Whether attaching would enumerate devices or judge a snapshot."""
+        if initial or self.monitor is None:
+            return True
+        tracked = self.tracked
+        if tracked is None:
+            return False
+        return subsystem is None or subsystem not in tracked
+
+    async def _wait_turn(self, uid: int) -> None:
+        now = time.monotonic()
+        turn = max(now, self._turn.get(uid, 0.0))
+        if turn - now > PACE_WAIT_MAX:
+            raise LimitsExceeded("too many device enumerations for this uid; try again later")
+        self._turn[uid] = turn + PACE
+        if len(self._turn) > 1024:
+            self._turn = {u: t for u, t in self._turn.items() if t > now}
+        if turn > now:
+            await asyncio.sleep(turn - now)
+
+    def _charge_turn(self, uid: int, started: float) -> None:
+        if uid == 0:
+            return
+        now = time.monotonic()
+        took = now - started
+        self._turn[uid] = max(self._turn.get(uid, 0.0), now + max(PACE, took * PACE_FACTOR))
+
     def attach(self, sub) -> None:
         subsystem = sub.target.extra["subsystem"]
+        started = time.monotonic()
+        costly = self._costly(subsystem, sub.target.extra["initial"])
         opened = False
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        if self.monitor is not None and self.auto and not self.subs:
+            backend = "udev" if udevd_running() else "uevent"  # the first subscription after none: probe again
+            if backend != self.backend:
+                self._close()
         if self.monitor is None:
             self._open()
             opened = True
@@ -177,9 +240,18 @@ class DevicesSource:
             if opened and not self.subs:
                 self._close()
             raise NotSupported("cannot watch devices here") from None
+        finally:
+            owner = getattr(sub, "owner", None)
+            if costly and owner is not None:
+                self._charge_turn(owner.uid, started)
 
     def detach(self, sub) -> None:
         self._forget(sub)
+        if not self.subs and self.monitor is not None and self._linger is None:
+            self._linger = asyncio.get_running_loop().call_later(LINGER, self._idle)
+
+    def _idle(self) -> None:
+        self._linger = None
         if not self.subs:
             self._close()
 
@@ -213,6 +285,9 @@ class DevicesSource:
         self.resync_pending = False
 
     def _close(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None

@@ -1,0 +1,237 @@
+"""Hub fan-out: one ``post`` per distinct decision, round-robin lanes per uid, order and
+back-pressure kept, and the per-uid byte budget.
+
+The policy is the real ``unix`` plugin in a real ``PolicyStack`` (counted by a
+subclass that calls through); the source is the least a source is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from wqd import hub as hub_module
+from wqd import lanes
+from wqd.errors import LimitsExceeded
+from wqd.events import MountChanged, SourceLoss, WatchTarget
+from wqd.hub import Hub, Limits, LostMark
+from wqd.peer import PeerCredentials
+from wqd.policy import PolicyStack
+from wqd.policy.unix import UnixPolicy
+
+from test_hub_limits import PathSource
+
+pytestmark = pytest.mark.asyncio
+
+NS = 4026531840
+
+
+class CountingUnix(UnixPolicy):
+    """The real ``unix`` plugin, counting its ``post`` calls."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.posts = 0
+
+    def post(self, peer, event):
+        self.posts += 1
+        return super().post(peer, event)
+
+
+class NoKey:
+    """A third-party plugin that declares no decision key: asked per peer."""
+
+    name = "nokey"
+
+    def __init__(self) -> None:
+        self.posts = 0
+
+    def watch(self, peer, source, target):
+        from wqd.policy import ABSTAIN
+        return ABSTAIN
+
+    def post(self, peer, event):
+        self.posts += 1
+        return event
+
+
+class MountsSource(PathSource):
+    """test_hub_limits' least source, routing by mount namespace."""
+
+    name = "mounts"
+
+    async def resolve(self, peer, spec, options):
+        return WatchTarget("mounts", spec, peer.mnt_ns, extra={"mnt_ns": peer.mnt_ns, **options})
+
+    def routes(self, sub):
+        return (sub.target.object_id,)
+
+
+def peer(n: int, uid: int) -> PeerCredentials:
+    return PeerCredentials(f":1.{n}", uid, mnt_ns=NS, verified=True)
+
+
+def mount(n: int) -> MountChanged:
+    # a source path under nobody's home: redacted for every peer but root
+    return MountChanged("attached", n, f"/mnt/{n}", {"source": "/srv/images/disk.img", "options": "rw"}, NS)
+
+
+async def subscribe(hub: Hub, peers: list[PeerCredentials], each: int) -> list:
+    return [await hub.watch(p, "mounts", "", {}) for p in peers for _ in range(each)]
+
+
+async def settle(hub: Hub) -> None:
+    while hub._turns:
+        await asyncio.sleep(0)
+
+
+async def test_one_post_per_distinct_decision():
+    plugin = CountingUnix()
+    hub = Hub({"mounts": MountsSource()}, PolicyStack([plugin]))
+    alice = [peer(i, 1000) for i in range(10)]  # 10 connections of one uid, 20 subscriptions each
+    bob = [peer(100 + i, 1001) for i in range(5)]
+    root = [peer(200, 0)]
+    subs = await subscribe(hub, alice, 20) + await subscribe(hub, bob, 20) + await subscribe(hub, root, 1)
+    event = mount(1)
+    hub.dispatch(event)
+    await settle(hub)
+    assert plugin.posts == 3  # (ns, 1000), (ns, 1001), (ns, root): not 301
+    got = {id(s): s.queue[0] for s in subs}
+    assert all(s.queued_events == 1 for s in subs)
+    alice_copies = {id(got[id(s)]) for s in subs if s.owner.uid == 1000}
+    assert len(alice_copies) == 1  # one redacted copy shared by all 200 of uid 1000's subscriptions
+    for s in subs:  # and each is what the plugin says for that very peer
+        assert got[id(s)] == UnixPolicy({}).post(s.owner, event)
+    assert got[id(subs[0])].info["source"] == "<redacted>" and got[id(subs[-1])] is event  # root: the original
+
+
+async def test_a_plugin_without_a_key_is_asked_per_peer():
+    unix, nokey = CountingUnix(), NoKey()
+    hub = Hub({"mounts": MountsSource()}, PolicyStack([unix, nokey]))
+    peers = [peer(i, 1000) for i in range(7)]
+    subs = await subscribe(hub, peers, 30)
+    hub.dispatch(mount(1))
+    await settle(hub)
+    assert (unix.posts, nokey.posts) == (7, 7)  # once per connection, not per subscription (210)
+    assert all(s.queued_events == 1 for s in subs)
+
+
+async def test_lanes_round_robin_between_uids_and_keep_order():
+    hub = Hub({"mounts": MountsSource()}, PolicyStack([CountingUnix()]), Limits(subscriptions_per_peer=10_000))
+    many = await subscribe(hub, [peer(1, 1000)], 5000)
+    (one,) = await subscribe(hub, [peer(2, 1001)], 1)
+    relieved = []
+    first, second = mount(1), mount(2)
+    hub.dispatch(first)
+    hub.dispatch(SourceLoss("mounts", 3, frozenset({NS})))
+    hub.dispatch(second)
+    # Within the first slice: the lone subscriber of uid 1001 already has the event
+    # (a quantum of uid 1000's, then its turn), uid 1000 has not all of them.
+    assert one.queued_events >= 1
+    assert sum(s.queued_events for s in many) < 5000
+    assert hub.congested  # work is waiting: the sources are held back meanwhile
+    hub.on_relief(lambda: relieved.append(True))
+    await settle(hub)
+    await asyncio.sleep(0)
+    assert relieved == [True] and not hub.congested
+    for sub in [one, *many[:: 499]]:
+        items = list(sub.queue)
+        assert [type(i) for i in items] == [MountChanged, LostMark, MountChanged], items
+        assert (items[0].mount_id, items[1].count, items[2].mount_id) == (1, 3, 2)
+
+
+async def test_each_turn_of_the_loop_does_a_bounded_slice():
+    hub = Hub({"mounts": MountsSource()}, PolicyStack([CountingUnix()]), Limits(subscriptions_per_peer=10_000))
+    subs = await subscribe(hub, [peer(1, 1000)], 4 * hub_module.SLICE)
+    hub.dispatch(mount(1))
+    assert sum(s.queued_events for s in subs) == hub_module.SLICE  # the rest waits for later turns
+    turns = 0
+    while hub._turns:
+        await asyncio.sleep(0)
+        turns += 1
+    assert sum(s.queued_events for s in subs) == len(subs) and turns >= 3
+
+
+async def test_options_are_stored_once_and_budgeted_per_uid():
+    limits = Limits(bytes_per_uid=4 << 20, subscriptions_per_peer=10_000)
+    hub = Hub({"mounts": MountsSource()}, PolicyStack([CountingUnix()]), limits)
+    alice = peer(1, 1000)
+    big = {"properties": frozenset(f"P{i:03d}" + "x" * 124 for i in range(256))}
+    first = await hub.watch(alice, "mounts", "", dict(big))
+    one = hub.held_by(1000)
+    assert one > 256 * 128  # the set is charged ...
+    same = [await hub.watch(alice, "mounts", "", dict(big)) for _ in range(100)]
+    assert hub.held_by(1000) == one + 100 * hub_module.SUBSCRIPTION_BYTES  # ... once; each repeat costs its base
+    assert all(s.target.extra["properties"] is first.target.extra["properties"] for s in same)  # one copy
+    distinct = []
+    with pytest.raises(LimitsExceeded):
+        for n in range(100):  # different sets: each charged in full, until the budget says no
+            distinct.append(await hub.watch(alice, "mounts", "", {"properties": frozenset(
+                f"Q{n:03d}{i:03d}" + "y" * 121 for i in range(256))}))
+    assert 16 < len(distinct) < 64 and hub.held_by(1000) <= limits.bytes_per_uid  # 64..256 KiB each
+    bob = await hub.watch(peer(2, 1001), "mounts", "", dict(big))  # another uid has its own budget
+    for sub in [first, *same, *distinct, bob]:
+        hub.end(sub)
+    assert hub.held_by(1000) == 0 and hub.held_by(1001) == 0 and hub._options == {}
+
+
+async def test_queued_events_count_against_the_budget():
+    limits = Limits(bytes_per_uid=128 << 10, queue_length=1_000_000)
+    hub = Hub({"mounts": MountsSource()}, PolicyStack([CountingUnix()]), limits)
+    sub = await hub.watch(peer(1, 1000), "mounts", "", {})
+    base = hub.held_by(1000)
+    for n in range(2000):
+        hub.dispatch(mount(n))
+        await settle(hub)
+    assert sub.lost > 0 and hub.held_by(1000) <= limits.bytes_per_uid  # told, not kept
+    assert sub.queued_events + sub.lost == 2000
+    while sub.queue:
+        hub.take(sub)
+    assert hub.held_by(1000) == base
+
+
+async def test_a_uid_far_behind_loses_for_itself_instead_of_holding_everyone_back(monkeypatch):
+    """A lane behind for longer than the grace no longer holds the sources back: what
+    it cannot take is counted Lost for its own subscriptions, in place, while the
+    other uid's lane gets every event."""
+    monkeypatch.setattr(lanes, "LANE_GRACE", 0.0)
+    hub = Hub({"mounts": MountsSource()}, PolicyStack([CountingUnix()]),
+              Limits(subscriptions_per_peer=20_000, queue_length=100_000))
+    many = await subscribe(hub, [peer(1, 1000)], 2 * lanes.LANE_BEHIND)
+    (one,) = await subscribe(hub, [peer(2, 1001)], 1)
+    events = 3 * lanes.LANE_JOBS
+    held = 0
+    for n in range(events):  # dispatched faster than uid 1000's lane can take them
+        hub.dispatch(mount(n))
+        held += hub.congested
+        await asyncio.sleep(0)  # one turn of the loop: uid 1001's lane is served each time
+    assert one.queued_events == events and one.lost == 0
+    assert held < events  # uid 1000's lane stopped holding the sources back
+    await settle(hub)
+    for sub in many[:: 1000]:
+        assert sub.queued_events + sub.lost == events and sub.lost > 0
+        kinds = [type(i) for i in sub.queue]
+        assert kinds.count(LostMark) >= 1 and kinds[-1] is LostMark  # the gap where it is: at the end
+    assert not hub.congested
+
+
+async def test_a_failing_filter_loses_the_event_for_its_lane_and_nothing_sticks(caplog):
+    """A source whose filter raises must not wedge a lane (the job would be retried
+    every turn): the event is lost for the rest of that lane, told, and the next
+    event flows."""
+
+    class Picky(MountsSource):
+        def accepts(self, sub, event):
+            if event.mount_id == 1:
+                raise RuntimeError("boom")
+            return True
+
+    hub = Hub({"mounts": Picky()}, PolicyStack([CountingUnix()]))
+    (sub,) = await subscribe(hub, [peer(1, 1000)], 1)
+    with caplog.at_level("ERROR", logger="wqd.hub"):
+        hub.dispatch(mount(1))
+        hub.dispatch(mount(2))
+        await settle(hub)
+    assert [type(i) for i in sub.queue] == [LostMark, MountChanged] and sub.lost == 1
+    assert "delivering to uid 1000 failed" in caplog.text and not hub.congested
