@@ -8,7 +8,53 @@ import shutil
 import pytest
 import pytest_asyncio
 
+import support
 from support import Client, start_bus, start_wqd
+
+
+# -- tier markers: a test that starts a bus must say so (make test-unit / test-bus) --
+
+# fixture -> the markers a test using it (directly or through another fixture) must carry
+TIER_FIXTURES = {"session_bus": ("bus",), "system_bus": ("bus", "root")}
+_current: list = [None]  # the test item being set up or run, for the start_bus check
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Before ``-m`` selects: every test using a bus fixture carries its tier markers
+    (the kernel tier is its own: tests/vm/run selects it by ``kernel``)."""
+    missing = []
+    for item in items:
+        if item.get_closest_marker("kernel") is not None:
+            continue
+        for fixture, markers in TIER_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                lacking = [m for m in markers if item.get_closest_marker(m) is None]
+                if lacking:
+                    missing.append(f"{item.nodeid} uses {fixture} but is not marked {', '.join(lacking)}")
+    if missing:
+        raise pytest.UsageError("tier markers missing (add pytestmark = [...] at the module top):\n  "
+                                + "\n  ".join(sorted(set(missing))))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _current[0] = item
+    try:
+        return (yield)
+    finally:
+        _current[0] = None
+
+
+def _checked_start_bus(*args, **kwargs):
+    """``support.start_bus`` called by a test module (not through the fixtures above)."""
+    item = _current[0]
+    if item is not None and item.get_closest_marker("bus") is None:
+        pytest.fail(f"{item.nodeid} starts a dbus-daemon but is not marked bus", pytrace=False)
+    return start_bus(*args, **kwargs)
+
+
+support.start_bus = _checked_start_bus  # test modules import it after this conftest
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -14,6 +14,8 @@ from support import REPO
 sys.path.insert(0, str(REPO))
 from bench import report  # noqa: E402
 
+pytestmark = [pytest.mark.bus, pytest.mark.root]  # the quick p1 run starts a bus and owns the name as root
+
 
 def test_verdicts_follow_the_issue_targets():
     checks = report.verdicts({

@@ -2,7 +2,7 @@ import pytest
 
 from support import MANAGER, IFACE, keyctl
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.bus]
 
 
 async def test_linked(client):

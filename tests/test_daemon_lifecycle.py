@@ -9,7 +9,7 @@ import pytest
 
 from support import REPO, start_wqd
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.bus]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

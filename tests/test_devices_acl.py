@@ -21,6 +21,8 @@ from wqd.kernel.credentials import Credentials, run_as
 from wqd.peer import PeerCredentials
 from wqd.policy.unix_devices import ACL_XATTR, BadAcl, parse_acl, readable_by
 
+pytestmark = [pytest.mark.root]
+
 PEERS = [  # (uid, primary gid, supplementary groups)
     (1000, 1000, ()),
     (1000, 1000, (4242,)),

@@ -13,7 +13,7 @@ from support import IFACE, MANAGER, SUB_IFACE, Client, ForeignClient, start_bus
 from udev import NULL_DEVPATH, trigger
 from wqd.parse.watch_queue import encode_key_record
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.bus]
 
 KEY = 1234
 

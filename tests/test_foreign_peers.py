@@ -12,7 +12,7 @@ import pytest
 
 from support import IFACE, MANAGER, SUB_IFACE, ForeignClient, keyctl
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.bus, pytest.mark.root]
 
 EAVESDROP = "type='signal',eavesdrop='true'"
 

@@ -20,6 +20,8 @@ from wqd.peer import (IdentityUnclear, PeerCredentials, boottime_ticks, inspect_
                       open_namespace, own_namespaces, parse_flatpak_info, parse_id_map, reopen, snap_from_cgroup,
                       snap_from_label)
 
+pytestmark = [pytest.mark.bus, pytest.mark.root]  # one test needs a system bus
+
 
 @pytest.fixture
 def child():

@@ -31,6 +31,8 @@ from dbus_fast.aio import MessageBus
 
 from wqd import journal
 
+pytestmark = [pytest.mark.bus, pytest.mark.root]
+
 UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 

@@ -18,6 +18,8 @@ from dbus_fast import MessageType
 
 from support import BUS_NAME, MANAGER, REPO, SUB_IFACE, keyctl
 
+pytestmark = [pytest.mark.bus]
+
 XML = REPO / "data" / "dbus" / "io.wqd.WatchQueue1.xml"
 STANDARD = {"org.freedesktop.DBus.Introspectable", "org.freedesktop.DBus.Properties", "org.freedesktop.DBus.Peer"}
 

@@ -11,7 +11,7 @@ from dbus_fast import Message, MessageType
 
 from support import IFACE, MANAGER, SUB_IFACE, Client, keyctl, variant_options
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.bus]
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from wqd.bus.connection import FlowControlledBus
 from support import BUS_NAME, IFACE, MANAGER, SUB_IFACE, BusError, Client, ForeignClient, keyctl, request_until_ok, \
     variant_options
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.bus]
 
 INVALID = "io.wqd.WatchQueue1.Error.InvalidArgument"
 

@@ -11,6 +11,8 @@ from wqd.bus.connection import connect
 from wqd.bus.signals import encode, marshal_body, signal_header
 from wqd.events import DeviceChanged, FilesystemError, KeyChanged, MountChanged
 
+pytestmark = [pytest.mark.bus]  # one test needs a bus
+
 IFACE = "io.wqd.Subscription1"
 PATH = "/io/wqd/WatchQueue1/subscription/17"
 

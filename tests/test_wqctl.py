@@ -10,7 +10,7 @@ import pytest
 
 from support import REPO, keyctl
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.bus]
 
 WQCTL = [sys.executable, "-m", "wqd.cli.wqctl"]
 

@@ -20,6 +20,7 @@ from wqd.bus.connection import connect
 from wqd.bus.reach import BusUnreachable, describe, reach, seconds
 from wqd.bus.service import WatchQueueService
 from wqd.hub import Hub, Limits
+from wqd.kernel.libc import require
 from wqd.bus.polkit import BusAuthority
 from wqd.policy import PluginError, UnknownPolicy, load_stack
 from wqd.sources.key_backends import open_backend
@@ -56,6 +57,10 @@ SOURCE_FACTORIES = {
     "fs-errors": "wqd.sources.fs_errors:open_source",
 }
 SOURCE_SECTIONS = tuple(SOURCE_FACTORIES)  # [keys], [devices], ...: read when the sources open
+# What a source cannot run without from wqd.kernel.libc's per-architecture table
+# (mounts without statmount/listmount falls back to mountinfo by itself): on a machine
+# the table lacks, the source is unavailable with the reason instead of failing later.
+SOURCE_NEEDS = {"keys": ("keyctl",), "fs-errors": ("struct statfs",)}
 
 
 def build_sources(cfg: configuration.Config) -> dict:
@@ -63,6 +68,7 @@ def build_sources(cfg: configuration.Config) -> dict:
     for name, ref in SOURCE_FACTORIES.items():
         module, func = ref.split(":")
         try:
+            require(*SOURCE_NEEDS.get(name, ()))
             factory = getattr(importlib.import_module(module), func)
             sources[name] = factory(cfg)
         except ModuleNotFoundError as exc:

@@ -397,3 +397,8 @@ def own_namespaces() -> dict[str, int]:
     if _OWN is None:
         _OWN = {name: os.stat(f"/proc/self/ns/{name}").st_ino for name in ("mnt", "user", "pid")}
     return dict(_OWN)
+
+
+def own_namespace(kind: str = "mnt") -> int:
+    """wqd's own namespace inode of *kind* (the mount namespace by default)."""
+    return own_namespaces()[kind]

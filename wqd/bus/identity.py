@@ -158,6 +158,3 @@ class PeerDirectory:
             sandbox=info.get("sandbox"),
         )
 
-
-def daemon_uid() -> int:
-    return os.geteuid()

@@ -39,6 +39,22 @@ class NotSupported(KernelError):
     """EOPNOTSUPP / ENOSYS / EINVAL for an unknown operation."""
 
 
+class UnsupportedArchitecture(NotSupported):
+    """wqd declares no syscall number or struct layout *what* for this *machine*
+    (``wqd.kernel.libc``): raised when it is used, never at import."""
+
+    def __init__(self, what: str, machine: str) -> None:
+        super().__init__(errno.ENOSYS, f"{what}: not declared for {machine or 'this machine'} in wqd.kernel.libc")
+        self.what = what
+        self.machine = machine
+
+    def __str__(self) -> str:  # the reason a source shows as unavailable: no "[Errno 38]"
+        return self.strerror
+
+    def __reduce__(self):
+        return type(self), (self.what, self.machine)
+
+
 _BY_ERRNO: dict[int, type[KernelError]] = {
     errno.ENOPKG: NotPackaged,
     errno.ENOKEY: NoSuchKey,

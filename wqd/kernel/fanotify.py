@@ -11,7 +11,8 @@ against it.
 - include/uapi/linux/mount.h: struct mnt_id_req, struct statmount, STATMOUNT_*,
   LSMT_ROOT, MOUNT_ATTR_*, MS_* (superblock flags as statmount reports them).
 - include/uapi/linux/nsfs.h: NS_GET_MNTNS_ID (6.10).
-- arch/x86/entry/syscalls/syscall_64.tbl: statmount 457, listmount 458.
+- statmount/listmount numbers and the struct statfs layout: ``wqd.kernel.libc``'s
+  per-architecture table (nothing here fails at import on another machine).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import ctypes
 import errno
 import fcntl
 import os
-import platform
 import struct
 from dataclasses import dataclass
 
 from wqd.kernel.errors import KernelError, check, typed
+from wqd.kernel.libc import function, ioctl_number, layout, syscall
 
 # -- include/uapi/linux/fanotify.h ------------------------------------------
 # events
@@ -106,27 +107,16 @@ MS_DIRSYNC = 128
 MS_LAZYTIME = 1 << 25
 
 # -- include/uapi/linux/nsfs.h ------------------------------------------------
-NS_GET_MNTNS_ID = 0x8008B705  # _IOR(0xb7, 0x5, __u64)
+# NS_GET_MNTNS_ID = _IOR(0xb7, 0x5, __u64): its number depends on the
+# architecture's ioctl encoding, so it is in wqd.kernel.libc's table
 
-# -- arch/x86/entry/syscalls/syscall_64.tbl ----------------------------------
-SYSCALLS = {"statmount": 457, "listmount": 458}
+# statmount/listmount numbers and struct statfs: per architecture, in wqd.kernel.libc
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
-_fanotify_init = _libc.fanotify_init
-_fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
-_fanotify_init.restype = ctypes.c_int
-_fanotify_mark = _libc.fanotify_mark
-_fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
-_fanotify_mark.restype = ctypes.c_int
-_fstatfs = _libc.fstatfs
-_fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
-_fstatfs.restype = ctypes.c_int
+_fanotify_init = function("fanotify_init", ctypes.c_int, ctypes.c_uint, ctypes.c_uint)
+_fanotify_mark = function("fanotify_mark", ctypes.c_int, ctypes.c_int, ctypes.c_uint, ctypes.c_uint64,
+                          ctypes.c_int, ctypes.c_char_p)
+_fstatfs = function("fstatfs", ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
 AT_FDCWD = -100
-
-if platform.machine() not in ("x86_64", "AMD64"):  # pragma: no cover
-    raise ImportError("wqd.kernel.fanotify: syscall numbers and layouts are declared for x86_64 only")
 
 
 def fanotify_init(flags: int, event_f_flags: int = os.O_RDONLY) -> int:
@@ -159,21 +149,15 @@ def mark_filesystem_errors(fd: int, dirfd: int, remove: bool = False) -> None:
                   FAN_FS_ERROR, dirfd, None)
 
 
-# struct statfs on x86_64 (bits/statfs.h): seven 8-byte fields, then f_fsid (int[2])
-_STATFS_SIZE = 120
-_STATFS_FSID = struct.Struct("=ii")
-_STATFS_FSID_OFFSET = 56
+_STATFS_FSID = struct.Struct("=ii")  # __kernel_fsid_t: int val[2]
 
 
 def fsid_of(fd: int) -> tuple[int, int]:
     """The filesystem id (``__kernel_fsid_t``) fanotify reports for the filesystem of *fd*."""
-    buf = ctypes.create_string_buffer(_STATFS_SIZE)
+    size, fsid_offset = layout("statfs")
+    buf = ctypes.create_string_buffer(size)
     check(_fstatfs(fd, buf), "fstatfs")
-    return _STATFS_FSID.unpack_from(buf.raw, _STATFS_FSID_OFFSET)
-
-
-def _sys(name: str, *args) -> int:
-    return check(_syscall(ctypes.c_long(SYSCALLS[name]), *args), name)
+    return _STATFS_FSID.unpack_from(buf.raw, fsid_offset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +219,7 @@ def statmount(mnt_id: int, mnt_ns_id: int = 0, mask: int = STATMOUNT_WANT) -> St
     while True:
         buf = ctypes.create_string_buffer(size)
         try:
-            _sys("statmount", ctypes.c_char_p(req), buf, ctypes.c_size_t(size), ctypes.c_uint(0))
+            syscall("statmount", ctypes.c_char_p(req), buf, ctypes.c_size_t(size), ctypes.c_uint(0))
         except KernelError as exc:
             if exc.errno == errno.EOVERFLOW and size < 1 << 20:
                 size *= 4
@@ -252,7 +236,7 @@ def listmount(mnt_ns_id: int = 0, mnt_id: int = LSMT_ROOT) -> list[int]:
     ids = (ctypes.c_uint64 * batch)()
     while True:
         req = MNT_ID_REQ.pack(MNT_ID_REQ_SIZE_VER1, 0, mnt_id, last, mnt_ns_id)
-        n = _sys("listmount", ctypes.c_char_p(req), ids, ctypes.c_size_t(batch), ctypes.c_uint(0))
+        n = syscall("listmount", ctypes.c_char_p(req), ids, ctypes.c_size_t(batch), ctypes.c_uint(0))
         out.extend(ids[:n])
         if n < batch:
             return out
@@ -263,7 +247,7 @@ def mount_namespace_id(nsfd: int) -> int:
     """NS_GET_MNTNS_ID: the 64-bit id statmount/listmount take for the namespace at *nsfd*."""
     buf = bytearray(8)
     try:
-        fcntl.ioctl(nsfd, NS_GET_MNTNS_ID, buf)
+        fcntl.ioctl(nsfd, ioctl_number("NS_GET_MNTNS_ID"), buf)
     except OSError as exc:
         raise typed(exc, "NS_GET_MNTNS_ID") from None
     return struct.unpack("=Q", buf)[0]

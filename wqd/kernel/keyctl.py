@@ -93,14 +93,6 @@ class KeyDescription:
     perm: int
     description: str
 
-    def grants(self, mask: int, uid: int, gids: frozenset[int]) -> bool:
-        """Would the kernel grant *mask* to a non-possessor with *uid*/*gids*?"""
-        if uid == self.uid:
-            return (self.perm >> 16) & mask == mask
-        if self.gid in gids:
-            return (self.perm >> 8) & mask == mask
-        return self.perm & mask == mask
-
 
 def describe(key: int) -> KeyDescription:
     raw = _read_buffer(KEYCTL_DESCRIBE, key).rstrip(b"\0").decode("utf-8", "replace")

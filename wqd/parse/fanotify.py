@@ -44,6 +44,7 @@ from wqd.kernel.fanotify import (
     INFO_MNT,
     INFO_PIDFD,
 )
+from wqd.parse.frames import FrameSplitter
 
 METADATA_LEN = EVENT_METADATA.size  # 24
 MAX_EVENT_LEN = 1 << 16  # no real event comes close; larger means a corrupt length
@@ -103,6 +104,14 @@ class FanotifyEvent:
         return out
 
 
+def _event_length(buf: bytes, pos: int) -> int | None:
+    event_len, vers, _reserved, meta_len, _mask, _fd, _pid = EVENT_METADATA.unpack_from(buf, pos)
+    if event_len < METADATA_LEN or event_len > MAX_EVENT_LEN or meta_len < METADATA_LEN \
+            or meta_len > event_len or vers != FANOTIFY_METADATA_VERSION:
+        return None
+    return event_len
+
+
 @dataclass(slots=True)
 class ParserStats:
     events: int = 0
@@ -121,37 +130,23 @@ class FanotifyParser:
     """
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        # a header with no trustworthy length: nothing after it can be framed (resync=None)
+        self._frames = FrameSplitter(METADATA_LEN, _event_length, resync=None)
         self.stats = ParserStats()
 
     def feed(self, data: bytes, final: bool = False) -> list[FanotifyEvent]:
-        self._buf += data
-        buf = self._buf
+        frames = self._frames
+        framing_errors = frames.malformed
         out: list[FanotifyEvent] = []
-        pos = 0
-        end = len(buf)
         stats = self.stats
-        while end - pos >= METADATA_LEN:
-            event_len, vers, _reserved, meta_len, mask, fd, pid = EVENT_METADATA.unpack_from(buf, pos)
-            if event_len < METADATA_LEN or event_len > MAX_EVENT_LEN or meta_len < METADATA_LEN \
-                    or meta_len > event_len or vers != FANOTIFY_METADATA_VERSION:
-                # No trustworthy length: nothing after this can be framed. Drop it all.
-                stats.malformed += 1
-                pos = end
-                break
-            if end - pos < event_len:
-                break
-            infos = self._infos(buf, pos + meta_len, pos + event_len)
-            out.append(FanotifyEvent(mask, fd, pid, infos))
+        for record in frames.feed(data, final):
+            _len, _vers, _reserved, meta_len, mask, fd, pid = EVENT_METADATA.unpack_from(record)
+            out.append(FanotifyEvent(mask, fd, pid, self._infos(record, meta_len, len(record))))
             stats.events += 1
-            pos += event_len
-        del buf[:pos]
-        if final and buf:
-            stats.malformed += 1
-            buf.clear()
+        stats.malformed += frames.malformed - framing_errors
         return out
 
-    def _infos(self, buf: bytearray, pos: int, end: int) -> tuple:
+    def _infos(self, buf: memoryview, pos: int, end: int) -> tuple:
         infos = []
         stats = self.stats
         while end - pos >= INFO_HEADER.size:
@@ -171,7 +166,7 @@ class FanotifyParser:
         return tuple(infos)
 
     @staticmethod
-    def _info(info_type: int, buf: bytearray, pos: int, end: int):
+    def _info(info_type: int, buf: memoryview, pos: int, end: int):
         size = end - pos
         if info_type == FAN_EVENT_INFO_TYPE_MNT:
             return MountInfo(*INFO_MNT.unpack_from(buf, pos)) if size >= INFO_MNT.size else None

@@ -28,6 +28,7 @@ from wqd.kernel.watch_queue import (
     WATCH_TYPE_KEY_NOTIFY,
     WATCH_TYPE_META,
 )
+from wqd.parse.frames import FrameSplitter
 
 HEADER = struct.Struct("=II")
 KEY_BODY = struct.Struct("=II")
@@ -43,53 +44,47 @@ class ParserStats:
     unknown: int = 0
 
 
+def _record_length(buf: bytes, pos: int) -> int | None:
+    # info bits 0-6; shorter than a header means no trustworthy length
+    length = HEADER.unpack_from(buf, pos)[1] & WATCH_INFO_LENGTH
+    return length if length >= HEADER_SIZE else None
+
+
 class WatchQueueParser:
     """``feed(bytes) -> list[Event]``.
 
     Bytes may arrive in arbitrary chunks; an incomplete trailing record is kept
     until the next ``feed``. A notification pipe's ``read()`` always returns whole
     records, so the source passes ``final=True``: whatever is left over then is a
-    truncated record, counted as malformed and dropped.
+    truncated record, counted as malformed and dropped. A header with no
+    trustworthy length is counted malformed and skipped: parsing resumes at the
+    next 8 bytes (``wqd.parse.frames``).
     """
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._frames = FrameSplitter(HEADER_SIZE, _record_length, resync=HEADER_SIZE)
         self.stats = ParserStats()
 
     def feed(self, data: bytes, final: bool = False) -> list[Event]:
-        self._buf += data
-        buf = self._buf
+        frames = self._frames
+        framing_errors = frames.malformed
         out: list[Event] = []
-        pos = 0
-        end = len(buf)
-        stats = self.stats
-        while end - pos >= HEADER_SIZE:
-            word, info = HEADER.unpack_from(buf, pos)
-            length = info & WATCH_INFO_LENGTH
-            if length < HEADER_SIZE:
-                # No trustworthy length: skip the header and try the next word pair.
-                stats.malformed += 1
-                pos += HEADER_SIZE
-                continue
-            if end - pos < length:
-                break  # incomplete: wait for more bytes (or drop if final)
-            event = self._decode(word & 0xFFFFFF, word >> 24, info, buf, pos, length)
+        for record in frames.feed(data, final):
+            event = self._decode(record)
             if event is not None:
                 out.append(event)
-            pos += length
-        del buf[:pos]
-        if final and buf:
-            stats.malformed += 1
-            buf.clear()
+        self.stats.malformed += frames.malformed - framing_errors
         return out
 
-    def _decode(self, wtype: int, subtype: int, info: int, buf: bytearray, pos: int, length: int) -> Event | None:
+    def _decode(self, record: memoryview) -> Event | None:
         stats = self.stats
+        word, info = HEADER.unpack_from(record)
+        wtype, subtype, length = word & 0xFFFFFF, word >> 24, len(record)
         if wtype == WATCH_TYPE_KEY_NOTIFY:
             if length < KEY_RECORD_SIZE or subtype >= len(KEY_CHANGES):
                 stats.malformed += 1
                 return None
-            key, aux = KEY_BODY.unpack_from(buf, pos + HEADER_SIZE)
+            key, aux = KEY_BODY.unpack_from(record, HEADER_SIZE)
             stats.records += 1
             return KeyChanged(key, KEY_CHANGES[subtype], aux)
         if wtype == WATCH_TYPE_META:
@@ -100,7 +95,7 @@ class WatchQueueParser:
             if subtype == WATCH_META_REMOVAL_NOTIFICATION:
                 key = 0
                 if length >= HEADER_SIZE + REMOVAL_ID.size:
-                    (key,) = REMOVAL_ID.unpack_from(buf, pos + HEADER_SIZE)
+                    (key,) = REMOVAL_ID.unpack_from(record, HEADER_SIZE)
                 stats.records += 1
                 return KeyRemoved(key & 0xFFFFFFFF, "key removed", tag)
             stats.unknown += 1

@@ -52,7 +52,7 @@ from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NotSupport
 from wqd.events import Event, MountChanged, WatchTarget
 from wqd.kernel import errors as kerr
 from wqd.parse.mountinfo import MountEntry
-from wqd.peer import IdentityUnclear, PeerCredentials, reopen
+from wqd.peer import IdentityUnclear, PeerCredentials, own_namespace, reopen
 from wqd.sources import Sink, read_settings, string_list_option
 from wqd.sources.mount_backends import open_backend
 
@@ -98,10 +98,6 @@ class NamespaceWatch:
             if fd >= 0:
                 os.close(fd)
         self.nsfd = self.mountinfo_fd = -1
-
-
-def own_namespace() -> int:
-    return os.stat("/proc/self/ns/mnt").st_ino
 
 
 def parse_prefix(spec: str) -> str | None:
