@@ -237,14 +237,13 @@ def journal_tools():
 @pytest.mark.asyncio
 async def test_journal_structured_fields(journal_tools, system_bus, tmp_path):
     """Start, subscription created/ended, policy denial (with the peer's uid/pid), stop: each with its MESSAGE_ID."""
-    # A key owned by uid 1000 that grants its owner no View, linked into wqd's session
-    # keyring: wqd's helper (as uid 1000) possesses it, so the kernel lets it describe
-    # the key, and the unix policy (which judges non-possessor View) denies the watch.
+    # A keyring every user may View, and a rules file that denies uid 1000 keys
+    # watches: the kernel would let uid 1000 watch it, the policy says no.
     ring = keyctl("newring", f"wqd-journal-{os.getpid()}", "@u")
-    key = keyctl("add", "user", "wqd-journal-key", "x", ring)
-    keyctl("setperm", key, "0x3f3f0000")
-    in_session = ("keyctl", "session", f"wqd-journal-session-{os.getpid()}", "sh", "-c",
-                  'keyctl link "$0" @s && keyctl chown "$0" 1000 && keyctl setperm "$0" 0x3f000000 && exec "$@"', key)
+    keyctl("setperm", ring, "0x3f010101")
+    key = ring
+    rules = tmp_path / "rules"
+    rules.write_text("deny keys * uid:1000\nallow * * world\n")
     directory = tmp_path / "wqd"
     (directory / "journal").mkdir(parents=True)
     sink = DatagramCollector(directory / "journal" / "socket")
@@ -252,11 +251,15 @@ async def test_journal_structured_fields(journal_tools, system_bus, tmp_path):
     peer = None
     bus = None
     try:
-        wqd = await start_journaled_wqd(system_bus.address, directory, """
+        wqd = await start_journaled_wqd(system_bus.address, directory, f"""
             [keys]
             backend = "proc-keys"
             poll_interval = 0.05
-            """, prefix=in_session)
+
+            [policy]
+            plugins = ["unix", "rules"]
+            rules = ["{rules}"]
+            """)
         started = await sink.wait_for(with_id(journal.DAEMON_STARTED))
         assert started["SYSLOG_IDENTIFIER"] == "wqd" and started["PRIORITY"] == "6"
         assert "ready on" in started["MESSAGE"] and started["LOGGER"] == "wqd"

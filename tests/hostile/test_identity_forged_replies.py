@@ -36,10 +36,13 @@ ATTEMPTS = 50
 OPEN_SESSION = """
   <policy context="default"><allow user="*"/></policy>
 """
+# watch_burst: the attempts come faster than the per-uid keys Watch pace allows
+# (LimitsExceeded), and this test is about whose reply counts, not about pacing.
 PROC_KEYS = """
 [keys]
 backend = "proc-keys"
 poll_interval = 0.05
+watch_burst = 1000
 """
 
 
