@@ -248,3 +248,25 @@ async def test_a_member_two_interfaces_have_needs_its_interface(monkeypatch):
         service.WatchQueueService._resolve("manager", None, "Get")
     assert caught.value.name == "org.freedesktop.DBus.Error.UnknownMethod" and "ambiguous" in caught.value.text
     assert service.WatchQueueService._resolve("manager", IFACE, "Get") == IFACE
+
+
+async def test_non_ascii_arguments_do_not_cost_wqd_its_connection(wqd):
+    """A caller's non-ASCII text echoed in an error (and a non-ASCII target kept in a
+    subscription's Target) is marshalled with its length in bytes. dbus-fast before
+    2.11.1 (Debian 12's 1.84.2) counted characters, and the bus then dropped wqd's
+    connection: one call from any user stopped the daemon. The client marshals
+    with wqd's own writer too, so this runs on the lowest declared dbus-fast."""
+    client = await Client.connect(wqd.address, bus_class=FlowControlledBus)
+    try:
+        for source in ("ü", "日本語" * 20, "x\u00e9\U0001f600"):
+            reply = await raw_call(client, "Watch", "ssa{sv}", [source, "/mnt/ü", {}])
+            assert reply.message_type == MessageType.ERROR and reply.error_name == INVALID, reply.body
+            assert source[:8] in reply.body[0]
+        path = (await raw_call(client, "Watch", "ssa{sv}", ["mounts", "/tmp/wqd-ü-日本", {}])).body[0]
+        reply = await raw_call(client, "Get", "ss", [SUB_IFACE, "Target"], path=path,
+                               iface="org.freedesktop.DBus.Properties")
+        assert reply.body[0].value == "/tmp/wqd-ü-日本"
+        assert await client.get(MANAGER, IFACE, "Version") == "1"  # still on the bus
+        assert wqd.proc.poll() is None
+    finally:
+        client.close()

@@ -4,14 +4,30 @@ import asyncio
 import socket
 
 import pytest
-from dbus_fast import Message, MessageType
+from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from wqd.bus.connection import connect
-from wqd.bus.signals import encode, marshal_body, signal_header
+from wqd.bus.signals import encode, marshal_body, marshal_message, signal_header
 from wqd.events import DeviceChanged, FilesystemError, KeyChanged, MountChanged
 
 pytestmark = [pytest.mark.bus]  # one test needs a bus
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+# dbus-fast before 2.11.1 (Debian 12's 1.84.2) marshals a string's length in characters.
+REFERENCE_COUNTS_CHARACTERS = Message(message_type=MessageType.SIGNAL, path="/", interface="a.b", member="M",
+                                      signature="s", body=["ü"], serial=1)._marshall(False)[-7] == 1
 
 IFACE = "io.wqd.Subscription1"
 PATH = "/io/wqd/WatchQueue1/subscription/17"
@@ -31,6 +47,9 @@ PATH = "/io/wqd/WatchQueue1/subscription/17"
 ])
 @pytest.mark.parametrize("destination", [":1.5", ":1.123456"])
 def test_same_bytes_as_dbus_fast(member, signature, body, destination):
+    if REFERENCE_COUNTS_CHARACTERS and any(not str(v).isascii() for v in _strings(body)):
+        pytest.skip("the installed dbus-fast writes string lengths in characters (fixed in 2.11.1, PR #261): "
+                    "no reference for non-ASCII text; test_non_ascii_strings_are_counted_in_bytes checks it")
     for serial in (1, 77, 2**32 - 1):
         expected = Message(message_type=MessageType.SIGNAL, destination=destination, path=PATH, interface=IFACE,
                            member=member, signature=signature, body=body, serial=serial)._marshall(False)
@@ -113,3 +132,54 @@ async def test_an_event_that_cannot_be_marshalled_costs_lost_one_in_its_place(se
     finally:
         sender.disconnect()
         receiver.disconnect()
+
+
+@pytest.mark.parametrize("kind,fields,signature,body", [
+    ("METHOD_CALL", dict(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                         interface="org.freedesktop.DBus", member="GetConnectionCredentials"), "s", [":1.42"]),
+    ("METHOD_RETURN", dict(destination=":1.7", reply_serial=12), "o", ["/io/wqd/WatchQueue1/subscription/5"]),
+    ("METHOD_RETURN", dict(destination=":1.7", reply_serial=13), "ao", [["/a/b", "/c"]]),
+    ("METHOD_RETURN", dict(destination=":1.7", reply_serial=14), "v", [Variant("a{ss}", {"keys": "proc-keys"})]),
+    ("METHOD_RETURN", dict(destination=":1.7", reply_serial=15), "a{sv}",
+     [{"Version": Variant("s", "1"), "Delivered": Variant("t", 2**40), "Lost": Variant("t", 0)}]),
+    ("METHOD_RETURN", dict(destination=":1.7", reply_serial=16), "", []),
+    ("ERROR", dict(destination=":1.7", reply_serial=17, error_name="io.wqd.WatchQueue1.Error.InvalidArgument"),
+     "s", ["unknown source 'x'"]),
+    ("METHOD_CALL", dict(destination=":1.9", path="/", interface="org.freedesktop.DBus.Peer", member="Ping",
+                         flags=MessageFlag.NO_REPLY_EXPECTED), "", []),
+])
+def test_every_message_wqd_sends_is_marshalled_like_dbus_fast(kind, fields, signature, body):
+    """wqd marshals replies, errors and calls itself too (FlowControlledWriter.buffer_message)."""
+    msg = Message(message_type=MessageType[kind], signature=signature, body=body, serial=99, **fields)
+    assert bytes(marshal_message(msg)) == bytes(msg._marshall(False))
+
+
+def test_non_ascii_strings_are_counted_in_bytes():
+    """The D-Bus specification: a string's length is its UTF-8 byte count (dbus-fast
+    before 2.11.1 counted characters; wqd must not, whichever dbus-fast is installed)."""
+    msg = Message(message_type=MessageType.ERROR, destination=":1.7", reply_serial=3, serial=4,
+                  error_name="io.wqd.WatchQueue1.Error.InvalidArgument", signature="s", body=["/mnt/ü日"])
+    wire = bytes(marshal_message(msg))
+    text = "/mnt/ü日".encode()
+    assert wire.endswith(len(text).to_bytes(4, "little") + text + b"\0")
+    assert int.from_bytes(wire[4:8], "little") == 4 + len(text) + 1  # body length
+
+
+@pytest.mark.asyncio
+async def test_replies_with_non_ascii_text_reach_the_caller(session_bus):
+    """Through a real bus: the writer's own marshalling is what the bus accepts."""
+    server = await connect(session_bus.address)
+    caller = await connect(session_bus.address)
+
+    def answer(msg):
+        if msg.member == "Echo":
+            server.send(Message.new_method_return(msg, "s", [msg.body[0] + " ü"]))
+            return True
+    server.add_message_handler(answer)
+    try:
+        reply = await caller.call(Message(destination=server.unique_name, path="/", interface="x.y", member="Echo",
+                                          signature="s", body=["日本"]))
+        assert reply.message_type == MessageType.METHOD_RETURN and reply.body == ["日本 ü"], reply.body
+    finally:
+        server.disconnect()
+        caller.disconnect()

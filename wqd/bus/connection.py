@@ -28,6 +28,7 @@ from dbus_fast.constants import NameFlag
 from dbus_fast.errors import DBusError
 
 from wqd.bus import dbus_fast_internals as internals
+from wqd.bus.signals import marshal_message
 from wqd.bus.dbus_fast_internals import MessageWriter
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,13 @@ class FlowControlledWriter(MessageWriter):
             self._waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+
+    def buffer_message(self, msg: Message, future: asyncio.Future | None = None) -> None:
+        """Marshalled by wqd (``wqd.bus.signals.marshal_message``), not by dbus-fast:
+        dbus-fast before 2.11.1 marshals non-ASCII strings wrongly, and the bus then
+        drops the connection."""
+        fds = msg.unix_fds
+        self.messages.append((marshal_message(msg, self.negotiate_unix_fd), list(fds) if fds else None, future))
 
     def schedule_write(self, msg=None, future=None) -> None:
         if msg is not None:

@@ -44,7 +44,7 @@ WRITER_ATTRIBUTES = {
     "fd": "its fd, for add_writer/remove_writer",
     "loop": "the loop",
     "bus": "the bus the writer belongs to",
-    "buffer_message": "marshals a Message and appends it to messages (used by send/call)",
+    "buffer_message": "overridden: wqd marshals every message itself (dbus-fast < 2.11.1 gets UTF-8 lengths wrong)",
     "write_callback": "overridden: EAGAIN waits for writability instead of ending the connection",
     "schedule_write": "overridden: what dbus-fast calls to send a message",
 }

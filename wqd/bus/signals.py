@@ -1,4 +1,5 @@
-"""Unicast signals marshalled without building a ``Message`` per send.
+"""wqd's own D-Bus marshaller: unicast signals without a ``Message`` per send, and
+every other message wqd sends (``marshal_message``).
 
 A wqd signal's header depends only on its destination, path, member and
 signature, plus the serial and the body length: so it is marshalled once per
@@ -13,6 +14,13 @@ where it can (see ``wqd.bus.dbus_fast_internals``). A string the bus cannot
 carry (not valid UTF-8) raises ``UnicodeEncodeError`` here; the emitter answers
 that with ``Lost(1)`` for that subscriber (mount strings are escaped before
 they get here, ``wqd.events.bus_string``).
+
+Every message wqd writes goes through this marshaller (``FlowControlledWriter``
+marshals replies, errors and calls with ``marshal_message``), not only signals:
+dbus-fast before 2.11.1 (Debian 12 ships 1.84.2) writes a string's length in
+characters instead of bytes (dbus-fast PR #261), so one non-ASCII string in a reply,
+say an error text naming the caller's argument, made the bus drop wqd's connection:
+any user could stop the daemon with one call.
 
 Wire format (D-Bus specification, "Message Format"): a 16-byte fixed header
 (endianness, type, flags, version, body length, serial), the header fields
@@ -32,14 +40,20 @@ PROTOCOL_VERSION = 1
 FIELD_PATH = 1
 FIELD_INTERFACE = 2
 FIELD_MEMBER = 3
+FIELD_ERROR_NAME = 4
+FIELD_REPLY_SERIAL = 5
 FIELD_DESTINATION = 6
+FIELD_SENDER = 7
 FIELD_SIGNATURE = 8
+FIELD_UNIX_FDS = 9
+MAX_MESSAGE = 1 << 27  # 128 MiB, header and body together (the specification's limit)
 
 _LENGTH_SERIAL = struct.Struct("<II")
 _U32 = struct.Struct("<I")
 _FIXED = {"y": (1, struct.Struct("<B")), "b": (4, struct.Struct("<I")), "n": (2, struct.Struct("<h")),
           "q": (2, struct.Struct("<H")), "i": (4, struct.Struct("<i")), "u": (4, struct.Struct("<I")),
-          "x": (8, struct.Struct("<q")), "t": (8, struct.Struct("<Q")), "d": (8, struct.Struct("<d"))}
+          "x": (8, struct.Struct("<q")), "t": (8, struct.Struct("<Q")), "d": (8, struct.Struct("<d")),
+          "h": (4, struct.Struct("<I"))}
 _ALIGN = {**{c: a for c, (a, _) in _FIXED.items()}, "s": 4, "o": 4, "g": 1, "v": 1, "a": 4, "(": 8, "{": 8}
 
 
@@ -147,3 +161,34 @@ def encode(header: bytes, body: bytes, serial: int) -> bytearray:
     buf += body
     _LENGTH_SERIAL.pack_into(buf, 4, len(body), serial)
     return buf
+
+
+def marshal_message(msg, negotiate_unix_fd: bool = False) -> bytearray:
+    """A dbus-fast ``Message`` (public attributes only) as bytes on the wire, header
+    fields in the order dbus-fast writes them (tests/test_signal_marshal.py compares
+    the bytes for ASCII text, and checks UTF-8 lengths against the specification)."""
+    body = marshal(msg.signature, msg.body) if msg.signature else bytearray()
+    fields = []
+    if msg.path:
+        fields.append((FIELD_PATH, Variant("o", msg.path)))
+    if msg.interface:
+        fields.append((FIELD_INTERFACE, Variant("s", msg.interface)))
+    if msg.member:
+        fields.append((FIELD_MEMBER, Variant("s", msg.member)))
+    if msg.error_name:
+        fields.append((FIELD_ERROR_NAME, Variant("s", msg.error_name)))
+    if msg.reply_serial:
+        fields.append((FIELD_REPLY_SERIAL, Variant("u", msg.reply_serial)))
+    if msg.destination:
+        fields.append((FIELD_DESTINATION, Variant("s", msg.destination)))
+    if msg.signature:
+        fields.append((FIELD_SIGNATURE, Variant("g", msg.signature)))
+    if msg.unix_fds and negotiate_unix_fd:
+        fields.append((FIELD_UNIX_FDS, Variant("u", len(msg.unix_fds))))
+    header = marshal("yyyyuua(yv)", [LITTLE_ENDIAN, int(msg.message_type.value), int(msg.flags.value),
+                                     PROTOCOL_VERSION, len(body), msg.serial, fields])
+    header += b"\0" * (-len(header) % 8)
+    if len(header) + len(body) > MAX_MESSAGE:
+        raise ValueError(f"message of {len(header) + len(body)} bytes is over the 128 MiB limit")
+    header += body
+    return header

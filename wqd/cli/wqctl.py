@@ -20,9 +20,10 @@ import signal
 import sys
 import xml.etree.ElementTree as ET
 
-from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from wqd.bus import connection as bus_connection
 from wqd.bus import names
 from wqd.bus.reach import DEFAULT_TIMEOUT, BusUnreachable, describe, reach, seconds
 
@@ -47,9 +48,10 @@ async def connect(args) -> MessageBus:
         raise CliError("no session bus (DBUS_SESSION_BUS_ADDRESS is unset): use --system or --address", 2)
 
     async def connecting() -> MessageBus:  # dbus-fast < 5 connects the socket in MessageBus() already
-        if args.address:
-            return await MessageBus(bus_address=args.address).connect()
-        return await MessageBus(bus_type=BusType.SYSTEM if args.system else BusType.SESSION).connect()
+        # wqd's connection, for its writer: it marshals what wqctl sends itself
+        # (dbus-fast < 2.11.1 miscounts non-ASCII strings, and the bus then drops
+        # the connection: `wqctl watch mounts /media/ü` on Debian 12).
+        return await bus_connection.connect(args.address, args.system)
 
     try:
         return await reach(connecting, describe(args.address, args.system), args.timeout)
