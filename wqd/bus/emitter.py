@@ -1,10 +1,17 @@
 """The outlet: drains subscriber queues onto the bus as unicast signals.
 
-Round-robin over subscriptions with something queued, so one busy subscriber
-cannot starve the others; a batch at a time, so method calls are answered during
-a storm; and it pauses while the connection's writer backlog is above a
-high-water mark, so a burst never turns into unbounded buffering or
-``BlockingIOError``.
+Turns are taken per uid, then per peer (connection) of that uid, then per
+subscription of that peer, round-robin at each level, one signal a turn: so a
+uid with thousands of subscriptions (on one connection or on many) gets one
+uid's share of the bus, not thousands of shares, and another uid's one
+subscriber waits behind at most one signal of each other uid with something
+queued, however many subscriptions those hold. Each subscription's items go out
+in its own order (Lost and Removed in their places). Only what has something
+queued is in a ring (``_UidTurn``, ``_PeerTurn``), and it leaves its ring when
+its queue is empty or its peer is paused, so a turn costs O(1) whatever the
+numbers. A batch at a time, so method calls are answered during a storm; and it
+pauses while the connection's writer backlog is above a high-water mark, so a
+burst never turns into unbounded buffering or ``BlockingIOError``.
 
 Signals are marshalled by ``wqd.bus.signals``: each subscription's header once
 per member, each event's body once however many subscribers get it; a batch is
@@ -108,13 +115,37 @@ class Credit:
         return self.sent - self.acked
 
 
+class _PeerTurn:
+    """One peer's subscriptions with something queued, in turn."""
+
+    __slots__ = ("peer", "uid", "subs")
+
+    def __init__(self, peer: str, uid: "_UidTurn") -> None:
+        self.peer = peer
+        self.uid = uid
+        self.subs: deque[Subscription] = deque()
+
+
+class _UidTurn:
+    """One uid's peers with something queued, in turn."""
+
+    __slots__ = ("uid", "peers")
+
+    def __init__(self, uid: int) -> None:
+        self.uid = uid
+        self.peers: deque[_PeerTurn] = deque()
+
+
 class SignalEmitter:
     def __init__(self, bus, hub: Hub) -> None:
         self.bus = bus
         self.hub = hub
         self.loop = asyncio.get_running_loop()
-        self._ready: deque[Subscription] = deque()
-        self._queued: set[Subscription] = set()
+        self._ready: deque[_UidTurn] = deque()  # uids with something queued, in turn
+        self._uid_turns: dict[int, _UidTurn] = {}
+        self._peer_turns: dict[str, _PeerTurn] = {}
+        self._queued: set[Subscription] = set()  # in their peer's ring
+        self.signals_sent = 0  # all signals queued on the writer, for the counters of tests and benchmarks
         self._scheduled = False
         self._waiting: asyncio.Task | None = None
         self._headers: dict[Subscription, dict[str, bytes]] = {}  # marshalled once per member
@@ -133,7 +164,16 @@ class SignalEmitter:
             return  # woken again when its peer reads
         if sub not in self._queued:
             self._queued.add(sub)
-            self._ready.append(sub)
+            turn = self._peer_turns.get(sub.peer)
+            if turn is None:
+                uid = sub.owner.uid
+                ring = self._uid_turns.get(uid)
+                if ring is None:
+                    ring = self._uid_turns[uid] = _UidTurn(uid)
+                    self._ready.append(ring)
+                turn = self._peer_turns[sub.peer] = _PeerTurn(sub.peer, ring)
+                ring.peers.append(turn)
+            turn.subs.append(sub)
         if not self._scheduled and self._waiting is None:
             self._scheduled = True
             self.loop.call_soon(self._drain)
@@ -155,10 +195,40 @@ class SignalEmitter:
             credit.subs.discard(sub)  # a peer paused for long must not keep every sub it closed
         if sub in self._queued:
             self._queued.discard(sub)
+            turn = self._peer_turns.get(sub.peer)
+            if turn is not None:
+                try:
+                    turn.subs.remove(sub)  # O(the peer's ready subscriptions), not everyone's
+                except ValueError:
+                    pass
+                if not turn.subs:
+                    self._drop_turn(turn)
+
+    def _drop_turn(self, turn: _PeerTurn) -> None:
+        """*turn*'s peer has nothing (unpaused) queued: out of its uid's ring, and the uid
+        out of the ring of uids once it has no such peer left."""
+        if self._peer_turns.get(turn.peer) is turn:
+            del self._peer_turns[turn.peer]
+        ring = turn.uid
+        peers = ring.peers
+        if peers and peers[0] is turn:
+            peers.popleft()
+        else:
             try:
-                self._ready.remove(sub)
+                peers.remove(turn)
             except ValueError:
                 pass
+        if not peers:
+            if self._uid_turns.get(ring.uid) is ring:
+                del self._uid_turns[ring.uid]
+            ready = self._ready
+            if ready and ready[0] is ring:
+                ready.popleft()
+            else:
+                try:
+                    ready.remove(ring)
+                except ValueError:
+                    pass
 
     def _drain(self) -> None:
         self._scheduled = False
@@ -176,55 +246,71 @@ class SignalEmitter:
         queue, next_serial, headers = writer.queue, bus.next_serial, self._headers
         bodies: dict[int, tuple] = {}  # id(event) -> (event, body): one marshalling per event
         sent = 0
-        while ready:
-            if writer.backlog >= HIGH_WATER:
-                writer.flush()
+        try:
+            while ready:
                 if writer.backlog >= HIGH_WATER:
-                    self._waiting = self.loop.create_task(self._wait_writer())
+                    writer.flush()
+                    if writer.backlog >= HIGH_WATER:
+                        self._waiting = self.loop.create_task(self._wait_writer())
+                        return
+                if sent >= BATCH:
+                    self._scheduled = True
+                    self.loop.call_soon(self._drain)
                     return
-            if sent >= BATCH:
-                self._scheduled = True
-                self.loop.call_soon(self._drain)
-                return
-            sub = ready[0]
-            if sub.paused:  # its peer went over budget earlier in this batch
-                ready.popleft()
-                self._queued.discard(sub)
-                continue
-            item = take(sub)
-            if not sub.queue:
-                ready.popleft()
-                self._queued.discard(sub)
-            elif len(ready) > 1:
-                ready.rotate(-1)
-            if isinstance(item, Event):
-                member, signature = item.signal, item.signature
-                cached = bodies.get(id(item))
-                if cached is None:
-                    cached = bodies[id(item)] = (item, self._marshal(item))
-                body = cached[1]
-                if body is None:  # told in its place, in order: Lost(1)
-                    sub.delivered -= 1
-                    sub.lost += 1
-                    member, signature, body = "Lost", "t", _LOST_ONE
-            elif isinstance(item, LostMark):
-                member, signature, body = "Lost", "t", marshal_body("t", [item.count])
-            else:
-                member, signature, body = "Removed", "s", marshal_body("s", [item.reason])
-            mine = headers.get(sub)
-            if mine is None:
-                mine = headers[sub] = {}
-            header = mine.get(member)
-            if header is None:
-                header = mine[member] = signal_header(sub.peer, subscription_path(sub.number),
-                                                      SUBSCRIPTION_INTERFACE, member, signature)
-            message = encode(header, body, next_serial())
-            queue(message)
-            sent += 1
-            if isinstance(item, EndMark):
-                hub.forget(sub)
-            if self.pinging:
-                self._account(sub, len(message))
+                # The uid whose turn it is, its peer whose turn it is, that peer's subscription.
+                ring = ready[0]
+                peers = ring.peers
+                turn = peers[0]
+                subs = turn.subs
+                sub = subs[0]
+                if sub.paused:  # its peer went over budget: out of the ring until it reads (wake)
+                    subs.popleft()
+                    self._queued.discard(sub)
+                    if not subs:
+                        self._drop_turn(turn)
+                    continue
+                item = take(sub)
+                if not sub.queue:
+                    subs.popleft()
+                    self._queued.discard(sub)
+                elif len(subs) > 1:
+                    subs.rotate(-1)
+                if not subs:
+                    self._drop_turn(turn)  # the uid's next peer is first now (or the next uid)
+                elif len(peers) > 1:
+                    peers.rotate(-1)
+                if peers and len(ready) > 1:  # the uid still has a peer with something queued
+                    ready.rotate(-1)
+                if isinstance(item, Event):
+                    member, signature = item.signal, item.signature
+                    cached = bodies.get(id(item))
+                    if cached is None:
+                        cached = bodies[id(item)] = (item, self._marshal(item))
+                    body = cached[1]
+                    if body is None:  # told in its place, in order: Lost(1)
+                        sub.delivered -= 1
+                        sub.lost += 1
+                        member, signature, body = "Lost", "t", _LOST_ONE
+                elif isinstance(item, LostMark):
+                    member, signature, body = "Lost", "t", marshal_body("t", [item.count])
+                else:
+                    member, signature, body = "Removed", "s", marshal_body("s", [item.reason])
+                mine = headers.get(sub)
+                if mine is None:
+                    mine = headers[sub] = {}
+                header = mine.get(member)
+                if header is None:
+                    header = mine[member] = signal_header(sub.peer, subscription_path(sub.number),
+                                                          SUBSCRIPTION_INTERFACE, member, signature)
+                message = encode(header, body, next_serial())
+                queue(message)
+                sent += 1
+                if isinstance(item, EndMark):
+                    hub.forget(sub)
+                if self.pinging:
+                    self._account(sub, len(message))
+        finally:
+            self.signals_sent += sent
 
     def _marshal(self, event: Event) -> bytes | None:
         try:
