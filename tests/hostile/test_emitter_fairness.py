@@ -185,7 +185,7 @@ async def test_one_subscription_of_another_uid_waits_behind_one_signal_per_uid(s
         others = sum(1 for _d, p in after[:(waited or 0) + WINDOW] if p != path)
         print(f"\nuid 1000 ({'reading' if attacker_reads else 'stopped'}): {SUBS} subscriptions on "
               f"{CONNECTIONS} connections, {EVENTS} events; "
-              f"uid 1001's snapshot went out after {waited} signals of others, then {others} of "
+              f"uid 1001's snapshot went out after {waited} signals of others, then {others - waited} of "
               f"the {WINDOW} after it were the attacker's "
               f"({monitor.signals} signals seen in all)", file=sys.stderr)
         assert waited is not None and waited <= BOUND, waited
