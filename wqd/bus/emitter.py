@@ -77,6 +77,7 @@ log = logging.getLogger(__name__)
 
 HIGH_WATER = 64  # messages waiting in the connection's writer
 BATCH = 256  # signals per loop iteration before yielding
+SKIPS = 1024  # ... or paused subscriptions taken out of the rings (a paused peer's thousands)
 PING_EVERY = 32 << 10  # bytes of signals to one peer between acknowledgements asked for
 PEER_BUDGET = 256 << 10  # bytes one peer may leave unread before its signals wait
 UID_BUDGET = 8 << 20  # the same, for all the connections of one uid together
@@ -88,6 +89,8 @@ PROBE_WINDOW = 16 << 10  # bytes of signals in one window
 PROBE_LIMIT = 2 << 20  # unanswered bytes past which a stalled peer gets no more windows
 UID_PINGS = 16  # unanswered Pings one uid's peers may have (each is a pending reply the bus counts for wqd)
 PROBE_TOTAL = 32 << 20  # ... and all peers together (a quarter of a system bus's max_incoming_bytes)
+PROBE_SLICE = 256  # a stalled peer's subscriptions folded and let go per loop iteration ...
+FOLD_SLICE = 16384  # ... or this many queued items folded, whichever comes first
 BUS = "org.freedesktop.DBus"
 _LOST_ONE = marshal_body("t", [1])
 
@@ -245,7 +248,7 @@ class SignalEmitter:
         ready, hub, take = self._ready, self.hub, self.hub.take
         queue, next_serial, headers = writer.queue, bus.next_serial, self._headers
         bodies: dict[int, tuple] = {}  # id(event) -> (event, body): one marshalling per event
-        sent = 0
+        sent = skipped = 0
         try:
             while ready:
                 if writer.backlog >= HIGH_WATER:
@@ -253,7 +256,7 @@ class SignalEmitter:
                     if writer.backlog >= HIGH_WATER:
                         self._waiting = self.loop.create_task(self._wait_writer())
                         return
-                if sent >= BATCH:
+                if sent >= BATCH or skipped >= SKIPS:
                     self._scheduled = True
                     self.loop.call_soon(self._drain)
                     return
@@ -264,6 +267,7 @@ class SignalEmitter:
                 subs = turn.subs
                 sub = subs[0]
                 if sub.paused:  # its peer went over budget: out of the ring until it reads (wake)
+                    skipped += 1
                     subs.popleft()
                     self._queued.discard(sub)
                     if not subs:
@@ -484,23 +488,45 @@ class SignalEmitter:
                             "nothing more goes to it until it answers one", credit.peer, credit.unacked)
             return
         credit.window = PROBE_WINDOW
-        for sub in list(credit.subs):
-            self._fold(sub)
-            sub.paused = False
-            if sub.queue:
-                self.wake(sub)
+        self._probe_slice(credit, list(credit.subs), 0)
 
-    def _fold(self, sub: Subscription) -> None:
+    def _probe_slice(self, credit: Credit, subs: list, start: int) -> None:
+        """Fold and open the window for *subs* from *start*, ``FOLD_SLICE`` queued items or
+        ``PROBE_SLICE`` subscriptions at a time, then let the loop run: a peer with thousands
+        of overflowing queues must not stop the loop for everyone while they are folded.
+        Each is folded before it is let go, so its own Lost still comes first."""
+        if not credit.stalled or self._credit.get(credit.peer) is not credit:
+            return  # read again (``_resume`` let everything go) or left
+        work = 0
+        end = min(start + PROBE_SLICE, len(subs))
+        i = start
+        while i < end and work < FOLD_SLICE:
+            sub = subs[i]
+            i += 1
+            if sub not in credit.subs:
+                continue  # forgotten meanwhile
+            work += self._fold(sub) + 1
+            if credit.window > 0:  # the window may close before the last slice: those wait
+                sub.paused = False
+                if sub.queue:
+                    self.wake(sub)
+        if i < len(subs):
+            self.loop.call_soon(self._probe_slice, credit, subs, i)
+
+    def _fold(self, sub: Subscription) -> int:
         """Count what *sub*'s queue holds ahead of a LostMark at its tail as lost, in that
-        mark: the subscriber learns of its loss now, in order, rather than after a backlog."""
+        mark: the subscriber learns of its loss now, in order, rather than after a backlog.
+        Returns how many queued items that took."""
         queue = sub.queue
         # Only a loss at the tail (a queue that overflowed and still does): events after an
         # older loss came when there was room, and the window delivers them in order. So the
         # check is O(1), and each event is folded at most once.
         if len(queue) < 2 or not sub.stalled or not isinstance(queue[-1], LostMark):
-            return
+            return 0
         ahead = len(queue) - 1
         folded = counted = 0
+        uid = sub.owner.uid
+        release = self.hub._release_copy  # what the uid is charged for a queued copy (Hub budgets)
         for _ in range(ahead):
             item = queue.popleft()
             if isinstance(item, Preload):
@@ -508,10 +534,13 @@ class SignalEmitter:
             elif isinstance(item, Event):
                 folded += 1
                 sub.queued_events -= 1  # stalled: not counted in the hub's back-pressure
+                if uid:
+                    release(uid, item)
             elif isinstance(item, LostMark):
                 counted += item.count  # an older loss, in ``lost`` already
         queue[0].count += folded + counted
         sub.lost += folded
+        return ahead
 
     def _close_window(self, credit: Credit) -> None:
         credit.window = 0
