@@ -90,7 +90,7 @@ PROBE_LIMIT = 2 << 20  # unanswered bytes past which a stalled peer gets no more
 UID_PINGS = 16  # unanswered Pings one uid's peers may have (each is a pending reply the bus counts for wqd)
 PROBE_TOTAL = 32 << 20  # ... and all peers together (a quarter of a system bus's max_incoming_bytes)
 PROBE_SLICE = 256  # a stalled peer's subscriptions folded and let go per loop iteration ...
-FOLD_SLICE = 16384  # ... or this many queued items folded, whichever comes first
+FOLD_SLICE = 4096  # ... or this many queued items folded (a few ms), whichever comes first
 BUS = "org.freedesktop.DBus"
 _LOST_ONE = marshal_body("t", [1])
 
