@@ -148,7 +148,6 @@ class SignalEmitter:
         self._uid_turns: dict[int, _UidTurn] = {}
         self._peer_turns: dict[str, _PeerTurn] = {}
         self._queued: set[Subscription] = set()  # in their peer's ring
-        self.signals_sent = 0  # all signals queued on the writer, for the counters of tests and benchmarks
         self._scheduled = False
         self._waiting: asyncio.Task | None = None
         self._headers: dict[Subscription, dict[str, bytes]] = {}  # marshalled once per member
@@ -249,72 +248,69 @@ class SignalEmitter:
         queue, next_serial, headers = writer.queue, bus.next_serial, self._headers
         bodies: dict[int, tuple] = {}  # id(event) -> (event, body): one marshalling per event
         sent = skipped = 0
-        try:
-            while ready:
+        while ready:
+            if writer.backlog >= HIGH_WATER:
+                writer.flush()
                 if writer.backlog >= HIGH_WATER:
-                    writer.flush()
-                    if writer.backlog >= HIGH_WATER:
-                        self._waiting = self.loop.create_task(self._wait_writer())
-                        return
-                if sent >= BATCH or skipped >= SKIPS:
-                    self._scheduled = True
-                    self.loop.call_soon(self._drain)
+                    self._waiting = self.loop.create_task(self._wait_writer())
                     return
-                # The uid whose turn it is, its peer whose turn it is, that peer's subscription.
-                ring = ready[0]
-                peers = ring.peers
-                turn = peers[0]
-                subs = turn.subs
-                sub = subs[0]
-                if sub.paused:  # its peer went over budget: out of the ring until it reads (wake)
-                    skipped += 1
-                    subs.popleft()
-                    self._queued.discard(sub)
-                    if not subs:
-                        self._drop_turn(turn)
-                    continue
-                item = take(sub)
-                if not sub.queue:
-                    subs.popleft()
-                    self._queued.discard(sub)
-                elif len(subs) > 1:
-                    subs.rotate(-1)
+            if sent >= BATCH or skipped >= SKIPS:
+                self._scheduled = True
+                self.loop.call_soon(self._drain)
+                return
+            # The uid whose turn it is, its peer whose turn it is, that peer's subscription.
+            ring = ready[0]
+            peers = ring.peers
+            turn = peers[0]
+            subs = turn.subs
+            sub = subs[0]
+            if sub.paused:  # its peer went over budget: out of the ring until it reads (wake)
+                skipped += 1
+                subs.popleft()
+                self._queued.discard(sub)
                 if not subs:
-                    self._drop_turn(turn)  # the uid's next peer is first now (or the next uid)
-                elif len(peers) > 1:
-                    peers.rotate(-1)
-                if peers and len(ready) > 1:  # the uid still has a peer with something queued
-                    ready.rotate(-1)
-                if isinstance(item, Event):
-                    member, signature = item.signal, item.signature
-                    cached = bodies.get(id(item))
-                    if cached is None:
-                        cached = bodies[id(item)] = (item, self._marshal(item))
-                    body = cached[1]
-                    if body is None:  # told in its place, in order: Lost(1)
-                        sub.delivered -= 1
-                        sub.lost += 1
-                        member, signature, body = "Lost", "t", _LOST_ONE
-                elif isinstance(item, LostMark):
-                    member, signature, body = "Lost", "t", marshal_body("t", [item.count])
-                else:
-                    member, signature, body = "Removed", "s", marshal_body("s", [item.reason])
-                mine = headers.get(sub)
-                if mine is None:
-                    mine = headers[sub] = {}
-                header = mine.get(member)
-                if header is None:
-                    header = mine[member] = signal_header(sub.peer, subscription_path(sub.number),
-                                                          SUBSCRIPTION_INTERFACE, member, signature)
-                message = encode(header, body, next_serial())
-                queue(message)
-                sent += 1
-                if isinstance(item, EndMark):
-                    hub.forget(sub)
-                if self.pinging:
-                    self._account(sub, len(message))
-        finally:
-            self.signals_sent += sent
+                    self._drop_turn(turn)
+                continue
+            item = take(sub)
+            if not sub.queue:
+                subs.popleft()
+                self._queued.discard(sub)
+            elif len(subs) > 1:
+                subs.rotate(-1)
+            if not subs:
+                self._drop_turn(turn)  # the uid's next peer is first now (or the next uid)
+            elif len(peers) > 1:
+                peers.rotate(-1)
+            if peers and len(ready) > 1:  # the uid still has a peer with something queued
+                ready.rotate(-1)
+            if isinstance(item, Event):
+                member, signature = item.signal, item.signature
+                cached = bodies.get(id(item))
+                if cached is None:
+                    cached = bodies[id(item)] = (item, self._marshal(item))
+                body = cached[1]
+                if body is None:  # told in its place, in order: Lost(1)
+                    sub.delivered -= 1
+                    sub.lost += 1
+                    member, signature, body = "Lost", "t", _LOST_ONE
+            elif isinstance(item, LostMark):
+                member, signature, body = "Lost", "t", marshal_body("t", [item.count])
+            else:
+                member, signature, body = "Removed", "s", marshal_body("s", [item.reason])
+            mine = headers.get(sub)
+            if mine is None:
+                mine = headers[sub] = {}
+            header = mine.get(member)
+            if header is None:
+                header = mine[member] = signal_header(sub.peer, subscription_path(sub.number),
+                                                      SUBSCRIPTION_INTERFACE, member, signature)
+            message = encode(header, body, next_serial())
+            queue(message)
+            sent += 1
+            if isinstance(item, EndMark):
+                hub.forget(sub)
+            if self.pinging:
+                self._account(sub, len(message))
 
     def _marshal(self, event: Event) -> bytes | None:
         try:
