@@ -1,10 +1,17 @@
 """The outlet: drains subscriber queues onto the bus as unicast signals.
 
-Round-robin over subscriptions with something queued, so one busy subscriber
-cannot starve the others; a batch at a time, so method calls are answered during
-a storm; and it pauses while the connection's writer backlog is above a
-high-water mark, so a burst never turns into unbounded buffering or
-``BlockingIOError``.
+Turns are taken per uid, then per peer (connection) of that uid, then per
+subscription of that peer, round-robin at each level, one signal a turn: so a
+uid with thousands of subscriptions (on one connection or on many) gets one
+uid's share of the bus, not thousands of shares, and another uid's one
+subscriber waits behind at most one signal of each other uid with something
+queued, however many subscriptions those hold. Each subscription's items go out
+in its own order (Lost and Removed in their places). Only what has something
+queued is in a ring (``_UidTurn``, ``_PeerTurn``), and it leaves its ring when
+its queue is empty or its peer is paused, so a turn costs O(1) whatever the
+numbers. A batch at a time, so method calls are answered during a storm; and it
+pauses while the connection's writer backlog is above a high-water mark, so a
+burst never turns into unbounded buffering or ``BlockingIOError``.
 
 Signals are marshalled by ``wqd.bus.signals``: each subscription's header once
 per member, each event's body once however many subscribers get it; a batch is
@@ -70,6 +77,7 @@ log = logging.getLogger(__name__)
 
 HIGH_WATER = 64  # messages waiting in the connection's writer
 BATCH = 256  # signals per loop iteration before yielding
+SKIPS = 1024  # ... or paused subscriptions taken out of the rings (a paused peer's thousands)
 PING_EVERY = 32 << 10  # bytes of signals to one peer between acknowledgements asked for
 PEER_BUDGET = 256 << 10  # bytes one peer may leave unread before its signals wait
 UID_BUDGET = 8 << 20  # the same, for all the connections of one uid together
@@ -81,6 +89,8 @@ PROBE_WINDOW = 16 << 10  # bytes of signals in one window
 PROBE_LIMIT = 2 << 20  # unanswered bytes past which a stalled peer gets no more windows
 UID_PINGS = 16  # unanswered Pings one uid's peers may have (each is a pending reply the bus counts for wqd)
 PROBE_TOTAL = 32 << 20  # ... and all peers together (a quarter of a system bus's max_incoming_bytes)
+PROBE_SLICE = 256  # a stalled peer's subscriptions folded and let go per loop iteration ...
+FOLD_SLICE = 4096  # ... or this many queued items folded (a few ms), whichever comes first
 BUS = "org.freedesktop.DBus"
 _LOST_ONE = marshal_body("t", [1])
 
@@ -108,13 +118,36 @@ class Credit:
         return self.sent - self.acked
 
 
+class _PeerTurn:
+    """One peer's subscriptions with something queued, in turn."""
+
+    __slots__ = ("peer", "uid", "subs")
+
+    def __init__(self, peer: str, uid: "_UidTurn") -> None:
+        self.peer = peer
+        self.uid = uid
+        self.subs: deque[Subscription] = deque()
+
+
+class _UidTurn:
+    """One uid's peers with something queued, in turn."""
+
+    __slots__ = ("uid", "peers")
+
+    def __init__(self, uid: int) -> None:
+        self.uid = uid
+        self.peers: deque[_PeerTurn] = deque()
+
+
 class SignalEmitter:
     def __init__(self, bus, hub: Hub) -> None:
         self.bus = bus
         self.hub = hub
         self.loop = asyncio.get_running_loop()
-        self._ready: deque[Subscription] = deque()
-        self._queued: set[Subscription] = set()
+        self._ready: deque[_UidTurn] = deque()  # uids with something queued, in turn
+        self._uid_turns: dict[int, _UidTurn] = {}
+        self._peer_turns: dict[str, _PeerTurn] = {}
+        self._queued: set[Subscription] = set()  # in their peer's ring
         self._scheduled = False
         self._waiting: asyncio.Task | None = None
         self._headers: dict[Subscription, dict[str, bytes]] = {}  # marshalled once per member
@@ -133,7 +166,16 @@ class SignalEmitter:
             return  # woken again when its peer reads
         if sub not in self._queued:
             self._queued.add(sub)
-            self._ready.append(sub)
+            turn = self._peer_turns.get(sub.peer)
+            if turn is None:
+                uid = sub.owner.uid
+                ring = self._uid_turns.get(uid)
+                if ring is None:
+                    ring = self._uid_turns[uid] = _UidTurn(uid)
+                    self._ready.append(ring)
+                turn = self._peer_turns[sub.peer] = _PeerTurn(sub.peer, ring)
+                ring.peers.append(turn)
+            turn.subs.append(sub)
         if not self._scheduled and self._waiting is None:
             self._scheduled = True
             self.loop.call_soon(self._drain)
@@ -155,10 +197,40 @@ class SignalEmitter:
             credit.subs.discard(sub)  # a peer paused for long must not keep every sub it closed
         if sub in self._queued:
             self._queued.discard(sub)
+            turn = self._peer_turns.get(sub.peer)
+            if turn is not None:
+                try:
+                    turn.subs.remove(sub)  # O(the peer's ready subscriptions), not everyone's
+                except ValueError:
+                    pass
+                if not turn.subs:
+                    self._drop_turn(turn)
+
+    def _drop_turn(self, turn: _PeerTurn) -> None:
+        """*turn*'s peer has nothing (unpaused) queued: out of its uid's ring, and the uid
+        out of the ring of uids once it has no such peer left."""
+        if self._peer_turns.get(turn.peer) is turn:
+            del self._peer_turns[turn.peer]
+        ring = turn.uid
+        peers = ring.peers
+        if peers and peers[0] is turn:
+            peers.popleft()
+        else:
             try:
-                self._ready.remove(sub)
+                peers.remove(turn)
             except ValueError:
                 pass
+        if not peers:
+            if self._uid_turns.get(ring.uid) is ring:
+                del self._uid_turns[ring.uid]
+            ready = self._ready
+            if ready and ready[0] is ring:
+                ready.popleft()
+            else:
+                try:
+                    ready.remove(ring)
+                except ValueError:
+                    pass
 
     def _drain(self) -> None:
         self._scheduled = False
@@ -175,27 +247,41 @@ class SignalEmitter:
         ready, hub, take = self._ready, self.hub, self.hub.take
         queue, next_serial, headers = writer.queue, bus.next_serial, self._headers
         bodies: dict[int, tuple] = {}  # id(event) -> (event, body): one marshalling per event
-        sent = 0
+        sent = skipped = 0
         while ready:
             if writer.backlog >= HIGH_WATER:
                 writer.flush()
                 if writer.backlog >= HIGH_WATER:
                     self._waiting = self.loop.create_task(self._wait_writer())
                     return
-            if sent >= BATCH:
+            if sent >= BATCH or skipped >= SKIPS:
                 self._scheduled = True
                 self.loop.call_soon(self._drain)
                 return
-            sub = ready[0]
-            if sub.paused:  # its peer went over budget earlier in this batch
-                ready.popleft()
+            # The uid whose turn it is, its peer whose turn it is, that peer's subscription.
+            ring = ready[0]
+            peers = ring.peers
+            turn = peers[0]
+            subs = turn.subs
+            sub = subs[0]
+            if sub.paused:  # its peer went over budget: out of the ring until it reads (wake)
+                skipped += 1
+                subs.popleft()
                 self._queued.discard(sub)
+                if not subs:
+                    self._drop_turn(turn)
                 continue
             item = take(sub)
             if not sub.queue:
-                ready.popleft()
+                subs.popleft()
                 self._queued.discard(sub)
-            elif len(ready) > 1:
+            elif len(subs) > 1:
+                subs.rotate(-1)
+            if not subs:
+                self._drop_turn(turn)  # the uid's next peer is first now (or the next uid)
+            elif len(peers) > 1:
+                peers.rotate(-1)
+            if peers and len(ready) > 1:  # the uid still has a peer with something queued
                 ready.rotate(-1)
             if isinstance(item, Event):
                 member, signature = item.signal, item.signature
@@ -398,23 +484,45 @@ class SignalEmitter:
                             "nothing more goes to it until it answers one", credit.peer, credit.unacked)
             return
         credit.window = PROBE_WINDOW
-        for sub in list(credit.subs):
-            self._fold(sub)
-            sub.paused = False
-            if sub.queue:
-                self.wake(sub)
+        self._probe_slice(credit, list(credit.subs), 0)
 
-    def _fold(self, sub: Subscription) -> None:
+    def _probe_slice(self, credit: Credit, subs: list, start: int) -> None:
+        """Fold and open the window for *subs* from *start*, ``FOLD_SLICE`` queued items or
+        ``PROBE_SLICE`` subscriptions at a time, then let the loop run: a peer with thousands
+        of overflowing queues must not stop the loop for everyone while they are folded.
+        Each is folded before it is let go, so its own Lost still comes first."""
+        if not credit.stalled or self._credit.get(credit.peer) is not credit:
+            return  # read again (``_resume`` let everything go) or left
+        work = 0
+        end = min(start + PROBE_SLICE, len(subs))
+        i = start
+        while i < end and work < FOLD_SLICE:
+            sub = subs[i]
+            i += 1
+            if sub not in credit.subs:
+                continue  # forgotten meanwhile
+            work += self._fold(sub) + 1
+            if credit.window > 0:  # the window may close before the last slice: those wait
+                sub.paused = False
+                if sub.queue:
+                    self.wake(sub)
+        if i < len(subs):
+            self.loop.call_soon(self._probe_slice, credit, subs, i)
+
+    def _fold(self, sub: Subscription) -> int:
         """Count what *sub*'s queue holds ahead of a LostMark at its tail as lost, in that
-        mark: the subscriber learns of its loss now, in order, rather than after a backlog."""
+        mark: the subscriber learns of its loss now, in order, rather than after a backlog.
+        Returns how many queued items that took."""
         queue = sub.queue
         # Only a loss at the tail (a queue that overflowed and still does): events after an
         # older loss came when there was room, and the window delivers them in order. So the
         # check is O(1), and each event is folded at most once.
         if len(queue) < 2 or not sub.stalled or not isinstance(queue[-1], LostMark):
-            return
+            return 0
         ahead = len(queue) - 1
         folded = counted = 0
+        uid = sub.owner.uid
+        release = self.hub._release_copy  # what the uid is charged for a queued copy (Hub budgets)
         for _ in range(ahead):
             item = queue.popleft()
             if isinstance(item, Preload):
@@ -422,10 +530,13 @@ class SignalEmitter:
             elif isinstance(item, Event):
                 folded += 1
                 sub.queued_events -= 1  # stalled: not counted in the hub's back-pressure
+                if uid:
+                    release(uid, item)
             elif isinstance(item, LostMark):
                 counted += item.count  # an older loss, in ``lost`` already
         queue[0].count += folded + counted
         sub.lost += folded
+        return ahead
 
     def _close_window(self, credit: Credit) -> None:
         credit.window = 0
