@@ -55,7 +55,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from wqd import journal
@@ -65,7 +65,7 @@ from wqd.lanes import (LANE_JOBS, SLICE, End, Fanout, Lane, Lose, LostMark, cano
                        kit_of, size_of)
 from wqd.peer import PeerCredentials
 from wqd.policy import PolicyStack
-from wqd.sources import ANY, Source
+from wqd.subscription import ANY, Source, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -96,38 +96,6 @@ class Limits:
     target_length: int = 4096  # bytes
     subscriptions_per_uid: int = 16384  # all connections of one uid but root's
     bytes_per_uid: int = 64 << 20  # options, targets and queued events of one uid but root (see module doc)
-
-
-@dataclass(eq=False, slots=True)
-class Subscription:
-    number: int
-    owner: PeerCredentials
-    source: str
-    target: WatchTarget
-    options: dict
-    _queue: deque | None = field(default=None, repr=False)  # see ``queue``
-    queued_events: int = 0
-    delivered: int = 0
-    lost: int = 0
-    active: bool = True
-    paused: bool = False  # the outlet waits for the peer to read before sending more (wqd.bus.emitter)
-    stalled: bool = False  # ... and has waited too long: its queue no longer pauses the sources
-    routes: tuple = ()
-    state: dict = field(default_factory=dict)  # the source's per-subscription data
-    charge: int = 0  # bytes charged to the owner's uid for the subscription itself (Hub budgets)
-    options_key: tuple | None = None  # its entry in the hub's pool of option sets
-
-    @property
-    def peer(self) -> str:
-        return self.owner.unique_name
-
-    @property
-    def queue(self) -> deque:
-        """Made on first use: an empty deque is 760 bytes, and most subscriptions are idle."""
-        queue = self._queue
-        if queue is None:
-            queue = self._queue = deque()
-        return queue
 
 
 class Outlet(Protocol):

@@ -2,68 +2,17 @@
 
 A source turns ``Watch(source, target, options)`` into kernel watches (refcounted
 across subscriptions) and kernel records into ``Event``\\ s, which it hands to the
-hub (its ``Sink``). It never knows about D-Bus.
+hub (its ``Sink``). It never knows about D-Bus. The contract with the hub
+(``Source``, ``Sink``, ``Subscription``, ``ANY``) is ``wqd.subscription``'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Iterable
 
-from wqd.events import Event, WatchTarget
-from wqd.peer import PeerCredentials
+from wqd.subscription import ANY, Sink, Source, Subscription
 
-if TYPE_CHECKING:
-    from wqd.hub import Subscription
-
-class Sink(Protocol):
-    """Where a source delivers: the hub."""
-
-    def dispatch(self, event: Event) -> None: ...
-
-    @property
-    def congested(self) -> bool:
-        """Subscriber queues are filling: stop reading the kernel until relief."""
-
-    def preload(self, sub: Subscription, events) -> int:
-        """Queue *events* (an initial snapshot) for *sub* alone, ahead of live ones."""
-
-    def on_relief(self, callback: Callable[[], None]) -> None:
-        """Call *callback* once, when no longer congested."""
-
-
-class Source(Protocol):
-    name: str
-    backend: str  # "" when the source cannot run here
-
-    async def start(self, sink: Sink) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    async def resolve(self, peer: PeerCredentials, spec: str, options: dict) -> WatchTarget:
-        """Validate and resolve a target; raise InvalidArgument / NotSupported / AccessDenied."""
-
-    def routes(self, sub: Subscription) -> Iterable[Hashable]:
-        """The event routes *sub* listens on (see ``Event.route``); ``ANY`` for all."""
-
-    def attach(self, sub: Subscription) -> None:
-        """Arm what *sub* needs in the kernel (refcounted). May raise WqdError."""
-
-    def detach(self, sub: Subscription) -> None: ...
-
-    def accepts(self, sub: Subscription, event: Event) -> bool:
-        """Per-subscription filter (options such as ``changes``)."""
-
-    # Optional: ``shape(sub, event) -> Event``, per-subscription trimming applied
-    # after policy (devices: the ``properties`` option).
-
-
-class _Any:
-    def __repr__(self) -> str:
-        return "ANY"
-
-
-ANY = _Any()
+__all__ = ["ANY", "Sink", "Source", "Subscription", "read_settings", "string_list_option"]
 
 
 def read_settings(section: str, conf: dict, schema: dict) -> dict:

@@ -82,8 +82,9 @@ from wqd.events import DeviceChanged, Event, SourceLoss, WatchTarget
 from wqd.kernel.netlink import RECEIVE_BUFFER_MAX
 from wqd.parse.uevent import diff, synthesise
 from wqd.peer import PeerCredentials
-from wqd.sources import ANY, Sink, read_settings, string_list_option
+from wqd.sources import read_settings, string_list_option
 from wqd.sources.devices_monitor import UeventMonitor, udevd_running
+from wqd.subscription import ANY, Sink
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,8 @@ from wqd.events import KEY_CHANGES, Event, KeyChanged, WatchTarget
 from wqd.kernel import errors as kerr
 from wqd.kernel.credentials import Credentials, HelperPool
 from wqd.peer import PeerCredentials
-from wqd.sources import Sink, string_list_option
+from wqd.sources import string_list_option
+from wqd.subscription import Sink
 
 log = logging.getLogger(__name__)
 
