@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
@@ -87,37 +88,23 @@ class KeyChanged(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class KeyRemoved(Event):
-    """The kernel's removal record: the watched key is gone (or the watch was dropped).
+class TargetGone(Event):
+    """What a subscription watches is gone (a key removed, a filesystem unmounted):
+    the subscriptions on ``target`` (the route: a key's serial, a mount's path) end
+    with ``Removed(reason)``. ``object_id``, when not 0, narrows it to the
+    subscriptions whose ``WatchTarget.object_id`` is that (the mount id: a path may
+    name another mount by now). ``tag`` is the source's own business: the keys
+    parser gives the kernel's watch tag, which names the watch when the removal
+    record carried no key id (``target`` 0); the hub ignores it."""
 
-    ``key`` is 0 when the record carried no id; then ``tag`` (the watch tag) tells.
-    """
-
-    source: ClassVar[str] = "keys"
-
-    key: int
-    reason: str = "key removed"
+    source_name: str
+    target: Hashable
+    reason: str
+    object_id: int = 0
     tag: int = 0
 
     @property
-    def route(self) -> int:
-        return self.key
-
-
-@dataclass(frozen=True, slots=True)
-class TargetGone(Event):
-    """What a subscription watches is gone (a filesystem unmounted): its subscriptions
-    end with ``Removed(reason)``. ``object_id``, when not 0, narrows it to the
-    subscriptions whose ``WatchTarget.object_id`` is that (the mount id: a path may
-    name another mount by now)."""
-
-    source_name: str
-    target: str
-    reason: str
-    object_id: int = 0
-
-    @property
-    def route(self) -> str:
+    def route(self) -> Hashable:
         return self.target
 
 

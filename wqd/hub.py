@@ -15,7 +15,7 @@ at most ``SLICE`` per turn of the event loop, so method calls are answered durin
 any fan-out, and one uid's thousands of subscriptions cannot starve another uid's
 one: that one waits for at most one quantum of each other uid per event. The work
 in each lane stays in order, so each subscription still gets its events in order,
-and losses (``SourceLoss``) and removals (``KeyRemoved``, ``TargetGone``) queue in
+and losses (``SourceLoss``) and removals (``TargetGone``) queue in
 the same lanes, behind the events before them. While work waits in a lane the
 hub is ``congested``, as with a queue more than half full: the sources stop
 reading the kernel (which reports its own overflow its own way) until it is
@@ -60,7 +60,7 @@ from typing import Protocol
 
 from wqd import journal
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NoSuchObject, NotSupported
-from wqd.events import Event, KeyRemoved, SourceLoss, TargetGone, WatchTarget
+from wqd.events import Event, SourceLoss, TargetGone, WatchTarget
 from wqd.lanes import (LANE_JOBS, SLICE, End, Fanout, Lane, Lose, LostMark, canonical, event_bytes, frozen_copy,
                        kit_of, size_of)
 from wqd.peer import PeerCredentials
@@ -442,8 +442,6 @@ class Hub:
             log.warning("source %s lost %d event(s); %d subscriber(s) told", event.source_name, event.count,
                         sum(len(g) for g in groups.values()), extra={"MESSAGE_ID": journal.EVENTS_LOST})
             self._queue_work(groups, Lose(event.count))
-        elif isinstance(event, KeyRemoved):
-            self._queue_work(self._routed("keys", event.key), End(event.reason))
         elif isinstance(event, TargetGone):
             groups = self._routed(event.source_name, event.route)
             if event.object_id:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from wqd.events import KEY_CHANGES, Event, KeyChanged, KeyRemoved, SourceLoss
+from wqd.events import KEY_CHANGES, Event, KeyChanged, SourceLoss, TargetGone
 from wqd.kernel.watch_queue import (
     WATCH_INFO_ID,
     WATCH_INFO_ID__SHIFT,
@@ -97,7 +97,7 @@ class WatchQueueParser:
                 if length >= HEADER_SIZE + REMOVAL_ID.size:
                     (key,) = REMOVAL_ID.unpack_from(record, HEADER_SIZE)
                 stats.records += 1
-                return KeyRemoved(key & 0xFFFFFFFF, "key removed", tag)
+                return TargetGone("keys", key & 0xFFFFFFFF, "key removed", tag=tag)
             stats.unknown += 1
             return None
         stats.unknown += 1
