@@ -43,6 +43,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wqd.sources import registry
+
 DEFAULT_PATH = "/etc/wqd/wqd.conf"
 DEFAULT_RULES = ["/etc/wqd/rules.d"]
 RULES_CONSUMERS = frozenset({"rules", "sandbox"})  # plugins that need the rules files read
@@ -100,7 +102,7 @@ _SCHEMA = {
                           "a list of paths"),
     ("policy", "timeout"): ("policy_timeout", (int, float), lambda v: 0 < v <= 600, "0..600"),
 }
-KNOWN_SECTIONS = {"daemon", "keys", "policy", "devices", "mounts", "fs-errors"}
+KNOWN_SECTIONS = {"daemon", "policy", *registry.NAMES}
 
 
 def _line_of(text: str, section: str, key: str) -> int | None:

@@ -27,8 +27,9 @@ import re
 from wqd.events import DeviceChanged, Event, FilesystemError, MountChanged, WatchTarget
 from wqd.peer import PeerCredentials, map_to_inside, own_namespaces
 from wqd.policy import ABSTAIN, Decision, Deny, PluginContext
+from wqd.sources.registry import DEVICES, FS_ERRORS, MOUNTS
 
-HOST_WIDE = frozenset({"devices", "fs-errors"})
+HOST_WIDE = frozenset({DEVICES, FS_ERRORS})
 _ID_OPTION = re.compile(r"([a-z_]*)(uid|gid)=(\d+)")
 
 
@@ -74,7 +75,7 @@ class NamespacePolicy:
         foreign = self.foreign(peer)
         if foreign and source in HOST_WIDE:
             return Deny(f"{source} are not visible from another user or PID namespace")
-        if source == "mounts" and target_mnt_ns(target) != peer.mnt_ns:
+        if source == MOUNTS and target_mnt_ns(target) != peer.mnt_ns:
             return Deny("mounts of another mount namespace")
         return ABSTAIN
 

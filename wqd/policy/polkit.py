@@ -29,14 +29,15 @@ from typing import Protocol
 from wqd.events import Event, WatchTarget
 from wqd.peer import PeerCredentials
 from wqd.policy import ABSTAIN, ALLOW, Decision, Deny, PluginContext, PluginError
+from wqd.sources.registry import DEVICES, FS_ERRORS, KEYS, MOUNTS
 
 log = logging.getLogger(__name__)
 
-ACTIONS = {
-    "keys": "io.wqd.watch-keys",
-    "devices": "io.wqd.watch-devices",
-    "mounts": "io.wqd.watch-mounts",
-    "fs-errors": "io.wqd.watch-fs-errors",
+ACTIONS = {  # source -> its action in data/polkit-1/actions/io.wqd.policy
+    KEYS: "io.wqd.watch-keys",
+    DEVICES: "io.wqd.watch-devices",
+    MOUNTS: "io.wqd.watch-mounts",
+    FS_ERRORS: "io.wqd.watch-fs-errors",
 }
 DEFAULTS = {"deny": Deny("polkit is not available"), "abstain": ABSTAIN, "allow": ALLOW}
 SETTINGS = {"default", "timeout", "cache_ttl"}

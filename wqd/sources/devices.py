@@ -82,15 +82,16 @@ from wqd.events import DeviceChanged, Event, SourceLoss, WatchTarget
 from wqd.kernel.netlink import RECEIVE_BUFFER_MAX
 from wqd.parse.uevent import diff, synthesise
 from wqd.peer import PeerCredentials
-from wqd.sources import read_settings, string_list_option
+from wqd.sources import Flag, Strings, check_options, read_settings
 from wqd.sources.devices_monitor import UeventMonitor, udevd_running
 from wqd.subscription import ANY, Sink
 
 log = logging.getLogger(__name__)
 
 # The kernel's actions, lib/kobject_uevent.c kobject_actions[].
+NAME = "devices"
 ACTIONS = ("add", "remove", "change", "move", "online", "offline", "bind", "unbind")
-OPTIONS = frozenset({"actions", "properties", "initial"})
+OPTIONS = {"actions": Strings(ACTIONS, nonempty=True), "properties": Strings(), "initial": Flag()}  # check_options
 SUBSYSTEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,63}\Z")
 PROPERTY = re.compile(r"[^=\0]{1,128}\Z")
 MAX_PROPERTIES = 256
@@ -116,7 +117,7 @@ def parse_subsystem(spec: str) -> str | None:
 
 
 class DevicesSource:
-    name = "devices"
+    name = NAME
 
     def __init__(self, backend: str, receive_buffer: int = DEFAULT_RECEIVE_BUFFER, auto: bool = False) -> None:
         self.backend = backend
@@ -141,25 +142,17 @@ class DevicesSource:
     # -- Watch() ----------------------------------------------------------
 
     async def resolve(self, peer: PeerCredentials, spec: str, options: dict) -> WatchTarget:
-        unknown = set(options) - OPTIONS
-        if unknown:
-            raise InvalidArgument(f"unknown option(s) for devices: {', '.join(sorted(unknown))}")
-        actions = string_list_option(options, "actions", ACTIONS)
-        if actions is not None and not actions:
-            raise InvalidArgument("option 'actions' must not be empty")
-        properties = string_list_option(options, "properties")
+        checked = check_options(NAME, OPTIONS, options)
+        actions, properties, initial = checked["actions"], checked["properties"], checked["initial"]
         if properties is not None:
             if len(properties) > MAX_PROPERTIES:
                 raise InvalidArgument(f"option 'properties' may name at most {MAX_PROPERTIES} keys")
             if not all(PROPERTY.match(p) for p in properties):
                 raise InvalidArgument("option 'properties': keys are 1..128 characters without '=' or NUL")
-        initial = options.get("initial", False)
-        if not isinstance(initial, bool):
-            raise InvalidArgument("option 'initial' must be a boolean (b)")
         subsystem = parse_subsystem(spec)
         if peer.uid != 0 and self._costly(subsystem, initial):
             await self._wait_turn(peer.uid)
-        return WatchTarget("devices", spec, extra={
+        return WatchTarget(NAME, spec, extra={
             "subsystem": subsystem, "actions": actions, "properties": properties, "initial": initial})
 
     def routes(self, sub) -> Iterable[Hashable]:
@@ -351,7 +344,7 @@ class DevicesSource:
     def _lost(self, count: int, why: str) -> None:
         log.warning("devices: %s; %d uevent(s) lost, resynchronising", why, count)
         self.resync_pending = True
-        self.sink.dispatch(SourceLoss("devices", count))
+        self.sink.dispatch(SourceLoss(NAME, count))
 
     def caught_up(self) -> None:
         if not self.resync_pending or self.monitor is None:
@@ -359,7 +352,7 @@ class DevicesSource:
         self.resync_pending = False
         later = self.monitor.new_drops()
         if later:
-            self.sink.dispatch(SourceLoss("devices", later))
+            self.sink.dispatch(SourceLoss(NAME, later))
         tracked = self.tracked
         fresh = self.monitor.enumerate(tracked)
         changes = diff(self.table, fresh)
@@ -370,13 +363,13 @@ class DevicesSource:
 
 
 def check_settings(conf: dict) -> dict:
-    return read_settings("devices", conf, SCHEMA)
+    return read_settings(NAME, conf, SCHEMA)
 
 
 def open_source(cfg) -> DevicesSource:
     """The source for this machine; raises ValueError (bad settings), ImportError
     (no pyudev) or OSError (no netlink uevent socket here)."""
-    settings = check_settings(cfg.raw.get("devices", {}))
+    settings = check_settings(cfg.raw.get(NAME, {}))
     backend, receive_buffer = settings["backend"], settings["receive_buffer"]
     import pyudev
 

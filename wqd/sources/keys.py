@@ -35,13 +35,15 @@ from wqd.events import KEY_CHANGES, Event, KeyChanged, WatchTarget
 from wqd.kernel import errors as kerr
 from wqd.kernel.credentials import Credentials, HelperPool
 from wqd.peer import PeerCredentials
-from wqd.sources import string_list_option
+from wqd.sources import Strings, check_options
+from wqd.sources.key_backends import open_backend
 from wqd.subscription import Sink
 
 log = logging.getLogger(__name__)
 
+NAME = "keys"
 SPECIAL_TARGETS = frozenset({"@u", "@us", "@p"})
-OPTIONS = frozenset({"changes"})
+OPTIONS = {"changes": Strings(KEY_CHANGES, nonempty=True)}  # Watch options (check_options)
 
 
 @dataclass(eq=False, slots=True)
@@ -105,7 +107,7 @@ class TokenBuckets:
 
 
 class KeysSource:
-    name = "keys"
+    name = NAME
 
     def __init__(self, backend, *, resolve_keys: bool = True, helper_timeout: float = 5.0,
                  helpers_max: int = 64, watch_rate: float = 20.0, watch_burst: int = 40) -> None:
@@ -169,12 +171,7 @@ class KeysSource:
     # -- Watch() ----------------------------------------------------------
 
     async def resolve(self, peer: PeerCredentials, spec: str, options: dict) -> WatchTarget:
-        unknown = set(options) - OPTIONS
-        if unknown:
-            raise InvalidArgument(f"unknown option(s) for keys: {', '.join(sorted(unknown))}")
-        changes = string_list_option(options, "changes", KEY_CHANGES)
-        if changes is not None and not changes:
-            raise InvalidArgument("option 'changes' must not be empty")
+        changes = check_options(NAME, OPTIONS, options)["changes"]
         if spec in SPECIAL_TARGETS:
             if not self.resolve_keys:
                 raise NotSupported(f"{spec} cannot be resolved by the {self.backend} backend; pass a serial")
@@ -183,7 +180,7 @@ class KeysSource:
         else:
             serial = parse_serial(spec)
         if not self.resolve_keys:
-            return WatchTarget("keys", spec, serial, extra={"changes": changes})
+            return WatchTarget(NAME, spec, serial, extra={"changes": changes})
         if peer.uid != 0 and not self.rate.take(peer.uid):
             raise LimitsExceeded(f"too many keys Watch calls from uid {peer.uid}; "
                                  f"at most {self.rate.rate:g} a second")
@@ -209,7 +206,7 @@ class KeysSource:
             # KEYCTL_WATCH_KEY waits until construction ends (lookup_user_key without
             # KEY_LOOKUP_PARTIAL): arming now would stall the helper on the constructor.
             raise NotSupported(f"key {serial} is still under construction; watch it once it is instantiated")
-        return WatchTarget("keys", spec, serial, desc.uid, desc.gid, desc.perm,
+        return WatchTarget(NAME, spec, serial, desc.uid, desc.gid, desc.perm,
                            extra={"type": desc.type, "description": desc.description, "changes": changes})
 
     def routes(self, sub) -> Iterable[Hashable]:
@@ -305,3 +302,13 @@ class KeysSource:
 
     def emit_change(self, key: int, change: str, aux: int = 0) -> None:
         self.sink.dispatch(KeyChanged(key, change, aux))
+
+
+def open_source(cfg) -> KeysSource:
+    """The source for this machine from the ``[keys]`` settings (checked when the
+    configuration was read: ``wqd.config``)."""
+    backend = open_backend(cfg.keys_backend, replay_path=cfg.keys_replay_path,
+                           interval=cfg.keys_poll_interval, pages=cfg.keys_queue_pages)
+    return KeysSource(backend, resolve_keys=backend.name != "replay", helper_timeout=cfg.keys_helper_timeout,
+                      helpers_max=cfg.keys_helpers_max, watch_rate=cfg.keys_watch_rate,
+                      watch_burst=cfg.keys_watch_burst)
