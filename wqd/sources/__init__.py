@@ -12,27 +12,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from wqd.errors import InvalidArgument
+from wqd.settings import read_settings  # a source's [section]: wqd.settings
 from wqd.subscription import ANY, Sink, Source, Subscription
 
 __all__ = ["ANY", "Flag", "Sink", "Source", "Strings", "Subscription", "check_options", "read_settings",
            "string_list_option"]
-
-
-def read_settings(section: str, conf: dict, schema: dict) -> dict:
-    """A source's ``[section]`` table checked against *schema* (key -> (types,
-    default, check, what the check wants)): every key, defaults filled in.
-    Raises ValueError naming ``section.key``; used when the source opens and by
-    ``wqd --check-config``."""
-    unknown = sorted(set(conf) - set(schema))
-    if unknown:
-        raise ValueError(f"unknown setting {section}.{unknown[0]}")
-    settings = {}
-    for key, (types, default, check, want) in schema.items():
-        value = conf.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, types) or not check(value):
-            raise ValueError(f"{section}.{key} must be {want}, not {value!r}")
-        settings[key] = value
-    return settings
 
 
 def string_list_option(options: dict, key: str, allowed: Iterable[str] | None = None) -> frozenset[str] | None:

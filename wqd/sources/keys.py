@@ -44,6 +44,17 @@ log = logging.getLogger(__name__)
 NAME = "keys"
 SPECIAL_TARGETS = frozenset({"@u", "@us", "@p"})
 OPTIONS = {"changes": Strings(KEY_CHANGES, nonempty=True)}  # Watch options (check_options)
+BACKENDS = ("auto", "watch_queue", "proc-keys", "replay")
+SETTINGS = {  # [keys] (wqd.settings), read with the rest of the file: bad ones stop wqd (wqd.config)
+    "backend": (str, "auto", lambda v: v in BACKENDS, "auto, watch_queue, proc-keys or replay"),
+    "poll_interval": ((int, float), 1.0, lambda v: 0.01 <= v <= 3600, "0.01..3600"),  # proc-keys, seconds
+    "queue_pages": (int, 4, lambda v: 1 <= v <= 16, "1..16"),  # watch_queue: pipe size in pages
+    "replay_path": (str, "", lambda v: True, "a path"),  # replay: file or FIFO of kernel-format records
+    "helper_timeout": ((int, float), 5.0, lambda v: 0.1 <= v <= 600, "0.1..600"),  # seconds per operation
+    "helpers_max": (int, 64, lambda v: 1 <= v <= 4096, "1..4096"),  # credential helper processes at once
+    "watch_rate": ((int, float), 20.0, lambda v: 0.01 <= v <= 1e6, "0.01..1000000"),  # Watch calls a second ...
+    "watch_burst": (int, 40, lambda v: 1 <= v <= 1_000_000, "1..1000000"),  # ... and at once, per non-root uid
+}
 
 
 @dataclass(eq=False, slots=True)
