@@ -11,6 +11,7 @@ import asyncio
 
 import pytest
 
+from support import PathSource
 from wqd import hub as hub_module
 from wqd import lanes
 from wqd.errors import LimitsExceeded
@@ -20,7 +21,6 @@ from wqd.peer import PeerCredentials
 from wqd.policy import PolicyStack
 from wqd.policy.unix import UnixPolicy
 
-from test_hub_limits import PathSource
 
 pytestmark = pytest.mark.asyncio
 
