@@ -156,10 +156,11 @@ def test_conf_page_names_every_setting():
     for section in sorted(config.KNOWN_SECTIONS):
         assert f"[{section}]" in text, section
     from wqd.policy import polkit
-    from wqd.sources import devices, mounts
+    from wqd.sources import registry
 
-    schemas = {section: schema for section, (schema, _prefix) in config.SECTIONS.items()}
-    schemas.update({"devices": devices.SCHEMA, "mounts": mounts.SCHEMA, "policy.polkit": polkit.SETTINGS})
+    schemas = {name: kind.settings for name, kind in registry.SOURCES.items()}
+    schemas.update({section: schema for section, (schema, _prefix) in config.SECTIONS.items()})
+    schemas["policy.polkit"] = polkit.SETTINGS
     missing = sorted(f"{s}.{k}" for s, schema in schemas.items() for k in schema
                      if not re.search(rf"^\s*{k} = ", text, re.M))
     assert missing == [], f"settings not documented in wqd.conf(5): {missing}"

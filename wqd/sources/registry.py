@@ -30,15 +30,16 @@ class SourceKind:
     name: str  # the Watch() source argument, the [section] of its settings
     open: Callable[[object], Source]  # the wqd.config.Config -> the source
     check_settings: Callable[[dict], dict] | None  # its [section] -> checked settings; raises ValueError
+    settings: dict  # the schema of its [section] (wqd.settings), for wqd.conf(5)'s check
     needs: tuple[str, ...] = ()  # what it cannot run without from wqd.kernel.libc's per-architecture table
 
 
 # In the order the daemon opens them (and Sources lists them). mounts without
 # statmount/listmount falls back to mountinfo by itself: it needs nothing here.
 SOURCES: dict[str, SourceKind] = {kind.name: kind for kind in (
-    SourceKind(KEYS, keys.open_source, None, needs=("keyctl",)),
-    SourceKind(DEVICES, devices.open_source, devices.check_settings),
-    SourceKind(MOUNTS, mounts.open_source, mounts.check_settings),
-    SourceKind(FS_ERRORS, fs_errors.open_source, fs_errors.check_settings, needs=("struct statfs",)),
+    SourceKind(KEYS, keys.open_source, None, keys.SETTINGS, needs=("keyctl",)),
+    SourceKind(DEVICES, devices.open_source, devices.check_settings, devices.SCHEMA),
+    SourceKind(MOUNTS, mounts.open_source, mounts.check_settings, mounts.SCHEMA),
+    SourceKind(FS_ERRORS, fs_errors.open_source, fs_errors.check_settings, {}, needs=("struct statfs",)),  # none yet
 )}
 NAMES = frozenset(SOURCES)
