@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
 # Key change subtypes 0-7 (enum key_notification_subtype,
@@ -199,4 +199,30 @@ class WatchTarget:
     uid: int | None = None
     gid: int | None = None
     perm: int | None = None
-    extra: dict = field(default_factory=dict, hash=False, compare=False)
+    extra: dict = field(default_factory=dict, hash=False, compare=False)  # untyped: mounts, fs-errors (TODO)
+
+    def details(self) -> dict:
+        """What the source resolved beyond the fields above, by name: the hub pools
+        equal option sets and charges their size (``wqd.hub``). The dict itself
+        for an untyped target."""
+        return self.extra
+
+    def share(self, pooled: dict) -> None:
+        """Hold the hub's pooled copies of equal details instead of this call's."""
+        self.extra.update(pooled)
+
+
+_COMMON = ("source", "spec", "object_id", "uid", "gid", "perm", "extra")
+
+
+@dataclass(frozen=True, slots=True)
+class TypedTarget(WatchTarget):
+    """Base of a source's own target dataclass (``KeyTarget``, ``DeviceTarget``):
+    its fields beyond ``WatchTarget``'s are its details, typed, instead of ``extra``."""
+
+    def details(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _COMMON}
+
+    def share(self, pooled: dict) -> None:
+        for name, value in pooled.items():
+            object.__setattr__(self, name, value)  # frozen: an equal value, the pool's copy

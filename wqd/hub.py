@@ -232,10 +232,10 @@ class Hub:
                        spec: str) -> tuple[dict, list, int]:
         """One stored copy per distinct option set: the subscription keeps the pool's
         (the caller's own copies are dropped with the call), and its target's
-        ``extra`` the pool's frozensets. Returns (options, pool entry, bytes to
+        details (``WatchTarget.details``) the pool's frozensets. Returns (options, pool entry, bytes to
         charge for the subscription itself) and raises ``LimitsExceeded`` when *uid*
         cannot afford them. Nothing is held until ``_hold_options``."""
-        extra = target.extra
+        extra = target.details()
         key = (source, canonical(options), canonical(extra))
         entry = self._options.get(key)
         if entry is None:
@@ -246,8 +246,7 @@ class Hub:
         charge = SUBSCRIPTION_BYTES + len(spec)
         options_charge = 0 if (uid, key) in self._uid_options else size
         self._check_budget(uid, charge + options_charge)
-        for k, v in shared_extra.items():  # equal frozensets: the pool's copy instead of this call's
-            extra[k] = v
+        target.share(shared_extra)  # equal frozensets: the pool's copy instead of this call's
         return shared_options, entry, charge
 
     def _hold_options(self, uid: int, entry: list) -> tuple:

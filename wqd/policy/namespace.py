@@ -34,11 +34,9 @@ _ID_OPTION = re.compile(r"([a-z_]*)(uid|gid)=(\d+)")
 
 
 def target_mnt_ns(target: WatchTarget) -> int | None:
-    """The mount namespace a mounts target is in (as the mounts source resolved it)."""
-    ns = target.extra.get("mnt_ns") if target.extra else None
-    if ns is None:
-        ns = target.object_id or None
-    return ns
+    """The mount namespace a mounts target is in (the mounts source resolves it as
+    the target's ``object_id``)."""
+    return target.object_id or None
 
 
 def translate_options(options: str, peer: PeerCredentials) -> str:

@@ -76,9 +76,10 @@ import logging
 import re
 import time
 from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
 
 from wqd.errors import InvalidArgument, LimitsExceeded, NotSupported
-from wqd.events import DeviceChanged, Event, SourceLoss, WatchTarget
+from wqd.events import DeviceChanged, Event, SourceLoss, TypedTarget
 from wqd.kernel.netlink import RECEIVE_BUFFER_MAX
 from wqd.parse.uevent import diff, synthesise
 from wqd.peer import PeerCredentials
@@ -116,6 +117,16 @@ def parse_subsystem(spec: str) -> str | None:
     return spec
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceTarget(TypedTarget):
+    """A devices target: a subsystem (``None``: all) and the Watch options."""
+
+    subsystem: str | None = None
+    actions: frozenset[str] | None = None  # None: every action
+    properties: frozenset[str] | None = None  # the properties to keep (``shape``); None: all
+    initial: bool = False  # an initial snapshot of the subsystem's devices first
+
+
 class DevicesSource:
     name = NAME
 
@@ -141,7 +152,7 @@ class DevicesSource:
 
     # -- Watch() ----------------------------------------------------------
 
-    async def resolve(self, peer: PeerCredentials, spec: str, options: dict) -> WatchTarget:
+    async def resolve(self, peer: PeerCredentials, spec: str, options: dict) -> DeviceTarget:
         checked = check_options(NAME, OPTIONS, options)
         actions, properties, initial = checked["actions"], checked["properties"], checked["initial"]
         if properties is not None:
@@ -152,24 +163,23 @@ class DevicesSource:
         subsystem = parse_subsystem(spec)
         if peer.uid != 0 and self._costly(subsystem, initial):
             await self._wait_turn(peer.uid)
-        return WatchTarget(NAME, spec, extra={
-            "subsystem": subsystem, "actions": actions, "properties": properties, "initial": initial})
+        return DeviceTarget(NAME, spec, subsystem=subsystem, actions=actions, properties=properties, initial=initial)
 
     def routes(self, sub) -> Iterable[Hashable]:
-        subsystem = sub.target.extra["subsystem"]
+        subsystem = sub.target.subsystem
         return (ANY,) if subsystem is None else (subsystem,)
 
     def accepts(self, sub, event: Event) -> bool:
-        actions = sub.target.extra["actions"]
+        actions = sub.target.actions
         return actions is None or event.action in actions
 
     def shape_key(self, sub):
         """Subscriptions with equal keys get equal ``shape`` results (the hub shares them)."""
-        return sub.target.extra["properties"]
+        return sub.target.properties
 
     def shape(self, sub, event: DeviceChanged) -> DeviceChanged:
         """Only the properties the subscription asked for (``"properties"``)."""
-        wanted = sub.target.extra["properties"]
+        wanted = sub.target.properties
         if wanted is None:
             return event
         props = event.properties
@@ -203,9 +213,9 @@ class DevicesSource:
         self._turn[uid] = max(self._turn.get(uid, 0.0), now + max(PACE, took * PACE_FACTOR))
 
     def attach(self, sub) -> None:
-        subsystem = sub.target.extra["subsystem"]
+        subsystem = sub.target.subsystem
         started = time.monotonic()
-        costly = self._costly(subsystem, sub.target.extra["initial"])
+        costly = self._costly(subsystem, sub.target.initial)
         opened = False
         if self._linger is not None:
             self._linger.cancel()
@@ -220,7 +230,7 @@ class DevicesSource:
         self.subs.setdefault(subsystem, set()).add(sub)
         try:
             self._track()
-            if sub.target.extra["initial"]:
+            if sub.target.initial:
                 snapshot = sorted((devpath, record) for devpath, record in self.table.items()
                                   if subsystem is None or record[0] == subsystem)
                 self.sink.preload(sub, synthesise(
@@ -250,7 +260,7 @@ class DevicesSource:
             self._close()
 
     def _forget(self, sub) -> None:
-        subsystem = sub.target.extra["subsystem"]
+        subsystem = sub.target.subsystem
         bucket = self.subs.get(subsystem)
         if bucket is not None:
             bucket.discard(sub)

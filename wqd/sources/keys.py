@@ -31,7 +31,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NotSupported
-from wqd.events import KEY_CHANGES, Event, KeyChanged, WatchTarget
+from wqd.events import KEY_CHANGES, Event, KeyChanged, TypedTarget
 from wqd.kernel import errors as kerr
 from wqd.kernel.credentials import Credentials, HelperPool
 from wqd.peer import PeerCredentials
@@ -55,6 +55,16 @@ SETTINGS = {  # [keys] (wqd.settings), read with the rest of the file: bad ones 
     "watch_rate": ((int, float), 20.0, lambda v: 0.01 <= v <= 1e6, "0.01..1000000"),  # Watch calls a second ...
     "watch_burst": (int, 40, lambda v: 1 <= v <= 1_000_000, "1..1000000"),  # ... and at once, per non-root uid
 }
+
+
+@dataclass(frozen=True, slots=True)
+class KeyTarget(TypedTarget):
+    """A keys target: ``object_id`` is the key's serial; ``uid``/``gid``/``perm`` its
+    owner and permission word (none with the replay backend)."""
+
+    changes: frozenset[str] | None = None  # the ``changes`` option; None: every change
+    type: str = ""  # the key's type and description, as the kernel described it
+    description: str = ""
 
 
 @dataclass(eq=False, slots=True)
@@ -181,7 +191,7 @@ class KeysSource:
 
     # -- Watch() ----------------------------------------------------------
 
-    async def resolve(self, peer: PeerCredentials, spec: str, options: dict) -> WatchTarget:
+    async def resolve(self, peer: PeerCredentials, spec: str, options: dict) -> KeyTarget:
         changes = check_options(NAME, OPTIONS, options)["changes"]
         if spec in SPECIAL_TARGETS:
             if not self.resolve_keys:
@@ -191,7 +201,7 @@ class KeysSource:
         else:
             serial = parse_serial(spec)
         if not self.resolve_keys:
-            return WatchTarget(NAME, spec, serial, extra={"changes": changes})
+            return KeyTarget(NAME, spec, serial, changes=changes)
         if peer.uid != 0 and not self.rate.take(peer.uid):
             raise LimitsExceeded(f"too many keys Watch calls from uid {peer.uid}; "
                                  f"at most {self.rate.rate:g} a second")
@@ -217,14 +227,14 @@ class KeysSource:
             # KEYCTL_WATCH_KEY waits until construction ends (lookup_user_key without
             # KEY_LOOKUP_PARTIAL): arming now would stall the helper on the constructor.
             raise NotSupported(f"key {serial} is still under construction; watch it once it is instantiated")
-        return WatchTarget(NAME, spec, serial, desc.uid, desc.gid, desc.perm,
-                           extra={"type": desc.type, "description": desc.description, "changes": changes})
+        return KeyTarget(NAME, spec, serial, desc.uid, desc.gid, desc.perm, changes=changes, type=desc.type,
+                         description=desc.description)
 
     def routes(self, sub) -> Iterable[Hashable]:
         return (sub.target.object_id,)
 
     def accepts(self, sub, event: Event) -> bool:
-        changes = sub.target.extra.get("changes")
+        changes = sub.target.changes
         return changes is None or event.change in changes
 
     async def attach(self, sub) -> None:
@@ -303,7 +313,7 @@ class KeysSource:
         wanted: set[str] = set()
         for watch in self.watches.values():
             for sub in watch.subs:
-                changes = sub.target.extra.get("changes")
+                changes = sub.target.changes
                 if changes is None:
                     return None
                 wanted |= changes
