@@ -9,7 +9,9 @@ import pytest
 import pytest_asyncio
 
 import support
+from mounts_support import make_private_tmpfs, remove_tmpfs
 from support import Client, start_bus, start_wqd
+from udev import no_udevd, udevd  # noqa: F401 - the devices tests' fixtures, registered here
 
 
 # -- tier markers: a test that starts a bus must say so (make test-unit / test-bus) --
@@ -164,3 +166,13 @@ def pytest_sessionfinish(session, exitstatus):
         for nodeid, reason in bad:
             print(f"\nskip not allowed: {nodeid}: {reason or '(no reason given)'}")
         session.exitstatus = 1
+
+
+@pytest.fixture
+def base():
+    """A private tmpfs for a mounts test's mounts: nothing propagates in or out."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    d = make_private_tmpfs("wqd-mnt-")
+    yield d
+    remove_tmpfs(d)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import grp
 import os
+import pwd
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from support import PYTHON, REPO, ForeignClient, keyctl
+from support import PYTHON, REPO, ForeignClient, keyctl, wait_for_name
 
 POLICY_CONFIG = """
 [keys]
@@ -165,3 +167,86 @@ watch.texts = []  # (source, target, error, text) of every refusal, for failure 
 
 def sh(*cmd: str) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+# -- the real polkitd on a private bus (test_polkit.py, hostile/) -----------------
+POLKITD = "/usr/lib/polkit-1/polkitd"
+
+
+POLKIT_NAME = "org.freedesktop.PolicyKit1"
+
+
+# keys: only uid 1000's user; every other wqd action: no. (polkitd itself always
+# authorizes uid 0.)
+JS_RULE = """
+polkit.addRule(function(action, subject) {
+    if (action.id.indexOf("io.wqd.") != 0) return polkit.Result.NOT_HANDLED;
+    if (action.id == "io.wqd.watch-keys" && subject.user == "%s") return polkit.Result.YES;
+    return polkit.Result.NO;
+});
+"""
+
+START_POLKITD = r"""
+set -e
+mount --make-rprivate /
+mount --bind "$1/actions" /usr/share/polkit-1/actions
+mount --bind "$1/rules" /etc/polkit-1/rules.d
+mount --bind "$1/empty" /usr/share/polkit-1/rules.d
+exec "$2" --no-debug
+"""
+
+
+
+async def start_polkitd(tmp_path, address: str):
+    """The real polkitd on the bus at *address*, owning org.freedesktop.PolicyKit1, and
+    its log file (the caller ends both); skips where it cannot run."""
+    if not os.access(POLKITD, os.X_OK):
+        pytest.skip(f"{POLKITD} is not installed (Debian package polkitd)")
+    try:
+        user = pwd.getpwuid(1000).pw_name
+    except KeyError:
+        pytest.skip("uid 1000 has no name for the polkit rule")
+    conf = tmp_path / "polkit"
+    for d in ("actions", "rules", "empty"):
+        (conf / d).mkdir(parents=True)
+    shutil.copy(REPO / "data" / "polkit-1" / "actions" / "io.wqd.policy", conf / "actions")
+    (conf / "rules" / "10-wqd-test.rules").write_text(JS_RULE % user)
+    log = open(tmp_path / "polkitd.log", "w")
+    proc = subprocess.Popen(["unshare", "-m", "sh", "-c", START_POLKITD, "sh", str(conf), POLKITD],
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": address})
+    try:
+        await wait_for_name(address, POLKIT_NAME, proc, timeout=15)
+    except RuntimeError as exc:
+        proc.kill()
+        proc.wait()
+        log.close()
+        pytest.skip(f"polkitd cannot run here: {exc}: {(tmp_path / 'polkitd.log').read_text()}")
+    return proc, log
+
+
+# -- a peer inside a fake Flatpak sandbox (test_sandbox.py, hostile/) -------------
+APP = "org.wqd.TestApp"
+
+
+
+# Run as root in a new mount namespace: a tmpfs root with all the host's top-level trees bound in
+# and a .flatpak-info on top, then chroot into it and drop to the peer's uid.
+FLATPAK_ROOT = r"""
+set -e
+R=$1; APP=$2; shift 2
+mount --make-rprivate /
+mount -t tmpfs -o size=1m,mode=755 wqd-flatpak "$R"
+for d in /*; do  # every top-level tree, wherever the checkout lives (/work, /check, /home, ...)
+    [ -d "$d" ] && [ ! -L "$d" ] || continue
+    mkdir -p "$R$d"; mount --rbind "$d" "$R$d"
+done
+for l in bin sbin lib lib32 lib64 libx32; do
+    [ -L "/$l" ] && ln -s "$(readlink "/$l")" "$R/$l"
+done
+printf '[Application]\nname=%s\nruntime=runtime/org.freedesktop.Platform/x86_64/23.08\n\n[Instance]\ninstance-id=1\n' \
+    "$APP" > "$R/.flatpak-info"
+chmod 444 "$R/.flatpak-info"
+mount -o remount,ro "$R"
+exec chroot "$R" "$@"
+"""

@@ -14,12 +14,16 @@ import subprocess
 import tempfile
 import sys
 import textwrap
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
+
+from wqd.events import WatchTarget
+from wqd.parse.watch_queue import encode_key_record
 
 REPO = Path(__file__).resolve().parent.parent
 BUS_NAME = "io.wqd.WatchQueue1"
@@ -345,3 +349,63 @@ def variant_options(**kw) -> dict:
         else:
             raise TypeError(k)
     return out
+
+
+# -- the replay backend fed from a FIFO (flow control, clients) --------------------
+
+KEY = 1234  # the key serial feed() writes records for
+
+
+def feed(fifo, n: int) -> threading.Thread:
+    """Write *n* kernel-format records into the FIFO from a thread (the FIFO blocks)."""
+    changes = ("linked", "unlinked", "updated", "setattr")
+
+    def run():
+        with open(fifo, "wb", buffering=0) as f:
+            batch = bytearray()
+            for i in range(n):
+                batch += encode_key_record(KEY, changes[i % 4], i)
+                if len(batch) >= 4096:
+                    f.write(batch)
+                    batch.clear()
+            f.write(batch)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+
+def replay_config(fifo, queue_length=1024):
+    return f"""
+        [daemon]
+        queue_length = {queue_length}
+        [keys]
+        backend = "replay"
+        replay_path = "{fifo}"
+    """
+
+
+# -- a source for hub tests without a daemon (test_hub_*.py) ----------------------
+
+
+class PathSource:
+    """The least a source is: one route per target, no kernel state."""
+
+    name = "fs-errors"
+    backend = "test"
+
+    async def resolve(self, peer, spec, options):
+        return WatchTarget("fs-errors", spec)
+
+    def routes(self, sub):
+        return (sub.target.spec,)
+
+    def attach(self, sub):
+        pass
+
+    def detach(self, sub):
+        pass
+
+    def accepts(self, sub, event):
+        return True

@@ -40,8 +40,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from support import PYTHON, REPO, keyctl
-from test_flow_control import feed, replay_config
+from support import PYTHON, REPO, feed, keyctl, replay_config
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.bus, pytest.mark.root]
 

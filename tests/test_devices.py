@@ -16,8 +16,7 @@ import pytest
 from dbus_fast import Variant
 
 from support import IFACE, MANAGER, SUB_IFACE, ForeignClient
-from test_devices_uevent import config, device_signals, lost_total, storm
-from udev import NULL_DEVPATH, LoopDevice, Udevd, ext4_image, no_udevd, trigger, udevd  # noqa: F401 - fixtures
+from udev import NULL_DEVPATH, LoopDevice, Udevd, config, device_signals, ext4_image, lost_total, storm, trigger
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
 

@@ -13,40 +13,14 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 from dbus_fast import Variant
 
 from support import IFACE, MANAGER, PYTHON, SUB_IFACE, ForeignClient
-from udev import NULL_DEVPATH, LoopDevice, no_udevd, trigger  # noqa: F401 - no_udevd is a fixture
+from udev import NULL_DEVPATH, LoopDevice, config, device_signals, lost_total, start, storm, trigger
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
-
-UEVENT_CONFIG = """
-[devices]
-backend = "{backend}"
-{extra}
-"""
-
-
-def config(backend: str = "auto", extra: str = "") -> str:
-    return UEVENT_CONFIG.format(backend=backend, extra=extra)
-
-
-def device_signals(client, path: str, devpath: str | None = None) -> list:
-    return [body for member, body in client.signals[path]
-            if member == "DeviceChanged" and (devpath is None or body[1] == devpath)]
-
-
-def lost_total(client, path: str) -> int:
-    return sum(body[0] for member, body in client.signals[path] if member == "Lost")
-
-
-async def start(system_bus, wqd_factory, client_factory, cfg: str):
-    daemon = await wqd_factory(system_bus, config=cfg)
-    client = await client_factory(system_bus.address)
-    return daemon, client
 
 
 async def test_backend_is_uevent_without_udevd(no_udevd, system_bus, wqd_factory, client_factory):
@@ -194,58 +168,6 @@ async def test_enobufs_lost_then_resync(no_udevd, system_bus, wqd_factory, clien
         finally:
             os.kill(daemon.proc.pid, signal.SIGCONT)
     assert "enlarged" in daemon.log_text()
-
-
-STORM_WRITER = """
-import sys
-n = int(sys.argv[1])
-with open("/sys/devices/virtual/mem/null/uevent", "w") as f:
-    for _ in range(n):
-        f.write("change")
-        f.flush()
-"""
-
-
-async def storm(system_bus, wqd_factory, client_factory, cfg: str, n: int) -> None:
-    """*n* uevents while another client calls ListSubscriptions in a loop: every call
-    answered, and per subscriber every uevent delivered or counted in Lost, exactly."""
-    _daemon, watcher = await start(system_bus, wqd_factory, client_factory, cfg)
-    caller = await client_factory(system_bus.address)
-    path = await watcher.watch("devices", "mem")
-    other = await watcher.watch("devices", "", {"properties": Variant("as", ["SEQNUM"])})
-    await caller.watch("keys", "@u")
-    started = time.monotonic()
-    writer = await asyncio.create_subprocess_exec(PYTHON, "-c", STORM_WRITER, str(n))
-    latencies = []
-
-    def accounted(sub: str) -> int:
-        return len(device_signals(watcher, sub, NULL_DEVPATH)) + lost_total(watcher, sub)
-
-    async def call_loop():
-        while writer.returncode is None or accounted(path) < n or accounted(other) < n:
-            t0 = time.monotonic()
-            reply = await asyncio.wait_for(caller.call(MANAGER, IFACE, "ListSubscriptions"), 10)
-            latencies.append(time.monotonic() - t0)
-            assert len(reply.body[0]) == 1
-            await asyncio.sleep(0.005)
-
-    calls = asyncio.ensure_future(call_loop())
-    try:
-        assert await writer.wait() == 0
-        await asyncio.wait_for(calls, 90)
-    finally:
-        calls.cancel()
-    assert len(latencies) > 10 and max(latencies) < 5.0
-    for sub in (path, other):
-        null = device_signals(watcher, sub, NULL_DEVPATH)
-        lost = lost_total(watcher, sub)
-        assert await watcher.get(sub, SUB_IFACE, "Delivered") == len(device_signals(watcher, sub))
-        assert await watcher.get(sub, SUB_IFACE, "Lost") == lost
-        assert len(null) <= n and len(null) + lost >= n
-    # nothing was lost at all (back-pressure keeps uevents in the kernel): exactly n each
-    assert accounted(path) == n and accounted(other) == n
-    print(f"storm: {n} uevents in {time.monotonic() - started:.1f} s; ListSubscriptions max "
-          f"{max(latencies) * 1000:.1f} ms over {len(latencies)} calls; lost {lost_total(watcher, path)}")
 
 
 async def test_storm_calls_answered_and_exact_accounting(no_udevd, system_bus, wqd_factory, client_factory):

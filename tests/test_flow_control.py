@@ -5,46 +5,14 @@ grow memory without bound, and every event is either delivered or counted lost.
 import asyncio
 import os
 import signal
-import threading
 
 import pytest
 
-from support import IFACE, MANAGER, SUB_IFACE, Client, ForeignClient, start_bus
+from support import IFACE, KEY, MANAGER, SUB_IFACE, Client, ForeignClient, feed, replay_config, start_bus
 from udev import NULL_DEVPATH, trigger
 from wqd.parse.watch_queue import encode_key_record
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.bus]
-
-KEY = 1234
-
-
-def feed(fifo, n: int) -> threading.Thread:
-    """Write *n* kernel-format records into the FIFO from a thread (the FIFO blocks)."""
-    changes = ("linked", "unlinked", "updated", "setattr")
-
-    def run():
-        with open(fifo, "wb", buffering=0) as f:
-            batch = bytearray()
-            for i in range(n):
-                batch += encode_key_record(KEY, changes[i % 4], i)
-                if len(batch) >= 4096:
-                    f.write(batch)
-                    batch.clear()
-            f.write(batch)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
-
-
-def replay_config(fifo, queue_length=1024):
-    return f"""
-        [daemon]
-        queue_length = {queue_length}
-        [keys]
-        backend = "replay"
-        replay_path = "{fifo}"
-    """
 
 
 def vm_hwm_kb(pid: int) -> int:
@@ -312,7 +280,6 @@ async def test_a_uid_that_stalled_gets_no_grace(tmp_path, wqd_factory, quota_bus
     finally:
         first.close()
         second.close()
-
 
 
 async def jeepney_peer(address: str):

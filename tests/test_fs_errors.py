@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from support import IFACE, MANAGER, PYTHON, REPO, BusError, ForeignClient, variant_options
-from test_mounts import NamespacePeer, base, sh  # noqa: F401 - base is a fixture
+from mounts_support import NamespacePeer, sh
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
 

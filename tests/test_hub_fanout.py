@@ -11,6 +11,7 @@ import asyncio
 
 import pytest
 
+from support import PathSource
 from wqd import hub as hub_module
 from wqd import lanes
 from wqd.errors import LimitsExceeded
@@ -20,7 +21,6 @@ from wqd.peer import PeerCredentials
 from wqd.policy import PolicyStack
 from wqd.policy.unix import UnixPolicy
 
-from test_hub_limits import PathSource
 
 pytestmark = pytest.mark.asyncio
 
@@ -235,3 +235,29 @@ async def test_a_failing_filter_loses_the_event_for_its_lane_and_nothing_sticks(
         await settle(hub)
     assert [type(i) for i in sub.queue] == [LostMark, MountChanged] and sub.lost == 1
     assert "delivering to uid 1000 failed" in caplog.text and not hub.congested
+
+
+class TypedDevices(PathSource):
+    """A source with a typed target (wqd.events.TypedTarget): its fields are pooled as ``extra`` is."""
+
+    name = "devices"
+
+    async def resolve(self, peer, spec, options):
+        from wqd.sources.devices import DeviceTarget
+
+        return DeviceTarget("devices", spec, properties=options.get("properties"))
+
+
+async def test_a_typed_targets_fields_are_pooled_and_charged_like_extra():
+    hub = Hub({"devices": TypedDevices()}, PolicyStack([CountingUnix()]), Limits(subscriptions_per_peer=10_000))
+    alice = peer(1, 1000)
+    big = {"properties": frozenset(f"P{i:03d}" + "x" * 124 for i in range(256))}
+    first = await hub.watch(alice, "devices", "", dict(big))
+    one = hub.held_by(1000)
+    assert one > 256 * 128
+    copies = [{"properties": frozenset(sorted(big["properties"]))} for _ in range(10)]  # equal, not the same
+    same = [await hub.watch(alice, "devices", "", options) for options in copies]
+    assert hub.held_by(1000) == one + 10 * hub_module.SUBSCRIPTION_BYTES
+    assert all(s.target.properties is first.target.properties for s in same)  # the pool's one copy
+    assert first.target.details() == {"subsystem": None, "actions": None, "properties": big["properties"],
+                                      "initial": False}

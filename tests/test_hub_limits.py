@@ -7,34 +7,13 @@ import asyncio
 
 import pytest
 
-from wqd.events import FilesystemError, WatchTarget
+from support import PathSource
+from wqd.events import FilesystemError
 from wqd.hub import Hub, Limits
 from wqd.peer import PeerCredentials
 from wqd.policy import ALLOW
 
 pytestmark = pytest.mark.asyncio
-
-
-class PathSource:
-    """The least a source is: one route per target, no kernel state."""
-
-    name = "fs-errors"
-    backend = "test"
-
-    async def resolve(self, peer, spec, options):
-        return WatchTarget("fs-errors", spec)
-
-    def routes(self, sub):
-        return (sub.target.spec,)
-
-    def attach(self, sub):
-        pass
-
-    def detach(self, sub):
-        pass
-
-    def accepts(self, sub, event):
-        return True
 
 
 class AllowAll:

@@ -155,7 +155,14 @@ def test_conf_page_names_every_setting():
     text = rendered("wqd.conf.5")
     for section in sorted(config.KNOWN_SECTIONS):
         assert f"[{section}]" in text, section
-    missing = sorted(f"{s}.{k}" for s, k in config._SCHEMA if not re.search(rf"^\s*{k} = ", text, re.M))
+    from wqd.policy import polkit
+    from wqd.sources import registry
+
+    schemas = {name: kind.settings for name, kind in registry.SOURCES.items()}
+    schemas.update({section: schema for section, (schema, _prefix) in config.SECTIONS.items()})
+    schemas["policy.polkit"] = polkit.SETTINGS
+    missing = sorted(f"{s}.{k}" for s, schema in schemas.items() for k in schema
+                     if not re.search(rf"^\s*{k} = ", text, re.M))
     assert missing == [], f"settings not documented in wqd.conf(5): {missing}"
 
 

@@ -10,101 +10,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
 
 import pytest
 
 from support import IFACE, MANAGER, PYTHON, REPO, SUB_IFACE, BusError, ForeignClient, request_until_ok, \
     variant_options
+from mounts_support import (BACKENDS, FANOTIFY, MOUNTINFO, RESOLVERS, SKIP_FANOTIFY, backend_of, mount_events,
+                            NamespacePeer, peer_mounts, sh, start, wait_mount)
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
-
-FANOTIFY = '[mounts]\nbackend = "fanotify"\n'
-MOUNTINFO = '[mounts]\nbackend = "mountinfo"\ncoalesce = 0.02\n'
-# fanotify events, mount ids named by mountinfo diffs (as where statmount is filtered)
-FANOTIFY_MOUNTINFO = '[mounts]\nbackend = "fanotify"\nresolver = "mountinfo"\n'
-
-
-def fanotify_mounts_work() -> str | None:
-    if os.geteuid() != 0:
-        return "mounting needs root"
-    from wqd.kernel.errors import KernelError
-    from wqd.sources.mount_backends import probe_fanotify
-
-    try:
-        probe_fanotify()
-    except KernelError as exc:
-        return f"no fanotify mount events here (Linux >= 6.15, CAP_SYS_ADMIN): {exc}"
-    return None
-
-
-SKIP_FANOTIFY = fanotify_mounts_work()
-BACKENDS = pytest.mark.parametrize("config", [
-    pytest.param(FANOTIFY, id="fanotify", marks=pytest.mark.skipif(bool(SKIP_FANOTIFY), reason=str(SKIP_FANOTIFY))),
-    pytest.param(MOUNTINFO, id="mountinfo", marks=pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")),
-])
-RESOLVERS = pytest.mark.parametrize("config", [
-    pytest.param(FANOTIFY, id="fanotify", marks=pytest.mark.skipif(bool(SKIP_FANOTIFY), reason=str(SKIP_FANOTIFY))),
-    pytest.param(FANOTIFY_MOUNTINFO, id="fanotify-mountinfo-resolver",
-                 marks=pytest.mark.skipif(bool(SKIP_FANOTIFY), reason=str(SKIP_FANOTIFY))),
-    pytest.param(MOUNTINFO, id="mountinfo", marks=pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")),
-])
-
-
-def backend_of(config: str) -> str:
-    return "mountinfo" if 'backend = "mountinfo"' in config else "fanotify"
-
-
-def sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True)
-
-
-def make_private_tmpfs(prefix: str) -> str:
-    d = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
-    sh("mount", "-t", "tmpfs", "-o", "size=4m", "wqd-test-base", d)
-    sh("mount", "--make-private", d)
-    return d
-
-
-def remove_tmpfs(d: str) -> None:
-    subprocess.run(["umount", "-R", "-l", d], capture_output=True)
-    os.rmdir(d)
-
-
-@pytest.fixture
-def base():
-    """A private tmpfs for the test's mounts: nothing propagates in or out."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting needs root")
-    d = make_private_tmpfs("wqd-mnt-")
-    yield d
-    remove_tmpfs(d)
-
-
-class NamespacePeer(ForeignClient):
-    """A peer client in a new private mount namespace: ``unshare -m`` as root, then
-    ``setpriv`` to *uid* (setpriv first, as ForeignClient does, would leave unshare
-    without the privilege to make the namespace)."""
-
-    def __init__(self, address: str, uid: int) -> None:
-        cmd = ["unshare", "-m", "--propagation", "private",
-               "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-               PYTHON, str(REPO / "tests" / "peer_client.py"), address]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, cwd="/")
-
-    def inside(self, *cmd: str) -> None:
-        """Run *cmd* as root in this peer's mount namespace."""
-        sh("nsenter", f"--mount=/proc/{self.proc.pid}/ns/mnt", *cmd)
-
-    async def mounts(self, n: int, wait: float = 10) -> list:
-        return await peer_mounts(self, n, wait)
-
-
-async def peer_mounts(peer: ForeignClient, n: int, wait: float = 10) -> list:
-    """The MountChanged bodies *peer* received, waiting up to *wait* s for *n* signals."""
-    got = await peer.request("signals", min=n, wait=wait)
-    return [body for _path, member, body in got["result"] if member == "MountChanged"]
 
 
 @pytest.fixture
@@ -119,24 +33,6 @@ def peers(system_bus):
     yield make
     for peer in made:
         peer.close()
-
-
-def mount_events(client, path: str) -> list:
-    return [body for member, body in client.signals[path] if member == "MountChanged"]
-
-
-async def wait_mount(client, path: str, action: str, mount_point: str, timeout: float = 10.0) -> list:
-    def found():
-        return next((b for b in mount_events(client, path) if b[0] == action and b[2] == mount_point), None)
-
-    await client.wait_for(lambda: found() is not None, timeout)
-    return found()
-
-
-async def start(system_bus, wqd_factory, client_factory, config: str):
-    await wqd_factory(system_bus, config)
-    client = await client_factory(system_bus.address)
-    return client
 
 
 @RESOLVERS
@@ -330,7 +226,6 @@ async def test_eavesdropper_receives_nothing(system_bus, wqd_factory, client_fac
     await wait_mount(host, path, "detached", target)
     got = await spy.request("signals", min=1, wait=1.0)
     assert [s for s in got["result"] if s[1] in ("MountChanged", "Lost", "Removed")] == []
-
 
 
 async def test_ordinary_user_instance_falls_back_to_mountinfo():

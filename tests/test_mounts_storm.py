@@ -16,23 +16,12 @@ import time
 import pytest
 
 from support import IFACE, MANAGER, PYTHON, SUB_IFACE
-from test_mounts import BACKENDS, FANOTIFY, SKIP_FANOTIFY, NamespacePeer, remove_tmpfs, make_private_tmpfs
+from mounts_support import (BACKENDS, FANOTIFY, SKIP_FANOTIFY, STORM, make_private_tmpfs, NamespacePeer,
+                            remove_tmpfs, tally)
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
 
 PAIRS = 1000
-STORM = """
-import ctypes, sys, time
-libc = ctypes.CDLL(None, use_errno=True)
-target, n = sys.argv[1].encode(), int(sys.argv[2])
-start = time.monotonic()
-for i in range(n):
-    if libc.mount(b"wqd-storm", target, b"tmpfs", 0, b"size=64k") != 0:
-        raise OSError(ctypes.get_errno(), "mount")
-    if libc.umount2(target, 0) != 0:
-        raise OSError(ctypes.get_errno(), "umount2")
-print(time.monotonic() - start)
-"""
 
 
 @pytest.fixture
@@ -78,28 +67,6 @@ async def max_latency(client, until: asyncio.Event) -> float:
         worst = max(worst, time.monotonic() - t)
         await asyncio.sleep(0.02)
     return worst
-
-
-def tally(signals: list, target: str) -> dict:
-    """Counts of the storm's events (its mount point, or unresolved) and of strays.
-
-    A private namespace still changes from outside in one way: removing a directory
-    that is a mount point here (another process cleaning up its temporary mount)
-    detaches that mount here too. Those are real events of this namespace, but not
-    the storm's, so they are counted apart.
-    """
-    out = {"attached": 0, "detached": 0, "moved": 0, "lost": 0, "unresolved": 0, "strays": [], "delivered": 0}
-    for _path, member, body in signals:
-        if member == "MountChanged":
-            out["delivered"] += 1
-            if body[2] in (target, ""):
-                out[body[0]] += 1
-                out["unresolved"] += not body[2]
-            else:
-                out["strays"].append(body)
-        elif member == "Lost":
-            out["lost"] += body[0]
-    return out
 
 
 @BACKENDS

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from support import REPO
-from test_mounts import BACKENDS, base, sh, wait_mount  # noqa: F401 - base is a fixture
+from mounts_support import BACKENDS, sh, wait_mount
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
 

@@ -5,7 +5,7 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from wqd.events import KEY_CHANGES, KeyChanged, KeyRemoved, SourceLoss
+from wqd.events import KEY_CHANGES, KeyChanged, SourceLoss, TargetGone
 from wqd.parse.watch_queue import (
     WatchQueueParser,
     encode_key_record,
@@ -24,7 +24,7 @@ CAPTURE = REAL_LINKED + REAL_LOSS + REAL_REMOVAL
 EXPECTED = [
     KeyChanged(0x1B0E6D7A, "linked", 0x2A5F1C03),
     SourceLoss("keys", 1, None),
-    KeyRemoved(0x1B0E6D7A, "key removed", 1),
+    TargetGone("keys", 0x1B0E6D7A, "key removed", tag=1),
 ]
 
 
@@ -62,7 +62,7 @@ def test_all_eight_subtypes(subtype, name):
 
 def test_removal_without_id_carries_the_tag():
     record = struct.pack("=II", 0, 8 | 5 << 8)  # META / REMOVAL, no id
-    assert WatchQueueParser().feed(record, final=True) == [KeyRemoved(0, "key removed", 5)]
+    assert WatchQueueParser().feed(record, final=True) == [TargetGone("keys", 0, "key removed", tag=5)]
 
 
 @pytest.mark.parametrize("bad,kind", [
@@ -129,7 +129,7 @@ def test_valid_records_round_trip(records, chunk):
         else:
             _, key, tag = r
             data += encode_removal_record(key, tag)
-            expected.append(KeyRemoved(key, "key removed", tag))
+            expected.append(TargetGone("keys", key, "key removed", tag=tag))
     parser = WatchQueueParser()
     out = []
     for i in range(0, len(data), chunk):

@@ -12,23 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pwd
 import shutil
 import signal
-import subprocess
 
 import pytest
 import pytest_asyncio
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from policy_support import CommandPeer, as_uid, policy_config, require_root, watch, world_keyring, write_rules
-from support import REPO, call, start_bus, wait_for_name
+from policy_support import CommandPeer, as_uid, policy_config, require_root, start_polkitd, watch, world_keyring, \
+    write_rules
+from support import call, start_bus
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
 
-POLKITD = "/usr/lib/polkit-1/polkitd"
-POLKIT_NAME = "org.freedesktop.PolicyKit1"
 BUS_EXTRA = """
   <policy user="polkitd"><allow own="org.freedesktop.PolicyKit1"/></policy>
   <policy user="root">
@@ -36,23 +33,6 @@ BUS_EXTRA = """
     <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Monitoring"/>
   </policy>
   <policy context="default"><allow send_destination="org.freedesktop.PolicyKit1"/></policy>
-"""
-# keys: only uid 1000's user; every other wqd action: no. (polkitd itself always
-# authorizes uid 0.)
-JS_RULE = """
-polkit.addRule(function(action, subject) {
-    if (action.id.indexOf("io.wqd.") != 0) return polkit.Result.NOT_HANDLED;
-    if (action.id == "io.wqd.watch-keys" && subject.user == "%s") return polkit.Result.YES;
-    return polkit.Result.NO;
-});
-"""
-START_POLKITD = r"""
-set -e
-mount --make-rprivate /
-mount --bind "$1/actions" /usr/share/polkit-1/actions
-mount --bind "$1/rules" /etc/polkit-1/rules.d
-mount --bind "$1/empty" /usr/share/polkit-1/rules.d
-exec "$2" --no-debug
 """
 
 
@@ -68,34 +48,6 @@ def polkit_bus(tmp_path):
     bus = start_bus(tmp_path / "bus", "system", extra=BUS_EXTRA)
     yield bus
     bus.stop()
-
-
-async def start_polkitd(tmp_path, address: str):
-    """The real polkitd on the bus at *address*, owning org.freedesktop.PolicyKit1, and
-    its log file (the caller ends both); skips where it cannot run."""
-    if not os.access(POLKITD, os.X_OK):
-        pytest.skip(f"{POLKITD} is not installed (Debian package polkitd)")
-    try:
-        user = pwd.getpwuid(1000).pw_name
-    except KeyError:
-        pytest.skip("uid 1000 has no name for the polkit rule")
-    conf = tmp_path / "polkit"
-    for d in ("actions", "rules", "empty"):
-        (conf / d).mkdir(parents=True)
-    shutil.copy(REPO / "data" / "polkit-1" / "actions" / "io.wqd.policy", conf / "actions")
-    (conf / "rules" / "10-wqd-test.rules").write_text(JS_RULE % user)
-    log = open(tmp_path / "polkitd.log", "w")
-    proc = subprocess.Popen(["unshare", "-m", "sh", "-c", START_POLKITD, "sh", str(conf), POLKITD],
-                            stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": address})
-    try:
-        await wait_for_name(address, POLKIT_NAME, proc, timeout=15)
-    except RuntimeError as exc:
-        proc.kill()
-        proc.wait()
-        log.close()
-        pytest.skip(f"polkitd cannot run here: {exc}: {(tmp_path / 'polkitd.log').read_text()}")
-    return proc, log
 
 
 @pytest_asyncio.fixture

@@ -180,7 +180,7 @@ def test_config_load_reads_rules_and_reports_file_line(tmp_path):
     ('colour = "blue"', "unknown setting policy.colour"),
     ('[policy.polkit]\ndefault = "sometimes"', "policy.polkit.default must be"),
     ('[policy.polkit]\ncache_ttl = -1', "policy.polkit.cache_ttl"),
-    ('[policy.polkit]\nretries = 3', "unknown setting(s) policy.polkit.retries"),
+    ('[policy.polkit]\nretries = 3', "unknown setting policy.polkit.retries"),
 ])
 def test_policy_section_errors_name_the_line(toml, message):
     text = f'[daemon]\nqueue_length = 64\n\n[policy]\n{toml}\n'

@@ -14,34 +14,11 @@ import uuid
 
 import pytest
 
-from policy_support import CommandPeer, NotifySocket, as_uid, policy_config, require_root, watch, world_keyring, \
-    write_rules
+from policy_support import APP, FLATPAK_ROOT, CommandPeer, NotifySocket, as_uid, policy_config, require_root, watch, \
+    world_keyring, write_rules
 from support import keyctl
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
-
-APP = "org.wqd.TestApp"
-
-# Run as root in a new mount namespace: a tmpfs root with all the host's top-level trees bound in
-# and a .flatpak-info on top, then chroot into it and drop to the peer's uid.
-FLATPAK_ROOT = r"""
-set -e
-R=$1; APP=$2; shift 2
-mount --make-rprivate /
-mount -t tmpfs -o size=1m,mode=755 wqd-flatpak "$R"
-for d in /*; do  # every top-level tree, wherever the checkout lives (/work, /check, /home, ...)
-    [ -d "$d" ] && [ ! -L "$d" ] || continue
-    mkdir -p "$R$d"; mount --rbind "$d" "$R$d"
-done
-for l in bin sbin lib lib32 lib64 libx32; do
-    [ -L "/$l" ] && ln -s "$(readlink "/$l")" "$R/$l"
-done
-printf '[Application]\nname=%s\nruntime=runtime/org.freedesktop.Platform/x86_64/23.08\n\n[Instance]\ninstance-id=1\n' \
-    "$APP" > "$R/.flatpak-info"
-chmod 444 "$R/.flatpak-info"
-mount -o remount,ro "$R"
-exec chroot "$R" "$@"
-"""
 
 
 @pytest.fixture

@@ -38,10 +38,12 @@ rules files are read and checked when the configuration is loaded (``load``,
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from wqd.settings import SettingError, read_settings
+from wqd.sources import keys, registry
 
 DEFAULT_PATH = "/etc/wqd/wqd.conf"
 DEFAULT_RULES = ["/etc/wqd/rules.d"]
@@ -50,6 +52,13 @@ RULES_CONSUMERS = frozenset({"rules", "sandbox"})  # plugins that need the rules
 
 class ConfigError(Exception):
     """A configuration problem, with the file (and where known, the line)."""
+
+
+def _setting_error(path: str, text: str, exc: SettingError) -> ConfigError:
+    """*exc* as ``FILE:LINE: message``, the line found from its section and key."""
+    if exc.line is None and text:
+        exc.line = _line_of(text, exc.section, exc.key)
+    return ConfigError(f"{path}:{exc.line or '?'}: {exc}")
 
 
 @dataclass
@@ -76,31 +85,26 @@ class Config:
     path: str | None = None
 
 
-# (section, key) -> (attribute, type, check, what the check wants)
-_SCHEMA = {
-    ("daemon", "queue_length"): ("queue_length", int, lambda v: 2 <= v <= 1_000_000, "2..1000000"),
-    ("daemon", "subscriptions_per_peer"): ("subscriptions_per_peer", int, lambda v: v >= 1, ">= 1"),
-    ("daemon", "subscriptions_per_uid"): ("subscriptions_per_uid", int, lambda v: v >= 1, ">= 1"),
-    ("daemon", "subscriptions_total"): ("subscriptions_total", int, lambda v: v >= 1, ">= 1"),
-    ("daemon", "connect_timeout"): ("connect_timeout", (int, float), lambda v: 0 < v <= 3600, "0..3600"),
-    ("daemon", "bytes_per_uid"): ("bytes_per_uid", int, lambda v: 65536 <= v <= 1 << 40, "65536..2^40 bytes"),
-    ("keys", "backend"): ("keys_backend", str, lambda v: v in ("auto", "watch_queue", "proc-keys", "replay"),
-                          "auto, watch_queue, proc-keys or replay"),
-    ("keys", "poll_interval"): ("keys_poll_interval", (int, float), lambda v: 0.01 <= v <= 3600, "0.01..3600"),
-    ("keys", "queue_pages"): ("keys_queue_pages", int, lambda v: 1 <= v <= 16, "1..16"),
-    ("keys", "replay_path"): ("keys_replay_path", str, lambda v: True, "a path"),
-    ("keys", "helper_timeout"): ("keys_helper_timeout", (int, float), lambda v: 0.1 <= v <= 600, "0.1..600"),
-    ("keys", "helpers_max"): ("keys_helpers_max", int, lambda v: 1 <= v <= 4096, "1..4096"),
-    ("keys", "watch_rate"): ("keys_watch_rate", (int, float), lambda v: 0.01 <= v <= 1e6, "0.01..1000000"),
-    ("keys", "watch_burst"): ("keys_watch_burst", int, lambda v: 1 <= v <= 1_000_000, "1..1000000"),
-    ("policy", "plugins"): ("policy_plugins", list,
-                            lambda v: v and all(isinstance(x, str) and x for x in v) and len(set(v)) == len(v),
-                            "a non-empty list of distinct plugin names"),
-    ("policy", "rules"): ("policy_rules", list, lambda v: all(isinstance(x, str) and x and "\0" not in x for x in v),
-                          "a list of paths"),
-    ("policy", "timeout"): ("policy_timeout", (int, float), lambda v: 0 < v <= 600, "0..600"),
+# The sections wqd.config reads itself, each with its schema (wqd.settings) and the
+# prefix of its keys' attributes on Config. The sources' own sections are read by the
+# source (its check_settings, wqd.sources.registry) when it opens, but [keys] is read
+# here: bad [keys] settings stop wqd, as they always have.
+DAEMON = {
+    "queue_length": (int, 1024, lambda v: 2 <= v <= 1_000_000, "2..1000000"),
+    "subscriptions_per_peer": (int, 4096, lambda v: v >= 1, ">= 1"),
+    "subscriptions_per_uid": (int, 16384, lambda v: v >= 1, ">= 1"),
+    "subscriptions_total": (int, 65536, lambda v: v >= 1, ">= 1"),
+    "connect_timeout": ((int, float), 25.0, lambda v: 0 < v <= 3600, "0..3600"),
+    "bytes_per_uid": (int, 64 << 20, lambda v: 65536 <= v <= 1 << 40, "65536..2^40 bytes"),
 }
-KNOWN_SECTIONS = {"daemon", "keys", "policy", "devices", "mounts", "fs-errors"}
+POLICY = {
+    "plugins": (list, ["unix"], lambda v: v and all(isinstance(x, str) and x for x in v) and len(set(v)) == len(v),
+                "a non-empty list of distinct plugin names"),
+    "rules": (list, [], lambda v: all(isinstance(x, str) and x and "\0" not in x for x in v), "a list of paths"),
+    "timeout": ((int, float), 5.0, lambda v: 0 < v <= 600, "0..600"),
+}
+SECTIONS = {"daemon": (DAEMON, ""), registry.KEYS: (keys.SETTINGS, "keys_"), "policy": (POLICY, "policy_")}
+KNOWN_SECTIONS = {"daemon", "policy", *registry.NAMES}
 
 
 def _line_of(text: str, section: str, key: str) -> int | None:
@@ -123,21 +127,21 @@ def parse(text: str, path: str = "<config>") -> Config:
     for section, values in data.items():
         if section not in KNOWN_SECTIONS or not isinstance(values, dict):
             raise ConfigError(f"{path}: unknown section [{section}]")
-        for key, value in values.items():
-            entry = _SCHEMA.get((section, key))
-            if entry is None and section == "policy" and isinstance(value, dict):
-                _check_plugin_settings(text, path, key, value)
-                continue
-            if entry is None:
-                if section in ("daemon", "keys", "policy"):
-                    line = _line_of(text, section, key)
-                    raise ConfigError(f"{path}:{line or '?'}: unknown setting {section}.{key}")
-                continue  # sections owned by other components are checked there
-            attr, typ, check, want = entry
-            if isinstance(value, bool) or not isinstance(value, typ) or not check(value):
-                line = _line_of(text, section, key)
-                raise ConfigError(f"{path}:{line or '?'}: {section}.{key} must be {want}, not {value!r}")
-            setattr(cfg, attr, value)
+        if section not in SECTIONS:
+            continue  # a source's own section: checked by the source (check_source_settings)
+        schema, prefix = SECTIONS[section]
+        table = values
+        if section == "policy":  # [policy.NAME]: a plugin's own settings
+            table = {k: v for k, v in values.items() if not (k not in schema and isinstance(v, dict))}
+            for name, settings in values.items():
+                if name not in table:
+                    _check_plugin_settings(text, path, name, settings)
+        try:
+            read_settings(section, table, schema)
+        except SettingError as exc:
+            raise _setting_error(path, text, exc) from None
+        for key, value in table.items():  # only what the file sets: the rest keeps Config's defaults
+            setattr(cfg, prefix + key, value)
     if cfg.keys_backend == "replay" and not cfg.keys_replay_path:
         raise ConfigError(f"{path}: keys.backend = \"replay\" needs keys.replay_path")
     if cfg.policy_rules is not None and not path.startswith("<"):
@@ -150,22 +154,19 @@ def parse(text: str, path: str = "<config>") -> Config:
 def _check_plugin_settings(text: str, path: str, name: str, settings: dict) -> None:
     """``[policy.NAME]``: the built-ins' settings are checked here; others' by their plugin."""
     if name == "polkit":
-        from wqd.policy import PluginError
-        from wqd.policy.polkit import validate_settings
+        from wqd.policy.polkit import SETTINGS
 
         try:
-            validate_settings(settings)
-        except PluginError as exc:
-            setting = next((k for k in settings if f"policy.polkit.{k}" in str(exc)), None)
-            line = _line_of(text, "policy.polkit", setting) if setting else None
-            raise ConfigError(f"{path}:{line or '?'}: {exc}") from None
+            read_settings("policy.polkit", settings, SETTINGS)
+        except SettingError as exc:
+            raise _setting_error(path, text, exc) from None
 
 
 def check_source_settings(cfg: Config, checks: dict) -> None:
     """Each source's section (``[devices]``, ...) by the source's own checker
-    (*checks*: section -> callable raising ValueError that names ``section.key``),
-    as ``ConfigError`` with the file and line. The daemon itself does not stop
-    for these: the source reports itself unavailable and the log says why."""
+    (*checks*: section -> callable raising ``SettingError``), as ``ConfigError``
+    with the file and line. The daemon itself does not stop for these: the source
+    reports itself unavailable and the log says why."""
     text = ""
     if cfg.path and not cfg.path.startswith("<"):
         try:
@@ -175,10 +176,8 @@ def check_source_settings(cfg: Config, checks: dict) -> None:
     for section, check in checks.items():
         try:
             check(cfg.raw.get(section, {}))
-        except ValueError as exc:
-            named = re.search(rf"{re.escape(section)}\.([A-Za-z0-9_-]+)", str(exc))
-            line = _line_of(text, section, named.group(1)) if named and text else None
-            raise ConfigError(f"{cfg.path or '<config>'}:{line or '?'}: {exc}") from None
+        except SettingError as exc:
+            raise _setting_error(cfg.path or "<config>", text, exc) from None
 
 
 def validate(cfg: Config) -> Config:

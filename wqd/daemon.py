@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import importlib
 import logging
 import os
 import signal
@@ -24,8 +23,7 @@ from wqd.hub import Hub, Limits
 from wqd.kernel.libc import require
 from wqd.bus.polkit import BusAuthority
 from wqd.policy import PluginError, UnknownPolicy, load_stack
-from wqd.sources.key_backends import open_backend
-from wqd.sources.keys import KeysSource
+from wqd.sources.registry import SOURCES
 from wqd.sources.unavailable import UnavailableSource
 from wqd.systemd_integration import Watchdog, notify
 
@@ -36,46 +34,24 @@ def sd_notify(state: str) -> None:
     notify(state)  # wqd.systemd_integration: a no-op without NOTIFY_SOCKET
 
 
-def open_keys(cfg: configuration.Config):
-    backend = open_backend(cfg.keys_backend, replay_path=cfg.keys_replay_path,
-                           interval=cfg.keys_poll_interval, pages=cfg.keys_queue_pages)
-    return KeysSource(backend, resolve_keys=backend.name != "replay", helper_timeout=cfg.keys_helper_timeout,
-                      helpers_max=cfg.keys_helpers_max, watch_rate=cfg.keys_watch_rate,
-                      watch_burst=cfg.keys_watch_burst)
-
-
 def limits_of(cfg: configuration.Config) -> Limits:
     return Limits(cfg.queue_length, cfg.subscriptions_per_peer, cfg.subscriptions_total,
                   subscriptions_per_uid=cfg.subscriptions_per_uid, bytes_per_uid=cfg.bytes_per_uid)
 
 
-# source name -> "module:function" taking the Config and returning a Source
-# (raising OSError/ValueError/ImportError when the source cannot run here).
-SOURCE_FACTORIES = {
-    "keys": "wqd.daemon:open_keys",
-    "devices": "wqd.sources.devices:open_source",
-    "mounts": "wqd.sources.mounts:open_source",
-    "fs-errors": "wqd.sources.fs_errors:open_source",
-}
-SOURCE_SECTIONS = tuple(SOURCE_FACTORIES)  # [keys], [devices], ...: read when the sources open
-# What a source cannot run without from wqd.kernel.libc's per-architecture table
-# (mounts without statmount/listmount falls back to mountinfo by itself): on a machine
-# the table lacks, the source is unavailable with the reason instead of failing later.
-SOURCE_NEEDS = {"keys": ("keyctl",), "fs-errors": ("struct statfs",)}
+SOURCE_SECTIONS = tuple(SOURCES)  # [keys], [devices], ...: read when the sources open
 
 
 def build_sources(cfg: configuration.Config) -> dict:
+    """Every source of the registry (``wqd.sources.registry``), opened; one that
+    cannot run here (what it needs from wqd.kernel.libc's per-architecture table is
+    not declared for this machine, its settings are bad, the kernel lacks it) is
+    unavailable with the reason instead of failing later."""
     sources = {}
-    for name, ref in SOURCE_FACTORIES.items():
-        module, func = ref.split(":")
+    for name, kind in SOURCES.items():
         try:
-            require(*SOURCE_NEEDS.get(name, ()))
-            factory = getattr(importlib.import_module(module), func)
-            sources[name] = factory(cfg)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            sources[name] = UnavailableSource(name, "not built into this wqd")
+            require(*kind.needs)
+            sources[name] = kind.open(cfg)
         except (OSError, ValueError, ImportError) as exc:
             log.warning("source %s unavailable: %s", name, exc)
             sources[name] = UnavailableSource(name, str(exc))
@@ -238,11 +214,7 @@ def check_config(path: str | None) -> int:
         return 1
     try:
         configuration.validate(cfg)  # the rules files
-        checks = {}
-        for name, ref in SOURCE_FACTORIES.items():
-            check = getattr(importlib.import_module(ref.split(":")[0]), "check_settings", None)
-            if check is not None:
-                checks[name] = check
+        checks = {name: kind.check_settings for name, kind in SOURCES.items() if kind.check_settings is not None}
         configuration.check_source_settings(cfg, checks)
         Daemon(cfg, None, False).load_policy(cfg)  # the plugins check their own settings
     except configuration.ConfigError as exc:

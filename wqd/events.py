@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from collections.abc import Hashable
+from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
 # Key change subtypes 0-7 (enum key_notification_subtype,
@@ -87,37 +88,23 @@ class KeyChanged(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class KeyRemoved(Event):
-    """The kernel's removal record: the watched key is gone (or the watch was dropped).
+class TargetGone(Event):
+    """What a subscription watches is gone (a key removed, a filesystem unmounted):
+    the subscriptions on ``target`` (the route: a key's serial, a mount's path) end
+    with ``Removed(reason)``. ``object_id``, when not 0, narrows it to the
+    subscriptions whose ``WatchTarget.object_id`` is that (the mount id: a path may
+    name another mount by now). ``tag`` is the source's own business: the keys
+    parser gives the kernel's watch tag, which names the watch when the removal
+    record carried no key id (``target`` 0); the hub ignores it."""
 
-    ``key`` is 0 when the record carried no id; then ``tag`` (the watch tag) tells.
-    """
-
-    source: ClassVar[str] = "keys"
-
-    key: int
-    reason: str = "key removed"
+    source_name: str
+    target: Hashable
+    reason: str
+    object_id: int = 0
     tag: int = 0
 
     @property
-    def route(self) -> int:
-        return self.key
-
-
-@dataclass(frozen=True, slots=True)
-class TargetGone(Event):
-    """What a subscription watches is gone (a filesystem unmounted): its subscriptions
-    end with ``Removed(reason)``. ``object_id``, when not 0, narrows it to the
-    subscriptions whose ``WatchTarget.object_id`` is that (the mount id: a path may
-    name another mount by now)."""
-
-    source_name: str
-    target: str
-    reason: str
-    object_id: int = 0
-
-    @property
-    def route(self) -> str:
+    def route(self) -> Hashable:
         return self.target
 
 
@@ -212,4 +199,30 @@ class WatchTarget:
     uid: int | None = None
     gid: int | None = None
     perm: int | None = None
-    extra: dict = field(default_factory=dict, hash=False, compare=False)
+    extra: dict = field(default_factory=dict, hash=False, compare=False)  # untyped: mounts, fs-errors (TODO)
+
+    def details(self) -> dict:
+        """What the source resolved beyond the fields above, by name: the hub pools
+        equal option sets and charges their size (``wqd.hub``). The dict itself
+        for an untyped target."""
+        return self.extra
+
+    def share(self, pooled: dict) -> None:
+        """Hold the hub's pooled copies of equal details instead of this call's."""
+        self.extra.update(pooled)
+
+
+_COMMON = ("source", "spec", "object_id", "uid", "gid", "perm", "extra")
+
+
+@dataclass(frozen=True, slots=True)
+class TypedTarget(WatchTarget):
+    """Base of a source's own target dataclass (``KeyTarget``, ``DeviceTarget``):
+    its fields beyond ``WatchTarget``'s are its details, typed, instead of ``extra``."""
+
+    def details(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _COMMON}
+
+    def share(self, pooled: dict) -> None:
+        for name, value in pooled.items():
+            object.__setattr__(self, name, value)  # frozen: an equal value, the pool's copy

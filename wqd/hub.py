@@ -15,7 +15,7 @@ at most ``SLICE`` per turn of the event loop, so method calls are answered durin
 any fan-out, and one uid's thousands of subscriptions cannot starve another uid's
 one: that one waits for at most one quantum of each other uid per event. The work
 in each lane stays in order, so each subscription still gets its events in order,
-and losses (``SourceLoss``) and removals (``KeyRemoved``, ``TargetGone``) queue in
+and losses (``SourceLoss``) and removals (``TargetGone``) queue in
 the same lanes, behind the events before them. While work waits in a lane the
 hub is ``congested``, as with a queue more than half full: the sources stop
 reading the kernel (which reports its own overflow its own way) until it is
@@ -55,17 +55,17 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from wqd import journal
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NoSuchObject, NotSupported
-from wqd.events import Event, KeyRemoved, SourceLoss, TargetGone, WatchTarget
+from wqd.events import Event, SourceLoss, TargetGone, WatchTarget
 from wqd.lanes import (LANE_JOBS, SLICE, End, Fanout, Lane, Lose, LostMark, canonical, event_bytes, frozen_copy,
                        kit_of, size_of)
 from wqd.peer import PeerCredentials
 from wqd.policy import PolicyStack
-from wqd.sources import ANY, Source
+from wqd.subscription import ANY, Source, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -96,38 +96,6 @@ class Limits:
     target_length: int = 4096  # bytes
     subscriptions_per_uid: int = 16384  # all connections of one uid but root's
     bytes_per_uid: int = 64 << 20  # options, targets and queued events of one uid but root (see module doc)
-
-
-@dataclass(eq=False, slots=True)
-class Subscription:
-    number: int
-    owner: PeerCredentials
-    source: str
-    target: WatchTarget
-    options: dict
-    _queue: deque | None = field(default=None, repr=False)  # see ``queue``
-    queued_events: int = 0
-    delivered: int = 0
-    lost: int = 0
-    active: bool = True
-    paused: bool = False  # the outlet waits for the peer to read before sending more (wqd.bus.emitter)
-    stalled: bool = False  # ... and has waited too long: its queue no longer pauses the sources
-    routes: tuple = ()
-    state: dict = field(default_factory=dict)  # the source's per-subscription data
-    charge: int = 0  # bytes charged to the owner's uid for the subscription itself (Hub budgets)
-    options_key: tuple | None = None  # its entry in the hub's pool of option sets
-
-    @property
-    def peer(self) -> str:
-        return self.owner.unique_name
-
-    @property
-    def queue(self) -> deque:
-        """Made on first use: an empty deque is 760 bytes, and most subscriptions are idle."""
-        queue = self._queue
-        if queue is None:
-            queue = self._queue = deque()
-        return queue
 
 
 class Outlet(Protocol):
@@ -264,10 +232,10 @@ class Hub:
                        spec: str) -> tuple[dict, list, int]:
         """One stored copy per distinct option set: the subscription keeps the pool's
         (the caller's own copies are dropped with the call), and its target's
-        ``extra`` the pool's frozensets. Returns (options, pool entry, bytes to
+        details (``WatchTarget.details``) the pool's frozensets. Returns (options, pool entry, bytes to
         charge for the subscription itself) and raises ``LimitsExceeded`` when *uid*
         cannot afford them. Nothing is held until ``_hold_options``."""
-        extra = target.extra
+        extra = target.details()
         key = (source, canonical(options), canonical(extra))
         entry = self._options.get(key)
         if entry is None:
@@ -278,8 +246,7 @@ class Hub:
         charge = SUBSCRIPTION_BYTES + len(spec)
         options_charge = 0 if (uid, key) in self._uid_options else size
         self._check_budget(uid, charge + options_charge)
-        for k, v in shared_extra.items():  # equal frozensets: the pool's copy instead of this call's
-            extra[k] = v
+        target.share(shared_extra)  # equal frozensets: the pool's copy instead of this call's
         return shared_options, entry, charge
 
     def _hold_options(self, uid: int, entry: list) -> tuple:
@@ -474,8 +441,6 @@ class Hub:
             log.warning("source %s lost %d event(s); %d subscriber(s) told", event.source_name, event.count,
                         sum(len(g) for g in groups.values()), extra={"MESSAGE_ID": journal.EVENTS_LOST})
             self._queue_work(groups, Lose(event.count))
-        elif isinstance(event, KeyRemoved):
-            self._queue_work(self._routed("keys", event.key), End(event.reason))
         elif isinstance(event, TargetGone):
             groups = self._routed(event.source_name, event.route)
             if event.object_id:

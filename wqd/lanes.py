@@ -16,7 +16,8 @@ from wqd.events import Event
 from wqd.peer import PeerCredentials
 
 if TYPE_CHECKING:
-    from wqd.hub import Hub, Subscription
+    from wqd.hub import Hub
+    from wqd.subscription import Subscription
 
 SLICE = 1024  # subscriptions judged and queued per turn of the event loop (wqd.hub)
 LANE_BEHIND = SLICE  # subscriptions waiting in one uid's lane that make it "behind"

@@ -25,8 +25,7 @@ import time
 import pytest
 
 from support import IFACE, MANAGER, PYTHON, REPO, SUB_IFACE, ForeignClient
-from test_mounts import SKIP_FANOTIFY, make_private_tmpfs, remove_tmpfs
-from test_mounts_storm import STORM, tally
+from mounts_support import SKIP_FANOTIFY, STORM, make_private_tmpfs, remove_tmpfs, tally
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus,
               pytest.mark.skipif(bool(SKIP_FANOTIFY), reason=str(SKIP_FANOTIFY))]

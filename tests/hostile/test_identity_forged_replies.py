@@ -24,7 +24,7 @@ import pytest_asyncio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from policy_support import as_uid, policy_config, require_root, world_keyring, write_rules  # noqa: E402
+from policy_support import as_uid, policy_config, require_root, start_polkitd, world_keyring, write_rules  # noqa: E402
 from support import PYTHON, start_bus  # noqa: E402
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
@@ -95,9 +95,7 @@ async def test_forged_credentials_replies_are_ignored(open_session_bus, wqd_fact
 
 @pytest_asyncio.fixture
 async def session_polkitd(tmp_path, open_session_bus):
-    """The real polkitd (tests/test_polkit.py's set-up) on the session-type bus."""
-    from test_polkit import start_polkitd
-
+    """The real polkitd (policy_support.start_polkitd, as tests/test_polkit.py) on the session-type bus."""
     proc, log = await start_polkitd(tmp_path, open_session_bus.address)
     yield proc
     proc.terminate()

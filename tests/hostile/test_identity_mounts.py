@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from support import ForeignClient  # noqa: E402
-from test_mounts import MOUNTINFO, base, peer_mounts, sh, start, wait_mount  # noqa: E402,F401
+from mounts_support import MOUNTINFO, peer_mounts, sh, start, wait_mount  # noqa: E402
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
 

@@ -27,9 +27,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from policy_support import CommandPeer, as_uid, policy_config, require_root, watch, world_keyring, write_rules  # noqa: E402
+from policy_support import (APP, FLATPAK_ROOT, CommandPeer, as_uid, policy_config, require_root, watch,  # noqa: E402
+                            world_keyring, write_rules)
 from support import PYTHON, terminate  # noqa: E402
-from test_sandbox import APP, FLATPAK_ROOT  # noqa: E402
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
 

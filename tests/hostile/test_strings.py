@@ -14,8 +14,9 @@ import re
 
 import pytest
 
-from test_mounts import RESOLVERS, base, mount_events, sh, start, wait_mount  # noqa: F401 (base: a fixture)
 from wqd.events import bus_string
+from mounts_support import RESOLVERS, mount_events, sh, start, wait_mount
+
 
 def unescape(text: str) -> bytes:
     """The documented way back: ``\\\\`` is a backslash, ``\\ooo`` the byte ooo."""

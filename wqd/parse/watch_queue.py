@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from wqd.events import KEY_CHANGES, Event, KeyChanged, KeyRemoved, SourceLoss
+from wqd.events import KEY_CHANGES, Event, KeyChanged, SourceLoss, TargetGone
 from wqd.kernel.watch_queue import (
     WATCH_INFO_ID,
     WATCH_INFO_ID__SHIFT,
@@ -91,13 +91,13 @@ class WatchQueueParser:
             tag = (info & WATCH_INFO_ID) >> WATCH_INFO_ID__SHIFT
             if subtype == WATCH_META_LOSS_NOTIFICATION:
                 stats.records += 1
-                return SourceLoss("keys", 1, None)
+                return SourceLoss(KeyChanged.source, 1, None)
             if subtype == WATCH_META_REMOVAL_NOTIFICATION:
                 key = 0
                 if length >= HEADER_SIZE + REMOVAL_ID.size:
                     (key,) = REMOVAL_ID.unpack_from(record, HEADER_SIZE)
                 stats.records += 1
-                return KeyRemoved(key & 0xFFFFFFFF, "key removed", tag)
+                return TargetGone(KeyChanged.source, key & 0xFFFFFFFF, "key removed", tag=tag)
             stats.unknown += 1
             return None
         stats.unknown += 1

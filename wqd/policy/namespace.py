@@ -27,17 +27,16 @@ import re
 from wqd.events import DeviceChanged, Event, FilesystemError, MountChanged, WatchTarget
 from wqd.peer import PeerCredentials, map_to_inside, own_namespaces
 from wqd.policy import ABSTAIN, Decision, Deny, PluginContext
+from wqd.sources.registry import DEVICES, FS_ERRORS, MOUNTS
 
-HOST_WIDE = frozenset({"devices", "fs-errors"})
+HOST_WIDE = frozenset({DEVICES, FS_ERRORS})
 _ID_OPTION = re.compile(r"([a-z_]*)(uid|gid)=(\d+)")
 
 
 def target_mnt_ns(target: WatchTarget) -> int | None:
-    """The mount namespace a mounts target is in (as the mounts source resolved it)."""
-    ns = target.extra.get("mnt_ns") if target.extra else None
-    if ns is None:
-        ns = target.object_id or None
-    return ns
+    """The mount namespace a mounts target is in (the mounts source resolves it as
+    the target's ``object_id``)."""
+    return target.object_id or None
 
 
 def translate_options(options: str, peer: PeerCredentials) -> str:
@@ -74,7 +73,7 @@ class NamespacePolicy:
         foreign = self.foreign(peer)
         if foreign and source in HOST_WIDE:
             return Deny(f"{source} are not visible from another user or PID namespace")
-        if source == "mounts" and target_mnt_ns(target) != peer.mnt_ns:
+        if source == MOUNTS and target_mnt_ns(target) != peer.mnt_ns:
             return Deny("mounts of another mount namespace")
         return ABSTAIN
 

@@ -29,17 +29,23 @@ from typing import Protocol
 from wqd.events import Event, WatchTarget
 from wqd.peer import PeerCredentials
 from wqd.policy import ABSTAIN, ALLOW, Decision, Deny, PluginContext, PluginError
+from wqd.settings import SettingError, read_settings
+from wqd.sources.registry import DEVICES, FS_ERRORS, KEYS, MOUNTS
 
 log = logging.getLogger(__name__)
 
-ACTIONS = {
-    "keys": "io.wqd.watch-keys",
-    "devices": "io.wqd.watch-devices",
-    "mounts": "io.wqd.watch-mounts",
-    "fs-errors": "io.wqd.watch-fs-errors",
+ACTIONS = {  # source -> its action in data/polkit-1/actions/io.wqd.policy
+    KEYS: "io.wqd.watch-keys",
+    DEVICES: "io.wqd.watch-devices",
+    MOUNTS: "io.wqd.watch-mounts",
+    FS_ERRORS: "io.wqd.watch-fs-errors",
 }
 DEFAULTS = {"deny": Deny("polkit is not available"), "abstain": ABSTAIN, "allow": ALLOW}
-SETTINGS = {"default", "timeout", "cache_ttl"}
+SETTINGS = {  # [policy.polkit] (wqd.settings)
+    "default": (str, "deny", lambda v: v in DEFAULTS, "deny, abstain or allow"),
+    "timeout": ((int, float), 2.0, lambda v: 0 < v <= 600, "a number of seconds in 0..600"),
+    "cache_ttl": ((int, float), 30.0, lambda v: 0 <= v <= 86400, "a number of seconds in 0..86400"),
+}
 MAX_CACHED_PEERS = 4096  # beyond this, expired entries are swept (peers that left are forgotten anyway)
 
 
@@ -58,20 +64,14 @@ class Authority(Protocol):
 
 
 def validate_settings(settings: dict) -> dict:
-    """Checked settings with defaults; raises ``PluginError`` naming the setting."""
-    unknown = set(settings) - SETTINGS
-    if unknown:
-        raise PluginError(f"unknown setting(s) policy.polkit.{', policy.polkit.'.join(sorted(unknown))}")
-    default = settings.get("default", "deny")
-    if default not in DEFAULTS:
-        raise PluginError("policy.polkit.default must be deny, abstain or allow")
-    timeout = settings.get("timeout", 2.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
-        raise PluginError("policy.polkit.timeout must be a number of seconds in 0..600")
-    ttl = settings.get("cache_ttl", 30.0)
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 <= ttl <= 86400:
-        raise PluginError("policy.polkit.cache_ttl must be a number of seconds in 0..86400")
-    return {"default": default, "timeout": float(timeout), "cache_ttl": float(ttl)}
+    """Checked settings with defaults; raises ``PluginError`` naming the setting
+    (its ``__cause__``, a ``wqd.settings.SettingError``, carries the key)."""
+    try:
+        checked = read_settings("policy.polkit", settings, SETTINGS)
+    except SettingError as exc:
+        raise PluginError(str(exc)) from exc
+    return {"default": checked["default"], "timeout": float(checked["timeout"]),
+            "cache_ttl": float(checked["cache_ttl"])}
 
 
 class PolkitPolicy:

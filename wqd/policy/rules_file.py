@@ -38,8 +38,9 @@ from dataclasses import dataclass
 
 from wqd.events import WatchTarget
 from wqd.peer import APP_ID, PeerCredentials
+from wqd.sources.registry import KEYS, NAMES
 
-SOURCES = frozenset({"keys", "devices", "mounts", "fs-errors"})
+SOURCES = NAMES  # wqd.sources.registry
 VERDICTS = frozenset({"allow", "deny"})
 MAX_FILE = 1 << 20  # bytes
 MAX_ID = 2**32 - 2  # (uid_t)-1 is "no id"
@@ -86,7 +87,7 @@ class Rule:
             return False
         match = self.pattern.match
         if match(target.spec) is None and not (
-                source == "keys" and target.object_id and match(str(target.object_id)) is not None):
+                source == KEYS and target.object_id and match(str(target.object_id)) is not None):
             return False
         return self.subject.matches(peer)
 

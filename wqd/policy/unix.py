@@ -9,24 +9,23 @@ One module per source holds the rules, with ``async watch(peer, target, config)
 - ``mounts`` and ``fs-errors`` (``unix_mounts``): a peer's own mount namespace
   only; filesystem errors to root.
 
-A source whose rules module is not part of this build is denied (fail closed),
-and its events are dropped: ``unix`` never waves through what it cannot judge.
+A source without a rules module here is denied (fail closed), and its events
+are dropped: ``unix`` never waves through what it cannot judge.
 """
 
 from __future__ import annotations
 
-import importlib
-
 from wqd.events import Event, WatchTarget
 from wqd.peer import PeerCredentials
-from wqd.policy import Decision, Deny
+from wqd.policy import Decision, Deny, unix_devices, unix_keys, unix_mounts
+from wqd.sources.registry import DEVICES, FS_ERRORS, KEYS, MOUNTS
 
 # source -> module with ``async watch(peer, target, config)`` and ``post(peer, event, config)``
 RULES = {
-    "keys": "wqd.policy.unix_keys",
-    "devices": "wqd.policy.unix_devices",
-    "mounts": "wqd.policy.unix_mounts",
-    "fs-errors": "wqd.policy.unix_mounts",
+    KEYS: unix_keys,
+    DEVICES: unix_devices,
+    MOUNTS: unix_mounts,
+    FS_ERRORS: unix_mounts,
 }
 
 
@@ -37,13 +36,7 @@ class UnixPolicy:
         # The rules modules get the [policy] table (their settings: [policy.unix]).
         table = context.policy if hasattr(context, "policy") else context
         self.config = dict(table or {})
-        self.rules = {}
-        for source, module in RULES.items():
-            try:
-                self.rules[source] = importlib.import_module(module)
-            except ModuleNotFoundError as exc:
-                if exc.name != module:
-                    raise
+        self.rules = dict(RULES)
 
     async def watch(self, peer: PeerCredentials, source: str, target: WatchTarget) -> Decision:
         rules = self.rules.get(source)

@@ -41,6 +41,7 @@ from functools import lru_cache
 from wqd.events import Event, FilesystemError, MountChanged, WatchTarget
 from wqd.peer import PeerCredentials
 from wqd.policy import ALLOW, Decision, Deny
+from wqd.sources.registry import FS_ERRORS, MOUNTS
 
 REDACTED = "<redacted>"
 # user@host:path (sshfs, scp-style): an account elsewhere, whoever's it is
@@ -51,14 +52,14 @@ async def watch(peer: PeerCredentials, target: WatchTarget, config: dict) -> Dec
     settings = config.get("unix", {})
     if not isinstance(settings, dict):
         return Deny("policy.unix settings are malformed")
-    if target.source == "mounts":
+    if target.source == MOUNTS:
         if peer.mnt_ns is None or target.object_id != peer.mnt_ns:
             return Deny("a peer may watch the mounts of its own mount namespace only")
         others = settings.get("mounts_other_namespaces", True)
         if target.extra.get("other_namespace") and others is not True:
             return Deny("watching mounts from another mount namespace is disabled")
         return ALLOW
-    if target.source == "fs-errors":
+    if target.source == FS_ERRORS:
         if peer.is_root:
             return ALLOW
         groups = settings.get("fs_errors_groups", [])

@@ -2,91 +2,25 @@
 
 A source turns ``Watch(source, target, options)`` into kernel watches (refcounted
 across subscriptions) and kernel records into ``Event``\\ s, which it hands to the
-hub (its ``Sink``). It never knows about D-Bus.
+hub (its ``Sink``). It never knows about D-Bus. The contract with the hub
+(``Source``, ``Sink``, ``Subscription``, ``ANY``) is ``wqd.subscription``'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Iterable
+from dataclasses import dataclass
 
-from wqd.events import Event, WatchTarget
-from wqd.peer import PeerCredentials
+from wqd.errors import InvalidArgument
+from wqd.settings import read_settings  # a source's [section]: wqd.settings
+from wqd.subscription import ANY, Sink, Source, Subscription
 
-if TYPE_CHECKING:
-    from wqd.hub import Subscription
-
-class Sink(Protocol):
-    """Where a source delivers: the hub."""
-
-    def dispatch(self, event: Event) -> None: ...
-
-    @property
-    def congested(self) -> bool:
-        """Subscriber queues are filling: stop reading the kernel until relief."""
-
-    def preload(self, sub: Subscription, events) -> int:
-        """Queue *events* (an initial snapshot) for *sub* alone, ahead of live ones."""
-
-    def on_relief(self, callback: Callable[[], None]) -> None:
-        """Call *callback* once, when no longer congested."""
-
-
-class Source(Protocol):
-    name: str
-    backend: str  # "" when the source cannot run here
-
-    async def start(self, sink: Sink) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    async def resolve(self, peer: PeerCredentials, spec: str, options: dict) -> WatchTarget:
-        """Validate and resolve a target; raise InvalidArgument / NotSupported / AccessDenied."""
-
-    def routes(self, sub: Subscription) -> Iterable[Hashable]:
-        """The event routes *sub* listens on (see ``Event.route``); ``ANY`` for all."""
-
-    def attach(self, sub: Subscription) -> None:
-        """Arm what *sub* needs in the kernel (refcounted). May raise WqdError."""
-
-    def detach(self, sub: Subscription) -> None: ...
-
-    def accepts(self, sub: Subscription, event: Event) -> bool:
-        """Per-subscription filter (options such as ``changes``)."""
-
-    # Optional: ``shape(sub, event) -> Event``, per-subscription trimming applied
-    # after policy (devices: the ``properties`` option).
-
-
-class _Any:
-    def __repr__(self) -> str:
-        return "ANY"
-
-
-ANY = _Any()
-
-
-def read_settings(section: str, conf: dict, schema: dict) -> dict:
-    """A source's ``[section]`` table checked against *schema* (key -> (types,
-    default, check, what the check wants)): every key, defaults filled in.
-    Raises ValueError naming ``section.key``; used when the source opens and by
-    ``wqd --check-config``."""
-    unknown = sorted(set(conf) - set(schema))
-    if unknown:
-        raise ValueError(f"unknown setting {section}.{unknown[0]}")
-    settings = {}
-    for key, (types, default, check, want) in schema.items():
-        value = conf.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, types) or not check(value):
-            raise ValueError(f"{section}.{key} must be {want}, not {value!r}")
-        settings[key] = value
-    return settings
+__all__ = ["ANY", "Flag", "Sink", "Source", "Strings", "Subscription", "check_options", "read_settings",
+           "string_list_option"]
 
 
 def string_list_option(options: dict, key: str, allowed: Iterable[str] | None = None) -> frozenset[str] | None:
     """Read an ``as`` option; ``None`` when absent. Raises InvalidArgument."""
-    from wqd.errors import InvalidArgument
-
     if key not in options:
         return None
     value = options[key]
@@ -98,3 +32,45 @@ def string_list_option(options: dict, key: str, allowed: Iterable[str] | None = 
         if unknown:
             raise InvalidArgument(f"option {key!r}: unknown value(s) {', '.join(sorted(unknown))}")
     return values
+
+
+# -- Watch options: one schema per source, one checker -----------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Strings:
+    """An ``as`` option, read as a frozenset (``None`` when absent): only *allowed*
+    values if given; refused when empty if *nonempty*."""
+
+    allowed: Iterable[str] | None = None
+    nonempty: bool = False
+
+    def read(self, options: dict, key: str) -> frozenset[str] | None:
+        values = string_list_option(options, key, self.allowed)
+        if self.nonempty and values is not None and not values:
+            raise InvalidArgument(f"option {key!r} must not be empty")
+        return values
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """A ``b`` option; *default* when absent."""
+
+    default: bool = False
+
+    def read(self, options: dict, key: str) -> bool:
+        value = options.get(key, self.default)
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"option {key!r} must be a boolean (b)")
+        return value
+
+
+def check_options(source: str, schema: dict, options: dict) -> dict:
+    """The options of a ``Watch`` on *source* checked against its *schema* (option
+    name -> ``Strings`` or ``Flag``), in the schema's order: every option of the
+    schema, read (absent ones as their kind says). Raises InvalidArgument for an
+    option the schema lacks or a value it refuses."""
+    unknown = set(options) - set(schema)
+    if unknown:
+        raise InvalidArgument(f"unknown option(s) for {source}: {', '.join(sorted(unknown))}")
+    return {key: kind.read(options, key) for key, kind in schema.items()}

@@ -76,20 +76,23 @@ import logging
 import re
 import time
 from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
 
 from wqd.errors import InvalidArgument, LimitsExceeded, NotSupported
-from wqd.events import DeviceChanged, Event, SourceLoss, WatchTarget
+from wqd.events import DeviceChanged, Event, SourceLoss, TypedTarget
 from wqd.kernel.netlink import RECEIVE_BUFFER_MAX
 from wqd.parse.uevent import diff, synthesise
 from wqd.peer import PeerCredentials
-from wqd.sources import ANY, Sink, read_settings, string_list_option
+from wqd.sources import Flag, Strings, check_options, read_settings
 from wqd.sources.devices_monitor import UeventMonitor, udevd_running
+from wqd.subscription import ANY, Sink
 
 log = logging.getLogger(__name__)
 
 # The kernel's actions, lib/kobject_uevent.c kobject_actions[].
+NAME = "devices"
 ACTIONS = ("add", "remove", "change", "move", "online", "offline", "bind", "unbind")
-OPTIONS = frozenset({"actions", "properties", "initial"})
+OPTIONS = {"actions": Strings(ACTIONS, nonempty=True), "properties": Strings(), "initial": Flag()}  # check_options
 SUBSYSTEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,63}\Z")
 PROPERTY = re.compile(r"[^=\0]{1,128}\Z")
 MAX_PROPERTIES = 256
@@ -114,8 +117,18 @@ def parse_subsystem(spec: str) -> str | None:
     return spec
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceTarget(TypedTarget):
+    """A devices target: a subsystem (``None``: all) and the Watch options."""
+
+    subsystem: str | None = None
+    actions: frozenset[str] | None = None  # None: every action
+    properties: frozenset[str] | None = None  # the properties to keep (``shape``); None: all
+    initial: bool = False  # an initial snapshot of the subsystem's devices first
+
+
 class DevicesSource:
-    name = "devices"
+    name = NAME
 
     def __init__(self, backend: str, receive_buffer: int = DEFAULT_RECEIVE_BUFFER, auto: bool = False) -> None:
         self.backend = backend
@@ -139,43 +152,34 @@ class DevicesSource:
 
     # -- Watch() ----------------------------------------------------------
 
-    async def resolve(self, peer: PeerCredentials, spec: str, options: dict) -> WatchTarget:
-        unknown = set(options) - OPTIONS
-        if unknown:
-            raise InvalidArgument(f"unknown option(s) for devices: {', '.join(sorted(unknown))}")
-        actions = string_list_option(options, "actions", ACTIONS)
-        if actions is not None and not actions:
-            raise InvalidArgument("option 'actions' must not be empty")
-        properties = string_list_option(options, "properties")
+    async def resolve(self, peer: PeerCredentials, spec: str, options: dict) -> DeviceTarget:
+        checked = check_options(NAME, OPTIONS, options)
+        actions, properties, initial = checked["actions"], checked["properties"], checked["initial"]
         if properties is not None:
             if len(properties) > MAX_PROPERTIES:
                 raise InvalidArgument(f"option 'properties' may name at most {MAX_PROPERTIES} keys")
             if not all(PROPERTY.match(p) for p in properties):
                 raise InvalidArgument("option 'properties': keys are 1..128 characters without '=' or NUL")
-        initial = options.get("initial", False)
-        if not isinstance(initial, bool):
-            raise InvalidArgument("option 'initial' must be a boolean (b)")
         subsystem = parse_subsystem(spec)
         if peer.uid != 0 and self._costly(subsystem, initial):
             await self._wait_turn(peer.uid)
-        return WatchTarget("devices", spec, extra={
-            "subsystem": subsystem, "actions": actions, "properties": properties, "initial": initial})
+        return DeviceTarget(NAME, spec, subsystem=subsystem, actions=actions, properties=properties, initial=initial)
 
     def routes(self, sub) -> Iterable[Hashable]:
-        subsystem = sub.target.extra["subsystem"]
+        subsystem = sub.target.subsystem
         return (ANY,) if subsystem is None else (subsystem,)
 
     def accepts(self, sub, event: Event) -> bool:
-        actions = sub.target.extra["actions"]
+        actions = sub.target.actions
         return actions is None or event.action in actions
 
     def shape_key(self, sub):
         """Subscriptions with equal keys get equal ``shape`` results (the hub shares them)."""
-        return sub.target.extra["properties"]
+        return sub.target.properties
 
     def shape(self, sub, event: DeviceChanged) -> DeviceChanged:
         """Only the properties the subscription asked for (``"properties"``)."""
-        wanted = sub.target.extra["properties"]
+        wanted = sub.target.properties
         if wanted is None:
             return event
         props = event.properties
@@ -209,9 +213,9 @@ class DevicesSource:
         self._turn[uid] = max(self._turn.get(uid, 0.0), now + max(PACE, took * PACE_FACTOR))
 
     def attach(self, sub) -> None:
-        subsystem = sub.target.extra["subsystem"]
+        subsystem = sub.target.subsystem
         started = time.monotonic()
-        costly = self._costly(subsystem, sub.target.extra["initial"])
+        costly = self._costly(subsystem, sub.target.initial)
         opened = False
         if self._linger is not None:
             self._linger.cancel()
@@ -226,7 +230,7 @@ class DevicesSource:
         self.subs.setdefault(subsystem, set()).add(sub)
         try:
             self._track()
-            if sub.target.extra["initial"]:
+            if sub.target.initial:
                 snapshot = sorted((devpath, record) for devpath, record in self.table.items()
                                   if subsystem is None or record[0] == subsystem)
                 self.sink.preload(sub, synthesise(
@@ -256,7 +260,7 @@ class DevicesSource:
             self._close()
 
     def _forget(self, sub) -> None:
-        subsystem = sub.target.extra["subsystem"]
+        subsystem = sub.target.subsystem
         bucket = self.subs.get(subsystem)
         if bucket is not None:
             bucket.discard(sub)
@@ -350,7 +354,7 @@ class DevicesSource:
     def _lost(self, count: int, why: str) -> None:
         log.warning("devices: %s; %d uevent(s) lost, resynchronising", why, count)
         self.resync_pending = True
-        self.sink.dispatch(SourceLoss("devices", count))
+        self.sink.dispatch(SourceLoss(NAME, count))
 
     def caught_up(self) -> None:
         if not self.resync_pending or self.monitor is None:
@@ -358,7 +362,7 @@ class DevicesSource:
         self.resync_pending = False
         later = self.monitor.new_drops()
         if later:
-            self.sink.dispatch(SourceLoss("devices", later))
+            self.sink.dispatch(SourceLoss(NAME, later))
         tracked = self.tracked
         fresh = self.monitor.enumerate(tracked)
         changes = diff(self.table, fresh)
@@ -369,13 +373,13 @@ class DevicesSource:
 
 
 def check_settings(conf: dict) -> dict:
-    return read_settings("devices", conf, SCHEMA)
+    return read_settings(NAME, conf, SCHEMA)
 
 
 def open_source(cfg) -> DevicesSource:
     """The source for this machine; raises ValueError (bad settings), ImportError
     (no pyudev) or OSError (no netlink uevent socket here)."""
-    settings = check_settings(cfg.raw.get("devices", {}))
+    settings = check_settings(cfg.raw.get(NAME, {}))
     backend, receive_buffer = settings["backend"], settings["receive_buffer"]
     import pyudev
 

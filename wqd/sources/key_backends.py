@@ -30,7 +30,7 @@ import logging
 import os
 import stat
 
-from wqd.events import KEY_CHANGE_SUBTYPE, KeyRemoved, SourceLoss
+from wqd.events import KEY_CHANGE_SUBTYPE, SourceLoss, TargetGone
 from wqd.kernel import errors as kerr
 from wqd.kernel import watch_queue as wq
 from wqd.parse.proc_keys import KeySnapshot, diff
@@ -83,13 +83,13 @@ class _RecordReader:
     def records(self, events) -> None:
         source = self.source
         for event in events:
-            if isinstance(event, KeyRemoved):
-                watch = source.watches.get(event.key) if event.key else None
+            if isinstance(event, TargetGone):
+                watch = source.watches.get(event.target) if event.target else None
                 if watch is None:
                     watch = next((w for w in source.watches.values() if w.tag == event.tag), None)
                 if watch is None or (self.check_tags and watch.tag != event.tag):
                     continue  # the removal of a watch we dropped ourselves
-                self.emit(KeyRemoved(watch.serial, event.reason, event.tag))
+                self.emit(TargetGone(source.name, watch.serial, event.reason, tag=event.tag))
             elif isinstance(event, SourceLoss):
                 self.emit(event)
                 self.resync()
@@ -194,7 +194,7 @@ class WatchQueueBackend(_RecordReader):
                 log.warning("resync of key %d: %s", watch.serial, exc)
                 continue
             if not exists and self.source.watches.get(watch.serial) is watch:
-                self.emit(KeyRemoved(watch.serial, "key removed", watch.tag))
+                self.emit(TargetGone(self.source.name, watch.serial, "key removed", tag=watch.tag))
 
 
 def sees_more(new: KeySnapshot, old: KeySnapshot | None) -> bool:
@@ -348,7 +348,7 @@ class ProcKeysBackend:
         for change, aux in changes:
             self.source.emit_change(watch.serial, change, aux)
         if gone:
-            self.emit(KeyRemoved(watch.serial, "key removed", watch.tag))
+            self.emit(TargetGone(self.source.name, watch.serial, "key removed", tag=watch.tag))
 
 
 class ReplayBackend(_RecordReader):

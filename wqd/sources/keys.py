@@ -31,16 +31,40 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NotSupported
-from wqd.events import KEY_CHANGES, Event, KeyChanged, WatchTarget
+from wqd.events import KEY_CHANGES, Event, KeyChanged, TypedTarget
 from wqd.kernel import errors as kerr
 from wqd.kernel.credentials import Credentials, HelperPool
 from wqd.peer import PeerCredentials
-from wqd.sources import Sink, string_list_option
+from wqd.sources import Strings, check_options
+from wqd.sources.key_backends import open_backend
+from wqd.subscription import Sink
 
 log = logging.getLogger(__name__)
 
+NAME = "keys"
 SPECIAL_TARGETS = frozenset({"@u", "@us", "@p"})
-OPTIONS = frozenset({"changes"})
+OPTIONS = {"changes": Strings(KEY_CHANGES, nonempty=True)}  # Watch options (check_options)
+BACKENDS = ("auto", "watch_queue", "proc-keys", "replay")
+SETTINGS = {  # [keys] (wqd.settings), read with the rest of the file: bad ones stop wqd (wqd.config)
+    "backend": (str, "auto", lambda v: v in BACKENDS, "auto, watch_queue, proc-keys or replay"),
+    "poll_interval": ((int, float), 1.0, lambda v: 0.01 <= v <= 3600, "0.01..3600"),  # proc-keys, seconds
+    "queue_pages": (int, 4, lambda v: 1 <= v <= 16, "1..16"),  # watch_queue: pipe size in pages
+    "replay_path": (str, "", lambda v: True, "a path"),  # replay: file or FIFO of kernel-format records
+    "helper_timeout": ((int, float), 5.0, lambda v: 0.1 <= v <= 600, "0.1..600"),  # seconds per operation
+    "helpers_max": (int, 64, lambda v: 1 <= v <= 4096, "1..4096"),  # credential helper processes at once
+    "watch_rate": ((int, float), 20.0, lambda v: 0.01 <= v <= 1e6, "0.01..1000000"),  # Watch calls a second ...
+    "watch_burst": (int, 40, lambda v: 1 <= v <= 1_000_000, "1..1000000"),  # ... and at once, per non-root uid
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyTarget(TypedTarget):
+    """A keys target: ``object_id`` is the key's serial; ``uid``/``gid``/``perm`` its
+    owner and permission word (none with the replay backend)."""
+
+    changes: frozenset[str] | None = None  # the ``changes`` option; None: every change
+    type: str = ""  # the key's type and description, as the kernel described it
+    description: str = ""
 
 
 @dataclass(eq=False, slots=True)
@@ -104,7 +128,7 @@ class TokenBuckets:
 
 
 class KeysSource:
-    name = "keys"
+    name = NAME
 
     def __init__(self, backend, *, resolve_keys: bool = True, helper_timeout: float = 5.0,
                  helpers_max: int = 64, watch_rate: float = 20.0, watch_burst: int = 40) -> None:
@@ -167,13 +191,8 @@ class KeysSource:
 
     # -- Watch() ----------------------------------------------------------
 
-    async def resolve(self, peer: PeerCredentials, spec: str, options: dict) -> WatchTarget:
-        unknown = set(options) - OPTIONS
-        if unknown:
-            raise InvalidArgument(f"unknown option(s) for keys: {', '.join(sorted(unknown))}")
-        changes = string_list_option(options, "changes", KEY_CHANGES)
-        if changes is not None and not changes:
-            raise InvalidArgument("option 'changes' must not be empty")
+    async def resolve(self, peer: PeerCredentials, spec: str, options: dict) -> KeyTarget:
+        changes = check_options(NAME, OPTIONS, options)["changes"]
         if spec in SPECIAL_TARGETS:
             if not self.resolve_keys:
                 raise NotSupported(f"{spec} cannot be resolved by the {self.backend} backend; pass a serial")
@@ -182,7 +201,7 @@ class KeysSource:
         else:
             serial = parse_serial(spec)
         if not self.resolve_keys:
-            return WatchTarget("keys", spec, serial, extra={"changes": changes})
+            return KeyTarget(NAME, spec, serial, changes=changes)
         if peer.uid != 0 and not self.rate.take(peer.uid):
             raise LimitsExceeded(f"too many keys Watch calls from uid {peer.uid}; "
                                  f"at most {self.rate.rate:g} a second")
@@ -208,14 +227,14 @@ class KeysSource:
             # KEYCTL_WATCH_KEY waits until construction ends (lookup_user_key without
             # KEY_LOOKUP_PARTIAL): arming now would stall the helper on the constructor.
             raise NotSupported(f"key {serial} is still under construction; watch it once it is instantiated")
-        return WatchTarget("keys", spec, serial, desc.uid, desc.gid, desc.perm,
-                           extra={"type": desc.type, "description": desc.description, "changes": changes})
+        return KeyTarget(NAME, spec, serial, desc.uid, desc.gid, desc.perm, changes=changes, type=desc.type,
+                         description=desc.description)
 
     def routes(self, sub) -> Iterable[Hashable]:
         return (sub.target.object_id,)
 
     def accepts(self, sub, event: Event) -> bool:
-        changes = sub.target.extra.get("changes")
+        changes = sub.target.changes
         return changes is None or event.change in changes
 
     async def attach(self, sub) -> None:
@@ -294,7 +313,7 @@ class KeysSource:
         wanted: set[str] = set()
         for watch in self.watches.values():
             for sub in watch.subs:
-                changes = sub.target.extra.get("changes")
+                changes = sub.target.changes
                 if changes is None:
                     return None
                 wanted |= changes
@@ -304,3 +323,13 @@ class KeysSource:
 
     def emit_change(self, key: int, change: str, aux: int = 0) -> None:
         self.sink.dispatch(KeyChanged(key, change, aux))
+
+
+def open_source(cfg) -> KeysSource:
+    """The source for this machine from the ``[keys]`` settings (checked when the
+    configuration was read: ``wqd.config``)."""
+    backend = open_backend(cfg.keys_backend, replay_path=cfg.keys_replay_path,
+                           interval=cfg.keys_poll_interval, pages=cfg.keys_queue_pages)
+    return KeysSource(backend, resolve_keys=backend.name != "replay", helper_timeout=cfg.keys_helper_timeout,
+                      helpers_max=cfg.keys_helpers_max, watch_rate=cfg.keys_watch_rate,
+                      watch_burst=cfg.keys_watch_burst)
