@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PREFIX ?= /usr/local
 DESTDIR ?=
 
-.PHONY: setup run test test-host test-unit test-bus test-kernel bench bench-quick bench-deps install uninstall deb clean
+.PHONY: setup run test test-host test-unit test-bus test-kernel test-system bench bench-quick bench-deps install uninstall deb clean
 
 setup:
 	@PYTHON=$(PYTHON) scripts/setup
@@ -33,6 +33,10 @@ test-bus: setup
 
 test-kernel: setup
 	tests/vm/run
+
+# wqd as it ships, on Debian 12 and 13 booted with systemd under qemu (tests/system/README.md).
+test-system: setup
+	tests/system/run
 
 # Benchmarks (bench/README.md): results in bench/results/{full,quick}.{json,md,png}.
 bench: bench-deps

@@ -66,6 +66,15 @@ def sh(*cmd: str) -> None:
 
 
 
+# wqd as its unit runs it: ProtectSystem=/PrivateTmp= put it in a private copy (a
+# slave) of the namespace it was started from, which no peer is in.
+SANDBOXED = ("unshare", "-m", "--propagation", "slave")
+
+
+def in_namespace_of(pid: int, *cmd: str) -> None:
+    sh("nsenter", f"--mount=/proc/{pid}/ns/mnt", *cmd)
+
+
 def make_private_tmpfs(prefix: str) -> str:
     d = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
     sh("mount", "-t", "tmpfs", "-o", "size=4m", "wqd-test-base", d)

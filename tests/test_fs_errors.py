@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from support import IFACE, MANAGER, PYTHON, REPO, BusError, ForeignClient, variant_options
-from mounts_support import NamespacePeer, sh
+from mounts_support import SANDBOXED, NamespacePeer, in_namespace_of, sh
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
 
@@ -199,9 +199,29 @@ async def test_other_namespace_not_supported(system_bus, wqd_factory, ext4):
     try:
         out = await peer.request("watch", source="fs-errors", target=ext4.mount_point)
         assert out["error"] == "io.wqd.WatchQueue1.Error.NotSupported", out
-        assert "own mount namespace" in out["text"]
+        assert "host's mount namespace" in out["text"]
     finally:
         peer.close()
+
+
+async def test_sandboxed_wqd_watches_the_hosts_mount_points(system_bus, wqd_factory, client_factory, ext4, bound):
+    """wqd under its unit runs in a private copy of the namespace it was started
+    from (ProtectSystem=, PrivateTmp=): a peer of that namespace still watches its
+    own mount point, although in wqd's own view that path is another filesystem
+    (a tmpfs over it here, as PrivateTmp= puts one over /tmp); an unmount from the
+    host's namespace, which does not reach wqd's copy (base is a private mount),
+    ends the subscription, and the mark goes with it."""
+    wqd = await wqd_factory(system_bus, wrapper=SANDBOXED)
+    in_namespace_of(wqd.proc.pid, "mount", "-t", "tmpfs", "-o", "size=1m", "wqd-private-view", ext4.mount_point)
+    client = await client_factory(system_bus.address)
+    path = await client.watch("fs-errors", ext4.mount_point)
+    ext4.error()
+    ((mount_point, error, count),) = await errors_of(client, path)
+    assert (mount_point, error) == (ext4.mount_point, EFSCORRUPTED) and count >= 1
+    assert sb_marks(wqd.proc.pid) == 1
+    sh("umount", ext4.mount_point)
+    await client.wait_for(lambda: ("Removed", ["unmounted"]) in client.signals[path])
+    assert sb_marks(wqd.proc.pid) == 0
 
 
 async def test_wqctl_watch_fs_errors(system_bus, wqd_factory, ext4):

@@ -15,7 +15,7 @@ import pytest
 
 from support import IFACE, MANAGER, PYTHON, REPO, SUB_IFACE, BusError, ForeignClient, request_until_ok, \
     variant_options
-from mounts_support import (BACKENDS, FANOTIFY, MOUNTINFO, RESOLVERS, SKIP_FANOTIFY, backend_of, mount_events,
+from mounts_support import (SANDBOXED, in_namespace_of, BACKENDS, FANOTIFY, MOUNTINFO, RESOLVERS, SKIP_FANOTIFY, backend_of, mount_events,
                             NamespacePeer, peer_mounts, sh, start, wait_mount)
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
@@ -156,6 +156,31 @@ async def test_other_namespaces_can_be_denied(system_bus, wqd_factory, client_fa
     assert out["error"] == "io.wqd.WatchQueue1.Error.AccessDenied", out
     same_ns = await peers(1000, namespace=False).request("watch", source="mounts", target=base)
     assert same_ns["ok"], same_ns
+
+
+
+@BACKENDS
+async def test_sandboxed_wqd_serves_the_namespace_it_was_started_from(system_bus, wqd_factory, peers, base,
+                                                                       config):
+    """A peer in the namespace wqd was started from is in wqd's "own" namespace (not
+    denied as another one by mounts_other_namespaces = false, not counted against
+    namespaces_per_uid = 0), and sees that namespace's mounts, not wqd's private ones."""
+    wqd = await wqd_factory(system_bus, config + "namespaces_per_uid = 0\n"
+                            "\n[policy.unix]\nmounts_other_namespaces = false\n", wrapper=SANDBOXED)
+    assert os.stat(f"/proc/{wqd.proc.pid}/ns/mnt").st_ino != os.stat("/proc/self/ns/mnt").st_ino
+    peer = peers(1000, namespace=False)
+    out = await peer.request("watch", source="mounts", target=base)
+    assert out["ok"], out
+    private, host = os.path.join(base, "private"), os.path.join(base, "host")
+    os.mkdir(private)
+    os.mkdir(host)
+    in_namespace_of(wqd.proc.pid, "mount", "-t", "tmpfs", "-o", "size=1m", "wqd-private", private)
+    sh("mount", "-t", "tmpfs", "-o", "size=1m", "wqd-host", host)
+    events = await peer_mounts(peer, 1)
+    assert [(b[0], b[2], b[3]["source"]) for b in events] == [("attached", host, "wqd-host")]
+    sh("umount", host)
+    events = await peer_mounts(peer, 2)
+    assert [(b[0], b[2]) for b in events] == [("attached", host), ("detached", host)]
 
 
 @BACKENDS

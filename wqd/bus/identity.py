@@ -24,6 +24,7 @@ from wqd.errors import AccessDenied
 from wqd.peer import IdentityUnclear, PeerCredentials, boottime_ticks, inspect_process, pidfd_pid
 
 log = logging.getLogger(__name__)
+_process_fd_seen = False  # logged once: the bus hands out ProcessFD and wqd pins peers with it
 
 
 class PeerDirectory:
@@ -119,6 +120,7 @@ class PeerDirectory:
         process started no later than that; a PID of 0 (the peer is in a PID
         namespace the bus cannot see) or none at all leaves the peer unverified.
         """
+        global _process_fd_seen
         uid = int(creds["UnixUserID"])
         bus_gids = frozenset(int(g) for g in creds.get("UnixGroupIDs", ()) if isinstance(g, int))
         pid = creds.get("ProcessID")
@@ -139,6 +141,9 @@ class PeerDirectory:
                 if fd_pid <= 0 or (pid is not None and fd_pid != pid):
                     raise IdentityUnclear(f"ProcessFD names pid {fd_pid}, ProcessID is {pid}")
                 pid = fd_pid
+                if not _process_fd_seen:
+                    _process_fd_seen = True
+                    log.info("the bus offers ProcessFD: peers are pinned through the bus's pidfd")
             if not pid:
                 raise IdentityUnclear("the bus reported no usable process id (another PID namespace?)")
             if pidfd is None and appeared is None:

@@ -1,8 +1,12 @@
 """The ``fs-errors`` source: errors a filesystem reports (``FAN_FS_ERROR``).
 
 ``Watch("fs-errors", MOUNT_POINT, {})``: the mount point, as an absolute path in
-wqd's own mount namespace (a peer in another namespace gets ``NotSupported``:
-its paths name other mounts). The whole filesystem mounted there is watched
+the host's mount namespace, PID 1's (a peer in another namespace gets
+``NotSupported``: its paths name other mounts). Under its unit wqd itself runs in
+a private copy of that namespace (ProtectSystem=, PrivateTmp=), which no peer is
+in and whose /tmp, /home... are not the host's: so the path is looked up in the
+host's mount table (``/proc/1/mountinfo``) and opened through the host's root
+(``/proc/1/root``), never in wqd's own view (``wqd.sources.mounts.host_namespace``). The whole filesystem mounted there is watched
 (``FAN_MARK_FILESYSTEM``), so every mount point of it reports the same errors.
 
 Signal: ``FilesystemError(mount_point, error, count)``: ``error`` is the errno of
@@ -45,7 +49,7 @@ from wqd.parse.mountinfo import parse_mountinfo
 from wqd.peer import PeerCredentials
 from wqd.sources import Sink, read_settings
 from wqd.sources.mount_backends import FanotifyReader, read_mountinfo
-from wqd.sources.mounts import own_namespace
+from wqd.sources.mounts import HostNamespace, host_namespace, own_namespace
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,7 @@ CAP_SYS_ADMIN = 21  # include/uapi/linux/capability.h
 # fanotify_mark() takes the directory as an fd (no path to race); not O_PATH, which
 # it refuses (EBADF). Not following a symlink put in place of the mount point.
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_ROOT = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 @dataclass(eq=False)
@@ -62,18 +67,18 @@ class WatchedFilesystem:
 
 
 class MountTableWatch:
-    """Calls *changed* (at most every *coalesce* seconds) after wqd's mount table changed.
+    """Calls *changed* (at most every *coalesce* seconds) after *proc*'s mount table changed.
 
     mountinfo is always readable, so the loop (which waits for input) watches an
     epoll set holding it for ``EPOLLPRI``; checking the set consumes the change.
     """
 
-    def __init__(self, changed, coalesce: float = 0.05) -> None:
+    def __init__(self, changed, proc: str = "/proc/self", coalesce: float = 0.05) -> None:
         self.changed = changed
         self.coalesce = coalesce
         self.loop = asyncio.get_running_loop()
         self.timer: asyncio.TimerHandle | None = None
-        self.fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        self.fd = os.open(f"{proc}/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
         self.epoll = select.epoll()
         try:
             self.epoll.register(self.fd, select.EPOLLPRI)
@@ -133,7 +138,16 @@ class FsErrorsSource:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.own_ns = own_namespace()
+        host = host_namespace()
+        # the host's root: mount points are opened through it, in the host's namespace
+        try:
+            self.root_fd = os.open(f"{host.proc}/root", _ROOT)
+        except OSError as exc:
+            log.warning("cannot open %s/root (%s): fs-errors serves wqd's own mount namespace", host.proc, exc)
+            host = HostNamespace(own_namespace(), "/proc/self")
+            self.root_fd = os.open("/", _ROOT)
+        self.own_ns = host.ns
+        self.proc = host.proc  # where the host's mountinfo is
         self.filesystems: dict[tuple[int, int], WatchedFilesystem] = {}
         self.mounts: dict[int, tuple[str, int]] = {}  # watched mount id -> (mount point, subscriptions)
         self.table_watch: MountTableWatch | None = None
@@ -156,6 +170,17 @@ class FsErrorsSource:
             os.close(self.fd)
         self.fd = -1
         self.filesystems.clear()
+        if self.root_fd >= 0:
+            os.close(self.root_fd)
+            self.root_fd = -1
+
+    def _read_table(self):
+        with open(f"{self.proc}/mountinfo", "rb") as f:
+            return parse_mountinfo(f.read())
+
+    def _open_dir(self, path: str) -> int:
+        """*path* (absolute, normalised) opened in the host's namespace."""
+        return os.open(path.lstrip("/") or ".", _DIR, dir_fd=self.root_fd)
 
     # -- Watch() ----------------------------------------------------------
 
@@ -166,10 +191,9 @@ class FsErrorsSource:
             raise InvalidArgument("fs-errors target must be the absolute path of a mount point")
         path = "/" + posixpath.normpath(spec).lstrip("/")
         if peer.mnt_ns is None or peer.mnt_ns != self.own_ns:
-            raise NotSupported("fs-errors watches mount points of wqd's own mount namespace only")
+            raise NotSupported("fs-errors watches mount points of the host's mount namespace only")
         try:
-            with open("/proc/self/mountinfo", "rb") as f:
-                table = parse_mountinfo(f.read())
+            table = self._read_table()
         except OSError as exc:
             raise NotSupported(f"cannot read the mount table: {exc.strerror}") from None
         entry = next((e for e in reversed(table.values()) if e.mount_point == path), None)
@@ -186,7 +210,7 @@ class FsErrorsSource:
     def attach(self, sub) -> None:
         if self.table_watch is None:  # first, so an unmount from here on is seen
             try:
-                self.table_watch = MountTableWatch(self._table_changed)
+                self.table_watch = MountTableWatch(self._table_changed, self.proc)
             except OSError as exc:
                 raise NotSupported(f"cannot follow the mount table: {exc.strerror}") from None
         try:
@@ -203,7 +227,7 @@ class FsErrorsSource:
         path = sub.target.spec
         fstype = sub.target.extra.get("fstype", "this filesystem")
         try:
-            dirfd = os.open(path, _DIR)
+            dirfd = self._open_dir(path)
         except OSError:
             raise InvalidArgument(f"{path} is not a mount point") from None
         try:
@@ -252,19 +276,25 @@ class FsErrorsSource:
         del self.filesystems[fsid]
         # The mark is on the filesystem: remove it through any mount of it that is
         # left (the path may be unmounted, or name another filesystem by now). When
-        # none is left, the filesystem is gone and its mark with it.
+        # none is left, the filesystem is gone and its mark with it. A sandboxed wqd
+        # looks in its own private copy of the namespace too: a filesystem unmounted
+        # from the host's stays mounted there (and marked) unless that copy is a slave.
         # Only mounts of the same device are opened (opening others could trigger automounts).
         device = sub.target.extra.get("device")
-        candidates = [path]
-        try:
-            with open("/proc/self/mountinfo", "rb") as f:
-                candidates += [e.mount_point for e in parse_mountinfo(f.read()).values()
-                               if e.device == device and e.mount_point != path]
-        except OSError:
-            pass
-        for candidate in candidates:
+        candidates = [(self._open_dir, path)]
+        views = [(self._open_dir, self.proc)]
+        if self.proc != "/proc/self":
+            views.append((lambda p: os.open(p, _DIR), "/proc/self"))
+        for opener, proc in views:
             try:
-                dirfd = os.open(candidate, _DIR)
+                with open(f"{proc}/mountinfo", "rb") as f:
+                    candidates += [(opener, e.mount_point) for e in parse_mountinfo(f.read()).values()
+                                   if e.device == device and e.mount_point != path]
+            except OSError:
+                pass
+        for opener, candidate in candidates:
+            try:
+                dirfd = opener(candidate)
             except OSError:
                 continue
             try:

@@ -183,7 +183,8 @@ class FanotifyBackend:
         fd = fan.open_mount_notifications()
         try:
             fan.mark_mount_namespace(fd, watch.nsfd)
-            if not watch.own:
+            if not watch.own or watch.ns != os.stat("/proc/self/ns/mnt").st_ino:
+                # statmount/listmount's id 0 is wqd's process's own namespace only
                 watch.ns_id = fan.mount_namespace_id(watch.nsfd)
             # Marked first, then the table: a change in between is reported (it
             # happened after the Watch began) rather than missed.

@@ -14,8 +14,9 @@ mountinfo's id (mountinfo backend). A mount that came and went before wqd could
 look it up is reported with an empty mount point and no info, to every subscriber
 of its namespace whatever its prefix (it may have been under it).
 
-Namespaces. A peer sees the mounts of *its own* mount namespace, never wqd's
-unless that is its own: the namespace is the one the peer was in when it first
+Namespaces. "wqd's own" namespace is the host's: PID 1's (``host_namespace``),
+not the private copy wqd's unit gives its process. A peer sees the mounts of
+*its own* mount namespace, never wqd's unless that is its own: the namespace is the one the peer was in when it first
 called (``PeerCredentials.mnt_ns``, read through a verified pidfd). For a peer in
 another namespace wqd watches that namespace, reached through the peer's process:
 ``/proc/PID/ns/mnt`` and ``/proc/PID/mountinfo`` opened through its pinned
@@ -100,6 +101,65 @@ class NamespaceWatch:
         self.nsfd = self.mountinfo_fd = -1
 
 
+@dataclass(frozen=True)
+class HostNamespace:
+    """The mount namespace wqd serves as its own, and where it is reached."""
+
+    ns: int  # inode of the namespace
+    proc: str  # a /proc/PID directory of a process in it ("/proc/self", or a kept fd's path)
+
+
+_HOST: HostNamespace | None = None
+
+
+def host_namespace() -> HostNamespace:
+    """The mount namespace wqd was started from: "its own" for peers (found once, kept).
+
+    Under its unit wqd runs in a mount namespace of its own: ProtectSystem=,
+    ProtectHome= and PrivateTmp= make a private copy (a slave) of the namespace
+    systemd started it from, with its own /tmp, /home and mount ids, and no peer
+    is in that copy. The namespace the system's peers are in, and whose paths
+    they name, is the one wqd was started from: its parent's at start-up
+    (systemd, PID 1, under the unit; whoever ran ``unshare -m wqd`` by hand),
+    else PID 1's (where the parent cannot be read, or is in another PID
+    namespace). Both are chosen by whoever started wqd, never by a peer.
+
+    The parent's ``/proc/PID`` is opened once and kept (an fd: a PID can be
+    reused, an open ``/proc/PID`` directory cannot), and trusted only if wqd's
+    parent was still the same process after it was opened. Where none can be
+    read (no CAP_SYS_PTRACE, hidepid=), or it is wqd's own, wqd's own namespace
+    (``/proc/self``) is the answer, as if wqd were not sandboxed.
+    """
+    global _HOST
+    if _HOST is None:
+        _HOST = _find_host_namespace()
+    return _HOST
+
+
+def _find_host_namespace() -> HostNamespace:
+    own = own_namespace()
+    ppid = os.getppid()
+    for pid in dict.fromkeys(p for p in (ppid, 1) if p > 0):
+        try:
+            dirfd = os.open(f"/proc/{pid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            log.debug("mount namespace of pid %d: %s", pid, exc)
+            continue
+        try:
+            ns = os.stat("ns/mnt", dir_fd=dirfd).st_ino
+        except OSError as exc:
+            log.debug("mount namespace of pid %d: %s", pid, exc)
+            ns = None
+        if ns is None or (pid == ppid and os.getppid() != ppid) or ns == own:
+            os.close(dirfd)  # unreadable; the parent went away meanwhile; or not sandboxed
+            if ns == own:
+                break
+            continue
+        log.info("serving the mount namespace of pid %d (%d), not wqd's own (%d)", pid, ns, own)
+        return HostNamespace(ns, f"/proc/self/fd/{dirfd}")  # dirfd kept for wqd's life
+    return HostNamespace(own, "/proc/self")
+
+
 def parse_prefix(spec: str) -> str | None:
     if spec == "":
         return None
@@ -148,7 +208,10 @@ class MountsSource:
     def __init__(self, backend, own_ns: int | None = None, *, namespaces_per_uid: int = NAMESPACES_PER_UID,
                  namespaces_total: int = NAMESPACES_TOTAL) -> None:
         self.impl = backend
-        self.own_ns = own_namespace() if own_ns is None else own_ns
+        # "own": the host's namespace (PID 1's), which wqd under its unit is not in
+        host = host_namespace() if own_ns is None else HostNamespace(own_ns, "/proc/self")
+        self.own_ns = host.ns
+        self.own_proc = host.proc
         self.namespaces_per_uid = namespaces_per_uid
         self.namespaces_total = namespaces_total
         self.watches: dict[int, NamespaceWatch] = {}
@@ -244,11 +307,14 @@ class MountsSource:
             watch = NamespaceWatch(ns, True)
             try:
                 if need_nsfd:
-                    watch.nsfd = os.open("/proc/self/ns/mnt", _RO)
-                watch.mountinfo_fd = os.open("/proc/self/mountinfo", _RO)
+                    watch.nsfd = os.open(f"{self.own_proc}/ns/mnt", _RO)
+                watch.mountinfo_fd = os.open(f"{self.own_proc}/mountinfo", _RO)
+                # the namespace opened must be the one resolved (PID 1 may setns())
+                if need_nsfd and os.fstat(watch.nsfd).st_ino != ns:
+                    raise OSError(errno.ESTALE, "the host's mount namespace changed")
             except OSError as exc:
                 watch.close()
-                raise NotSupported(f"cannot open wqd's own mount namespace: {exc.strerror}") from None
+                raise NotSupported(f"cannot open the host's mount namespace: {exc.strerror}") from None
             return watch
         nsfd, mountinfo = open_peer_namespace(peer, ns, need_nsfd)
         return NamespaceWatch(ns, False, nsfd, mountinfo)
