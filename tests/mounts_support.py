@@ -172,3 +172,16 @@ def tally(signals: list, target: str) -> dict:
         elif member == "Lost":
             out["lost"] += body[0]
     return out
+
+
+async def settled_tally(peer, target: str, pairs: int, rounds: int) -> dict:
+    """``tally`` of *peer*'s signals once every event of a storm of *pairs* mounts
+    is in, or the backend said it lost some and nothing more came for a second."""
+    previous = None
+    for _ in range(rounds):
+        got = await peer.request("signals", min=2 * pairs, wait=1.0)
+        t = tally(got["result"], target)
+        if t["attached"] + t["detached"] >= 2 * pairs or (t["lost"] and t == previous):
+            break
+        previous = t
+    return t

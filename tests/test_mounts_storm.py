@@ -16,7 +16,7 @@ import time
 import pytest
 
 from support import IFACE, MANAGER, PYTHON, SUB_IFACE
-from mounts_support import (BACKENDS, FANOTIFY, SKIP_FANOTIFY, STORM, make_private_tmpfs, NamespacePeer,
+from mounts_support import (settled_tally, BACKENDS, FANOTIFY, SKIP_FANOTIFY, STORM, make_private_tmpfs, NamespacePeer,
                             remove_tmpfs, tally)
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus]
@@ -84,13 +84,7 @@ async def test_storm_exact_or_lost(system_bus, wqd_factory, client_factory, inne
     try:
         took = await asyncio.to_thread(storm, inner, target, PAIRS)
         # Wait until every event is in, or the backend said it lost some and settled.
-        previous = None
-        for _ in range(60):
-            got = await inner.request("signals", min=2 * PAIRS, wait=1.0)
-            t = tally(got["result"], target)
-            if t["attached"] + t["detached"] >= 2 * PAIRS or (t["lost"] and t == previous):
-                break
-            previous = t
+        t = await settled_tally(inner, target, PAIRS, 60)
         delivered_in = time.monotonic() - started
     finally:
         done.set()

@@ -25,7 +25,7 @@ import time
 import pytest
 
 from support import IFACE, MANAGER, PYTHON, REPO, SUB_IFACE, ForeignClient
-from mounts_support import SKIP_FANOTIFY, STORM, make_private_tmpfs, remove_tmpfs, tally
+from mounts_support import SKIP_FANOTIFY, STORM, make_private_tmpfs, remove_tmpfs, settled_tally
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.root, pytest.mark.bus,
               pytest.mark.skipif(bool(SKIP_FANOTIFY), reason=str(SKIP_FANOTIFY))]
@@ -146,13 +146,7 @@ async def test_attacker_at_its_cap_never_reading_starves_no_one(system_bus, wqd_
             stdout, stderr = await proc.communicate()
             assert proc.returncode == 0, stderr
             took = float(stdout)
-            previous = None
-            for _ in range(120):  # every event in, or a Lost and nothing more coming
-                got = await victim.request("signals", min=2 * PAIRS, wait=1.0)
-                t = tally(got["result"], target)
-                if t["attached"] + t["detached"] >= 2 * PAIRS or (t["lost"] and t == previous):
-                    break
-                previous = t
+            t = await settled_tally(victim, target, PAIRS, 120)  # every event in, or a Lost and nothing more coming
             delivered_in = time.monotonic() - started
         finally:
             done.set()
