@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from wqd.sources import devices, fs_errors, keys, mounts
+from wqd.sources import credentials, devices, fs_errors, keys, mounts
 from wqd.subscription import Source
 
 KEYS = keys.NAME
@@ -23,6 +23,7 @@ DEVICES = devices.NAME
 # to edit (the "system" helper is changing them); their classes carry the name today.
 MOUNTS = mounts.MountsSource.name
 FS_ERRORS = fs_errors.FsErrorsSource.name
+CREDENTIALS = credentials.NAME
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,5 +42,6 @@ SOURCES: dict[str, SourceKind] = {kind.name: kind for kind in (
     SourceKind(DEVICES, devices.open_source, devices.check_settings, devices.SCHEMA),
     SourceKind(MOUNTS, mounts.open_source, mounts.check_settings, mounts.SCHEMA),
     SourceKind(FS_ERRORS, fs_errors.open_source, fs_errors.check_settings, {}, needs=("struct statfs",)),  # none yet
+    SourceKind(CREDENTIALS, credentials.open_source, credentials.check_settings, credentials.SCHEMA),
 )}
 NAMES = frozenset(SOURCES)

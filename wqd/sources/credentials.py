@@ -1,0 +1,353 @@
+"""The ``credentials`` source: Kerberos credential caches, as their owner sees them.
+
+``Watch("credentials", TARGET, {})``: TARGET ``""`` is the caller's default cache
+(collection), krb5.conf's ``default_ccache_name`` for the caller's uid
+(``wqd.krb5cache.default_ccache_name``); otherwise an explicit name,
+``FILE:/path``, ``DIR:/path`` (a collection), ``KCM:`` (the caller's KCM
+collection, or ``KCM:UID…`` of its own uid). Each change of the cache (for a
+collection: of its primary) is a ``CredentialsChanged(cache, change, info)``;
+``change`` is ``wqd.krb5cache.classify``'s diff of two reads, or ``expiring``,
+sent once per ticket ``[credentials] expiring_lead`` seconds before its TGT
+expires, from a ``loop.call_at`` timer (re-armed on every change, cancelled
+when the last subscriber leaves): nothing polls.
+
+Who may watch what: a peer only caches of its own uid, root any. A name that
+says another uid (``KCM:N…``) is refused up front; otherwise the first read,
+done **as the peer** in a credential helper (``wqd.kernel.credentials``, op
+``krb5_read``, with the peer's fs *and* effective ids for the read, so that
+sssd-kcm's ``SO_PEERCRED`` check and the file permissions decide), answers
+AccessDenied when the peer may not read it. A later read that is denied (the
+file's owner changed its mode) ends the subscriptions: fail closed.
+
+Reads never run on the event loop and are bounded: one read in flight per
+watched cache, the events that arrive meanwhile coalesced into one more read
+after it (one kinit is 5-6 store events in ~50 ms). A watched cache is keyed
+by (uid, name): peers of one uid share its reads and its timer.
+
+``KEYRING:`` caches are not served yet (``NotSupported``): they need the key
+watches of the ``keys`` source on the persistent keyring, ``_krb`` and each
+cache keyring (docs/credentials.md, "Still to do").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+
+from wqd import krb5cache
+from wqd.errors import AccessDenied, InvalidArgument, NotSupported, WqdError
+from wqd.events import CredentialsChanged, Event, TargetGone, TypedTarget
+from wqd.kernel.credentials import Credentials, HelperPool
+from wqd.peer import PeerCredentials
+from wqd.settings import read_settings
+from wqd.sources import check_options
+from wqd.sources.credentials_backends import DIRECTORY_MASK, KCM_STORE, DirectoryWatches, KcmStore
+from wqd.sources.keys import peer_credentials
+from wqd.subscription import Sink
+
+log = logging.getLogger(__name__)
+
+NAME = "credentials"
+OPTIONS: dict = {}  # Watch options (check_options): none yet
+TYPES = ("FILE", "DIR", "KCM")  # served; KEYRING: not yet (module docstring)
+SCHEMA = {  # [credentials] (wqd.settings)
+    "expiring_lead": ((int, float), 300, lambda v: 0 <= v <= 86400, "0..86400 seconds"),
+    "kcm_store": (str, KCM_STORE, lambda v: v.startswith("/"), "an absolute path"),
+    "helper_timeout": ((int, float), 10.0, lambda v: 0.1 <= v <= 600, "0.1..600 seconds"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialsTarget(TypedTarget):
+    """A credentials target: ``cache`` is the watched name (TARGET, or the
+    caller's default resolved), ``kind`` its type; ``uid`` (the common field) is
+    whose caches these are: the peer's, whose identity reads them."""
+
+    cache: str = ""
+    kind: str = ""
+
+
+@dataclass(eq=False, slots=True)
+class CacheWatch:
+    """One watched cache of one uid, shared by that uid's subscriptions."""
+
+    key: tuple[int, str]  # (uid, cache name): the route of its events
+    kind: str
+    creds: Credentials | None
+    subs: set = field(default_factory=set)
+    state: krb5cache.CacheState | None = None
+    busy: bool = False  # a read is in flight
+    reading: asyncio.Task | None = None  # the re-reading task, when one runs
+    again: bool = False  # an event arrived while a read was in flight: read once more
+    token: int | None = None  # its DirectoryWatches listener (FILE/DIR)
+    timer: asyncio.TimerHandle | None = None  # the ``expiring`` timer of its TGT
+    warned: str = ""  # the ticket ``expiring`` was sent for
+
+
+def parse_cache_name(name: str) -> tuple[str, str | None, str | None]:
+    """``(type, directory, entry)`` of a cache name wqd serves: the directory to
+    watch and the entry in it that is the cache (``None``: any entry, a ``DIR:``
+    collection). ``KCM:`` has neither. Raises InvalidArgument / NotSupported."""
+    kind, sep, residual = name.partition(":")
+    kind = kind.upper()
+    if not sep:
+        raise InvalidArgument("credentials target must be a cache name TYPE:RESIDUAL or ''")
+    if kind == "KEYRING":
+        raise NotSupported("KEYRING: caches are not served by the credentials source yet")
+    if kind not in TYPES:
+        raise NotSupported(f"cache type {kind} is not served (FILE:, DIR:, KCM:)")
+    if kind == "KCM":
+        return kind, None, None
+    one = kind == "DIR" and residual.startswith(":")  # DIR::dir/tkt names one cache of the collection
+    path = residual[1:] if one else residual
+    if not path.startswith("/") or "\0" in path:
+        raise InvalidArgument(f"{kind}: needs an absolute path")
+    path = os.path.normpath(path)
+    if kind == "DIR" and not one:
+        return kind, path, None
+    return kind, os.path.dirname(path), os.path.basename(path)
+
+
+def access_probe(name: str) -> str | None:
+    """What the helper stat()s as the peer before reading *name*: the cache file,
+    or a collection's ``primary`` (searching the directory is what the peer
+    needs; a 0700 directory of another uid reads as empty to krb5, not denied)."""
+    kind, directory, entry = parse_cache_name(name)
+    if directory is None:
+        return None
+    return os.path.join(directory, entry or "primary")
+
+
+class CredentialsSource:
+    name = NAME
+
+    def __init__(self, *, expiring_lead: float = 300, kcm_store: str = KCM_STORE,
+                 helper_timeout: float = 10.0, binding_dir: str = "") -> None:
+        self.lead = expiring_lead
+        self.binding_dir = binding_dir
+        self.watches: dict[tuple[int, str], CacheWatch] = {}
+        self.sink: Sink | None = None
+        self.inotify = DirectoryWatches()
+        self.kcm = KcmStore(self.inotify, kcm_store)
+        self.kcm_reason = self.kcm.available()
+        self.helpers = HelperPool(timeout=helper_timeout)
+
+    @property
+    def backend(self) -> str:
+        return "inotify" if self.kcm_reason else "inotify+kcm"
+
+    async def start(self, sink: Sink) -> None:
+        self.sink = sink
+        self.inotify.start(sink)
+        if self.kcm_reason is None:
+            self.kcm.start(self._kcm_changed)
+        else:
+            log.info("credentials: KCM: caches unavailable: %s", self.kcm_reason)
+
+    async def stop(self) -> None:
+        for watch in list(self.watches.values()):
+            self._drop(watch)
+        self.kcm.stop()
+        self.inotify.stop()
+        await self.helpers.close()
+
+    # -- Watch() ----------------------------------------------------------
+
+    async def resolve(self, peer: PeerCredentials, spec: str, options: dict) -> CredentialsTarget:
+        check_options(NAME, OPTIONS, options)
+        if spec == "":
+            try:
+                spec = krb5cache.default_ccache_name(peer.uid)
+            except (ValueError, KeyError) as exc:
+                raise NotSupported(f"cannot resolve the caller's default cache: {exc}") from None
+        kind = parse_cache_name(spec)[0]
+        if kind == "KCM":
+            if self.kcm_reason is not None:
+                raise NotSupported(f"KCM: caches are unavailable here: {self.kcm_reason}")
+            owner = spec.partition(":")[2].split(":")[0]
+            if owner and not peer.is_root and owner != str(peer.uid):
+                raise AccessDenied("KCM caches of another uid")
+        target = CredentialsTarget(NAME, spec, uid=peer.uid, cache=spec, kind=kind)
+        self._judge(await self._read(peer_credentials(peer), target), spec)  # as the peer: may it?
+        return target
+
+    def routes(self, sub) -> Iterable[Hashable]:
+        return ((sub.target.uid, sub.target.cache),)
+
+    def accepts(self, sub, event: Event) -> bool:
+        return True
+
+    async def attach(self, sub) -> None:
+        target = sub.target
+        key = (target.uid, target.cache)
+        watch = self.watches.get(key)
+        if watch is not None:
+            watch.subs.add(sub)
+            return
+        watch = self.watches[key] = CacheWatch(key, target.kind, peer_credentials(sub.owner), {sub})
+        watch.busy = True  # the first read: events meanwhile make one more after it
+        try:
+            if target.kind != "KCM":  # armed before the first read: no change falls between
+                watch.token = self._watch_directory(target.cache, lambda: self._changed(watch))
+            watch.state = self._judge(await self._read(watch.creds, target), target.cache)
+        except BaseException:
+            watch.subs.discard(sub)
+            if not watch.subs:
+                self._drop(watch)
+            raise
+        finally:
+            watch.busy = False
+        self._arm_timer(watch)
+        if watch.again:
+            self._changed(watch)
+
+    def _watch_directory(self, cache: str, wake) -> int:
+        _kind, directory, entry = parse_cache_name(cache)
+        names = None if entry is None else frozenset({entry})
+        try:
+            return self.inotify.add(directory, DIRECTORY_MASK, names, wake)
+        except OSError as exc:
+            raise InvalidArgument(f"cannot watch {directory}: {exc.strerror}") from None
+
+    def detach(self, sub) -> None:
+        watch = self.watches.get((sub.target.uid, sub.target.cache))
+        if watch is None:
+            return
+        watch.subs.discard(sub)
+        if not watch.subs:
+            self._drop(watch)
+
+    def _drop(self, watch: CacheWatch) -> None:
+        if self.watches.get(watch.key) is watch:
+            del self.watches[watch.key]
+        if watch.token is not None:
+            self.inotify.remove(watch.token)
+            watch.token = None
+        if watch.timer is not None:
+            watch.timer.cancel()
+            watch.timer = None
+        if watch.reading is not None and watch.reading is not asyncio.current_task():
+            watch.reading.cancel()
+            watch.reading = None
+
+    # -- reading, as the peer ---------------------------------------------
+
+    async def _read(self, creds: Credentials | None, target: CredentialsTarget) -> dict:
+        try:
+            return await self.helpers.run(creds, "krb5_read", self.binding_dir, os.environ.get("KRB5_CONFIG"),
+                                          target.cache, access_probe(target.cache))
+        except WqdError:
+            raise
+        except Exception as exc:
+            log.warning("reading %s for uid %s: %s", target.cache, target.uid, exc)
+            raise NotSupported(f"cannot read {target.cache}") from None
+
+    @staticmethod
+    def _judge(reply: dict, cache: str) -> krb5cache.CacheState | None:
+        """The state in a helper's reply, or the named error it stands for."""
+        error = reply.get("error")
+        if error == "denied":
+            raise AccessDenied("the caller may not read this cache")
+        if error is not None:
+            log.info("reading %s: %s", cache, reply.get("message"))
+            raise NotSupported(f"cannot read {cache}: {reply.get('message')}")
+        state = reply["state"]
+        return None if state is None else krb5cache.CacheState(**state)
+
+    def _kcm_changed(self) -> None:
+        for watch in list(self.watches.values()):
+            if watch.kind == "KCM":
+                self._changed(watch)
+
+    def _changed(self, watch: CacheWatch) -> None:
+        """A store event for *watch*: one read in flight, the rest coalesced."""
+        if self.watches.get(watch.key) is not watch:
+            return
+        if watch.busy:
+            watch.again = True
+            return
+        watch.busy = True
+        watch.reading = asyncio.get_running_loop().create_task(self._reread(watch))
+
+    async def _reread(self, watch: CacheWatch) -> None:
+        uid, cache = watch.key
+        target = next(iter(watch.subs)).target
+        try:
+            while self.watches.get(watch.key) is watch:
+                watch.again = False
+                try:
+                    new = self._judge(await self._read(watch.creds, target), cache)
+                except AccessDenied:
+                    log.info("uid %d may no longer read %s: its subscriptions end", uid, cache)
+                    self.sink.dispatch(TargetGone(NAME, watch.key, "access revoked"))
+                    return
+                except WqdError as exc:  # no KCM server, a helper that timed out: no news is not "destroyed"
+                    log.warning("re-reading %s for uid %d: %s", cache, uid, exc)
+                    new = watch.state
+                old, watch.state = watch.state, new
+                change = krb5cache.classify(old, new)
+                if change is not None:
+                    self._emit(watch, change, new if new is not None else old)
+                    self._arm_timer(watch)
+                if not watch.again:
+                    return
+        finally:
+            watch.busy = False
+            if watch.reading is asyncio.current_task():
+                watch.reading = None
+
+    def _emit(self, watch: CacheWatch, change: str, state: krb5cache.CacheState) -> None:
+        uid, cache = watch.key
+        self.sink.dispatch(CredentialsChanged(cache, change, state.principal, state.expires,
+                                              state.renew_until, uid))
+
+    # -- expiring: one timer per watched TGT ------------------------------
+
+    def _arm_timer(self, watch: CacheWatch) -> None:
+        if watch.timer is not None:
+            watch.timer.cancel()
+            watch.timer = None
+        state = watch.state
+        if state is None or state.ticket_id == watch.warned:
+            return
+        now = time.time()
+        if now >= state.expires:
+            return  # expired already: nothing to warn of
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, state.expires - self.lead - now)
+        watch.timer = loop.call_at(loop.time() + delay, self._expiring, watch)
+
+    def _expiring(self, watch: CacheWatch) -> None:
+        watch.timer = None
+        if self.watches.get(watch.key) is not watch or watch.state is None:
+            return
+        watch.warned = watch.state.ticket_id
+        self._emit(watch, "expiring", watch.state)
+
+
+def check_settings(table: dict) -> dict:
+    return read_settings(NAME, table, SCHEMA)
+
+
+def binding_directory() -> str:
+    """The directory holding the ``krb5`` package, for the helper's path; it must
+    be root's and writable by nobody else (the helper runs code from it as root)."""
+    if krb5cache.krb5 is None:
+        raise ImportError("the krb5 binding is not installed (pip install 'wqd[credentials]')")
+    directory = os.path.dirname(os.path.dirname(os.path.abspath(krb5cache.krb5.__file__)))
+    for path in (directory, os.path.dirname(os.path.abspath(krb5cache.krb5.__file__))):
+        st = os.stat(path)
+        if os.geteuid() == 0 and (st.st_uid != 0 or st.st_mode & 0o022):
+            raise OSError(f"{path} is not root's alone: the credential helper will not import from it")
+    return directory
+
+
+def open_source(cfg) -> CredentialsSource:
+    """Raises ImportError (no pykrb5), ValueError (bad settings)."""
+    settings = check_settings(cfg.raw.get(NAME, {}))
+    return CredentialsSource(expiring_lead=settings["expiring_lead"], kcm_store=settings["kcm_store"],
+                             helper_timeout=settings["helper_timeout"], binding_dir=binding_directory())
