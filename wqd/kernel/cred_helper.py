@@ -162,7 +162,8 @@ def op_krb5_read(binding_dir: str, krb5_config: str | None, name: str, path: str
     for ``FILE:``/``DIR:``, is stat()ed first as the peer: a directory it may not
     search is "denied", not an empty cache. The binding (pykrb5) is not on this
     ``python -I -S`` process's path: *binding_dir*, the root-owned directory that
-    holds the daemon's ``krb5`` package, is added (the daemon checks its owner).
+    holds the daemon's ``krb5`` package, is added (the daemon checks its owner)
+    and imported from with the daemon's fs ids (the peer may not read it).
     """
     import sys
     if binding_dir and binding_dir not in sys.path:
@@ -171,7 +172,12 @@ def op_krb5_read(binding_dir: str, krb5_config: str | None, name: str, path: str
         os.environ.pop("KRB5_CONFIG", None)
     else:
         os.environ["KRB5_CONFIG"] = krb5_config
-    from wqd import krb5cache  # imports krb5: only now is it on the path
+    fsuid, fsgid = _libc.setfsuid(0), _libc.setfsgid(0)  # the daemon's files, read as the daemon
+    try:
+        from wqd import krb5cache  # imports krb5: only now is it on the path
+    finally:
+        _libc.setfsgid(fsgid)
+        _libc.setfsuid(fsuid)
 
     with _EffectiveIds():
         try:
