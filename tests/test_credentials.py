@@ -32,6 +32,8 @@ pytestmark = []
     ("DIR::/run/user/1000/krb5cc/tkt", ("DIR", "/run/user/1000/krb5cc", "tkt")),
     ("KCM:", ("KCM", None, None)),
     ("KCM:1000", ("KCM", None, None)),
+    ("KEYRING:persistent:1000", ("KEYRING", None, None)),
+    ("KEYRING:persistent:1000:krb_ccache_x", ("KEYRING", None, None)),
 ])
 def test_cache_names_give_the_directory_to_watch(name, parsed):
     assert parse_cache_name(name) == parsed
@@ -48,7 +50,8 @@ def test_the_access_probe_of_a_collection_is_its_primary():
     ("krb5cc", InvalidArgument, "cache name TYPE:RESIDUAL"),
     ("FILE:relative", InvalidArgument, "absolute path"),
     ("DIR:", InvalidArgument, "absolute path"),
-    ("KEYRING:persistent:1000", NotSupported, "KEYRING: caches are not served"),
+    ("KEYRING:session:x", NotSupported, "only KEYRING:persistent:UID is served"),
+    ("KEYRING:persistent:", InvalidArgument, "needs the uid"),
     ("MEMORY:x", NotSupported, "cache type MEMORY is not served"),
 ])
 def test_names_it_does_not_serve_get_a_named_error(name, error, text):

@@ -32,6 +32,9 @@ def config(realm: Realm, lead: int = LEAD) -> str:
 [credentials]
 kcm_store = "{realm.kcm_store}"
 expiring_lead = {lead}
+
+[keys]
+poll_interval = 0.1
 """
 
 
@@ -41,7 +44,8 @@ async def start(wqd_factory, system_bus, realm: Realm, lead: int = LEAD):
 
 def names(realm: Realm, uid: int, tag: str) -> dict[str, str]:
     home = realm.user_dir(uid)
-    return {"FILE": f"FILE:{home}/krb5cc-{tag}", "DIR": f"DIR:{home}/dir-{tag}", "KCM": "KCM:"}
+    return {"FILE": f"FILE:{home}/krb5cc-{tag}", "DIR": f"DIR:{home}/dir-{tag}", "KCM": "KCM:",
+            "KEYRING": f"KEYRING:persistent:{uid}"}
 
 
 def clean(realm: Realm, uid: int, name: str) -> None:
@@ -70,7 +74,7 @@ def steps(realm: Realm, kind: str, name: str) -> list:
     if kind == "FILE":  # one cache: another principal replaces it; kinit again refreshes
         seq += [(lambda: (time.sleep(1.1), realm.kinit(OWNER, name, principal=alt)), [("refreshed", alt + at)]),
                 (lambda: realm.kdestroy(OWNER, name), [("destroyed", alt + at)])]
-    elif kind == "DIR":  # the destroyed primary stays named as primary
+    elif kind in ("DIR", "KEYRING"):  # the destroyed primary stays named as primary
         seq += [(lambda: realm.kswitch(OWNER, name, me), [("switched", me + at)]),
                 (lambda: realm.kdestroy(OWNER, name), [("destroyed", me + at)])]
     else:  # sssd-kcm makes the remaining cache the default at once
@@ -80,7 +84,7 @@ def steps(realm: Realm, kind: str, name: str) -> list:
     return seq
 
 
-@pytest.mark.parametrize("kind", ["FILE", "DIR", "KCM"])
+@pytest.mark.parametrize("kind", ["FILE", "DIR", "KCM", "KEYRING"])
 async def test_the_owner_gets_exactly_the_changes_and_the_other_uid_nothing(kind, request, realm, system_bus,
                                                                           wqd_factory):
     if kind == "KCM":
@@ -97,10 +101,12 @@ async def test_the_owner_gets_exactly_the_changes_and_the_other_uid_nothing(kind
         (sources,) = (await owner.request("get", path="/io/wqd/WatchQueue1", iface="io.wqd.WatchQueue1",
                                           prop="Sources"))["result"]
         # +kcm once sssd_kcm's store directory exists (the kcm fixture made it)
-        assert sources["credentials"] in (("inotify+kcm",) if kind == "KCM" else ("inotify", "inotify+kcm"))
+        # (the host kernel has no watch queue: KEYRING: runs on the proc-keys poller)
+        assert sources["credentials"] in (("inotify+kcm+keys/proc-keys",) if kind == "KCM" else
+                                          ("inotify+keys/proc-keys", "inotify+kcm+keys/proc-keys"))
 
         assert (await spy.request("match", rule="type='signal'"))["ok"]
-        denied = await watch(spy, "KCM:1000" if kind == "KCM" else mine)
+        denied = await watch(spy, {"KCM": "KCM:1000"}.get(kind, mine))
         assert (denied["ok"], denied.get("error")) == (False, "io.wqd.WatchQueue1.Error.AccessDenied"), denied
         assert (await watch(spy, theirs))["ok"]  # its own: allowed, and quiet
 
@@ -158,10 +164,11 @@ async def test_a_cache_the_caller_may_not_read_is_denied(realm, system_bus, wqd_
     await start(wqd_factory, system_bus, realm)
     spy = ForeignClient(system_bus.address, OTHER)
     try:
-        for target in (name, f"DIR:{realm.user_dir(OWNER)}/dir-x", f"FILE:{realm.user_dir(OWNER)}/absent"):
+        for target in (name, f"DIR:{realm.user_dir(OWNER)}/dir-x", f"FILE:{realm.user_dir(OWNER)}/absent",
+                       f"KEYRING:persistent:{OWNER}"):
             out = await watch(spy, target)
             assert (out["ok"], out.get("error")) == (False, "io.wqd.WatchQueue1.Error.AccessDenied"), (target, out)
-        out = await watch(spy, "KEYRING:persistent:1001")
+        out = await watch(spy, "KEYRING:session:krb")  # the caller process's own keyring: wqd cannot see it
         assert out.get("error") == "io.wqd.WatchQueue1.Error.NotSupported", out
     finally:
         spy.close()
@@ -211,6 +218,7 @@ def context_switches(pid: int) -> int:
 async def test_an_idle_daemon_with_watches_does_not_wake_up(kcm, system_bus, wqd_factory):
     realm = kcm
     caches = names(realm, OWNER, "idle")
+    del caches["KEYRING"]  # on the host it runs on the proc-keys poller, which polls (the kernel tier has the pipe)
     for name in caches.values():
         clean(realm, OWNER, name)
     wqd = await start(wqd_factory, system_bus, realm)

@@ -196,6 +196,29 @@ def op_krb5_read(binding_dir: str, krb5_config: str | None, name: str, path: str
     return {"state": None if state is None else dataclasses.asdict(state)}
 
 
+def op_krb5_keyring_keys(uid: int) -> list[int]:
+    """The keys a ``KEYRING:persistent:UID`` collection is made of, as the peer
+    sees them: the persistent keyring, its ``_krb`` collection keyring and what
+    ``_krb`` holds (each cache's keyring, the ``krb_ccache:primary`` key).
+    Watching these (the ``keys`` source's backends) sees every kinit, kinit -R,
+    kswitch and kdestroy. With the effective uid the peer's, as for the read:
+    ``keyctl_get_persistent`` of another uid is then the kernel's EPERM."""
+    out = []
+    with _EffectiveIds():
+        persistent = keyctl.get_persistent(uid, keyctl.KEY_SPEC_PROCESS_KEYRING)
+        out.append(persistent)
+        for serial in keyctl.read_keyring_serials(persistent):
+            try:
+                desc = keyctl.describe(serial)
+            except kerr.KernelError:
+                continue
+            if desc.type == "keyring" and desc.description == "_krb":
+                out.append(serial)
+                out += keyctl.read_keyring_serials(serial)
+                break
+    return out
+
+
 class _EffectiveIds:
     """The effective gid and uid are the fs ones (the peer's) for the body, then 0
     again (set back in that order: egid first while euid is 0, euid last).
@@ -221,7 +244,8 @@ class _EffectiveIds:
 
 
 OPS = {"resolve": op_resolve, "describe": op_describe, "exists": op_exists,
-       "snapshot": op_snapshot, "watch_key": op_watch_key, "krb5_read": op_krb5_read}
+       "snapshot": op_snapshot, "watch_key": op_watch_key, "krb5_read": op_krb5_read,
+       "krb5_keyring_keys": op_krb5_keyring_keys}
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -4,7 +4,7 @@
 (collection), krb5.conf's ``default_ccache_name`` for the caller's uid
 (``wqd.krb5cache.default_ccache_name``); otherwise an explicit name,
 ``FILE:/path``, ``DIR:/path`` (a collection), ``KCM:`` (the caller's KCM
-collection, or ``KCM:UID…`` of its own uid). Each change of the cache (for a
+collection, or ``KCM:UID…`` of its own uid), ``KEYRING:persistent:UID``. Each change of the cache (for a
 collection: of its primary) is a ``CredentialsChanged(cache, change, info)``;
 ``change`` is ``wqd.krb5cache.classify``'s diff of two reads, or ``expiring``,
 sent once per ticket ``[credentials] expiring_lead`` seconds before its TGT
@@ -12,7 +12,7 @@ expires, from a ``loop.call_at`` timer (re-armed on every change, cancelled
 when the last subscriber leaves): nothing polls.
 
 Who may watch what: a peer only caches of its own uid, root any. A name that
-says another uid (``KCM:N…``) is refused up front; otherwise the first read,
+says another uid (``KCM:N…``, ``KEYRING:persistent:N``) is refused up front; otherwise the first read,
 done **as the peer** in a credential helper (``wqd.kernel.credentials``, op
 ``krb5_read``, with the peer's fs *and* effective ids for the read, so that
 sssd-kcm's ``SO_PEERCRED`` check and the file permissions decide), answers
@@ -24,9 +24,11 @@ watched cache, the events that arrive meanwhile coalesced into one more read
 after it (one kinit is 5-6 store events in ~50 ms). A watched cache is keyed
 by (uid, name): peers of one uid share its reads and its timer.
 
-``KEYRING:`` caches are not served yet (``NotSupported``): they need the key
-watches of the ``keys`` source on the persistent keyring, ``_krb`` and each
-cache keyring (docs/credentials.md, "Still to do").
+``KEYRING:persistent:UID`` caches wake on key watches: a ``keys`` source of
+this source's own (``wqd.sources.credentials_keyring``), on whatever backend
+``[keys]`` gives it (the notification pipe, or the ``proc-keys`` poller, which
+``Sources`` names). Other ``KEYRING:`` anchors (session, process, thread, user)
+are the peer process's own keyrings, which wqd cannot see: ``NotSupported``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ from wqd.kernel.credentials import Credentials, HelperPool
 from wqd.peer import PeerCredentials
 from wqd.settings import read_settings
 from wqd.sources import check_options
+from wqd.sources import keys
 from wqd.sources.credentials_backends import DIRECTORY_MASK, KCM_STORE, DirectoryWatches, KcmStore
+from wqd.sources.credentials_keyring import KeyringCaches
 from wqd.sources.keys import peer_credentials
 from wqd.subscription import Sink
 
@@ -53,7 +57,7 @@ log = logging.getLogger(__name__)
 
 NAME = "credentials"
 OPTIONS: dict = {}  # Watch options (check_options): none yet
-TYPES = ("FILE", "DIR", "KCM")  # served; KEYRING: not yet (module docstring)
+TYPES = ("FILE", "DIR", "KCM", "KEYRING")  # KEYRING: the persistent collection only
 SCHEMA = {  # [credentials] (wqd.settings)
     "expiring_lead": ((int, float), 300, lambda v: 0 <= v <= 86400, "0..86400 seconds"),
     "kcm_store": (str, KCM_STORE, lambda v: v.startswith("/"), "an absolute path"),
@@ -79,6 +83,7 @@ class CacheWatch:
     kind: str
     creds: Credentials | None
     subs: set = field(default_factory=set)
+    peer: PeerCredentials | None = None  # the first subscriber: whose identity arms key watches
     state: krb5cache.CacheState | None = None
     busy: bool = False  # a read is in flight
     reading: asyncio.Task | None = None  # the re-reading task, when one runs
@@ -96,11 +101,16 @@ def parse_cache_name(name: str) -> tuple[str, str | None, str | None]:
     kind = kind.upper()
     if not sep:
         raise InvalidArgument("credentials target must be a cache name TYPE:RESIDUAL or ''")
-    if kind == "KEYRING":
-        raise NotSupported("KEYRING: caches are not served by the credentials source yet")
     if kind not in TYPES:
-        raise NotSupported(f"cache type {kind} is not served (FILE:, DIR:, KCM:)")
-    if kind == "KCM":
+        raise NotSupported(f"cache type {kind} is not served (FILE:, DIR:, KCM:, KEYRING:persistent:UID)")
+    if kind == "KEYRING":
+        anchor, _, rest = residual.partition(":")
+        if anchor != "persistent":  # session, user, process, thread: the peer process's own keyrings
+            raise NotSupported("only KEYRING:persistent:UID is served: wqd cannot see a process's "
+                               "session, process or thread keyring")
+        if not rest.split(":")[0].isdigit():
+            raise InvalidArgument("KEYRING:persistent: needs the uid")
+    if kind in ("KCM", "KEYRING"):
         return kind, None, None
     one = kind == "DIR" and residual.startswith(":")  # DIR::dir/tkt names one cache of the collection
     path = residual[1:] if one else residual
@@ -135,10 +145,19 @@ class CredentialsSource:
         self.kcm = KcmStore(self.inotify, kcm_store)
         self.kcm_reason = self.kcm.available()
         self.helpers = HelperPool(timeout=helper_timeout)
+        self.keyring: KeyringCaches | None = None  # set by open_source when the keys machinery runs here
+        self.keyring_reason = "the keys source cannot run here"
 
     @property
     def backend(self) -> str:
-        return "inotify" if self.kcm_reason else "inotify+kcm"
+        """What each type runs on: ``inotify`` (FILE:, DIR:), ``+kcm`` (sssd-kcm's
+        store), ``+keys/BACKEND`` (KEYRING:; ``proc-keys`` polls)."""
+        parts = ["inotify"]
+        if self.kcm_reason is None:
+            parts.append("kcm")
+        if self.keyring is not None:
+            parts.append("keys/" + self.keyring.backend)
+        return "+".join(parts)
 
     async def start(self, sink: Sink) -> None:
         self.sink = sink
@@ -147,12 +166,16 @@ class CredentialsSource:
             self.kcm.start(self._kcm_changed)
         else:
             log.info("credentials: KCM: caches unavailable: %s", self.kcm_reason)
+        if self.keyring is not None:
+            await self.keyring.start(sink)
 
     async def stop(self) -> None:
         for watch in list(self.watches.values()):
             self._drop(watch)
         self.kcm.stop()
         self.inotify.stop()
+        if self.keyring is not None:
+            await self.keyring.stop()
         await self.helpers.close()
 
     # -- Watch() ----------------------------------------------------------
@@ -169,8 +192,14 @@ class CredentialsSource:
             if self.kcm_reason is not None:
                 raise NotSupported(f"KCM: caches are unavailable here: {self.kcm_reason}")
             owner = spec.partition(":")[2].split(":")[0]
-            if owner and not peer.is_root and owner != str(peer.uid):
-                raise AccessDenied("KCM caches of another uid")
+        elif kind == "KEYRING":
+            if self.keyring is None:
+                raise NotSupported(f"KEYRING: caches are unavailable here: {self.keyring_reason}")
+            owner = spec.split(":")[2]
+        else:
+            owner = ""
+        if owner and not peer.is_root and owner != str(peer.uid):
+            raise AccessDenied(f"{kind} caches of another uid")
         target = CredentialsTarget(NAME, spec, uid=peer.uid, cache=spec, kind=kind)
         self._judge(await self._read(peer_credentials(peer), target), spec)  # as the peer: may it?
         return target
@@ -188,10 +217,12 @@ class CredentialsSource:
         if watch is not None:
             watch.subs.add(sub)
             return
-        watch = self.watches[key] = CacheWatch(key, target.kind, peer_credentials(sub.owner), {sub})
+        watch = self.watches[key] = CacheWatch(key, target.kind, peer_credentials(sub.owner), {sub}, sub.owner)
         watch.busy = True  # the first read: events meanwhile make one more after it
-        try:
-            if target.kind != "KCM":  # armed before the first read: no change falls between
+        try:  # armed before the first read: no change falls between
+            if target.kind == "KEYRING":
+                await self.keyring.refresh(watch, sub.owner, target.uid)
+            elif target.kind != "KCM":
                 watch.token = self._watch_directory(target.cache, lambda: self._changed(watch))
             watch.state = self._judge(await self._read(watch.creds, target), target.cache)
         except BaseException:
@@ -230,6 +261,8 @@ class CredentialsSource:
         if watch.timer is not None:
             watch.timer.cancel()
             watch.timer = None
+        if watch.kind == "KEYRING" and self.keyring is not None:
+            self.keyring.forget(watch)
         if watch.reading is not None and watch.reading is not asyncio.current_task():
             watch.reading.cancel()
             watch.reading = None
@@ -280,6 +313,8 @@ class CredentialsSource:
             while self.watches.get(watch.key) is watch:
                 watch.again = False
                 try:
+                    if watch.kind == "KEYRING":  # follow the collection's keys: new caches, gone ones
+                        await self.keyring.refresh(watch, watch.peer, uid)
                     new = self._judge(await self._read(watch.creds, target), cache)
                 except AccessDenied:
                     log.info("uid %d may no longer read %s: its subscriptions end", uid, cache)
@@ -349,5 +384,11 @@ def binding_directory() -> str:
 def open_source(cfg) -> CredentialsSource:
     """Raises ImportError (no pykrb5), ValueError (bad settings)."""
     settings = check_settings(cfg.raw.get(NAME, {}))
-    return CredentialsSource(expiring_lead=settings["expiring_lead"], kcm_store=settings["kcm_store"],
-                             helper_timeout=settings["helper_timeout"], binding_dir=binding_directory())
+    source = CredentialsSource(expiring_lead=settings["expiring_lead"], kcm_store=settings["kcm_store"],
+                               helper_timeout=settings["helper_timeout"], binding_dir=binding_directory())
+    try:  # KEYRING: runs on a keys source of its own ([keys] settings): its backend, its helpers
+        source.keyring = KeyringCaches(keys.open_source(cfg), source._changed)
+    except (OSError, ValueError) as exc:
+        source.keyring_reason = str(exc)
+        log.info("credentials: KEYRING: caches unavailable: %s", exc)
+    return source
