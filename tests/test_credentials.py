@@ -142,3 +142,13 @@ def test_settings_have_defaults_and_name_what_they_refuse():
     assert (caught.value.section, caught.value.key) == ("credentials", "expiring_lead")
     with pytest.raises(SettingError):
         credentials.check_settings({"kcm_store": "relative/secrets.ldb"})
+
+
+def test_wqctl_prints_the_info_without_variants():
+    from wqd.cli.wqctl import format_line, plain
+
+    body = ["KCM:", "renewed", {"principal": Variant("s", "u@R"), "expires": Variant("t", 5),
+                                "renew_until": Variant("t", 9)}]
+    assert format_line("CredentialsChanged", ["cache", "change", "info"], body) == \
+        "CredentialsChanged cache=KCM: change=renewed info={expires=5 principal=u@R renew_until=9}"
+    assert plain(body[2]) == {"principal": "u@R", "expires": 5, "renew_until": 9}  # what --json prints

@@ -9,7 +9,8 @@ collection: of its primary) is a ``CredentialsChanged(cache, change, info)``;
 ``change`` is ``wqd.krb5cache.classify``'s diff of two reads, or ``expiring``,
 sent once per ticket ``[credentials] expiring_lead`` seconds before its TGT
 expires, from a ``loop.call_at`` timer (re-armed on every change, cancelled
-when the last subscriber leaves): nothing polls.
+when the last subscriber leaves). Nothing here polls; only ``KEYRING:`` on a
+kernel without watch queues rides the keys source's ``proc-keys`` poller.
 
 Who may watch what: a peer only caches of its own uid, root any. A name that
 says another uid (``KCM:N…``, ``KEYRING:persistent:N``) is refused up front; otherwise the first read,
