@@ -239,3 +239,25 @@ async def test_an_idle_daemon_with_watches_does_not_wake_up(kcm, system_bus, wqd
         owner.close()
         for name in caches.values():
             clean(realm, OWNER, name)
+
+
+async def test_a_removed_directory_ends_the_watch_after_its_last_change(realm, system_bus, wqd_factory):
+    """/run/user/UID goes at logout: the cache is destroyed, and nothing can wake
+    the watch again, so its subscription ends (Removed) instead of going quiet."""
+    directory = realm.user_dir(OWNER) / "run"
+    directory.mkdir()
+    os.chown(directory, OWNER, OWNER)
+    name = f"FILE:{directory}/krb5cc"
+    realm.kinit(OWNER, name)
+    await start(wqd_factory, system_bus, realm)
+    owner = ForeignClient(system_bus.address, OWNER)
+    try:
+        reply = await watch(owner, name)
+        assert reply["ok"], reply
+        path = reply["result"][0]
+        realm.as_uid(OWNER, "rm", "-r", str(directory))
+        got = await signals(owner, path, 2)
+        assert [(m, b[:2]) for m, b in got] == [("CredentialsChanged", [name, "destroyed"]),
+                                                 ("Removed", ["the cache's directory was removed"])]
+    finally:
+        owner.close()

@@ -369,3 +369,19 @@ def _s(**kw) -> k.CacheState:
 def test_classify_rules(old, new, change):
     assert k.classify(old, new) == change
     assert change is None or change in k.CHANGES
+
+
+def test_a_read_leaves_no_cache_file_open(realm, monkeypatch):
+    """A FILE: cursor left half-way holds the file open: it would pin a deleted
+    cache and its directory (no IN_DELETE_SELF for the source's watch)."""
+    monkeypatch.setenv("KRB5_CONFIG", str(realm.krb5_conf))
+    name = f"FILE:{realm.directory}/root-cc"
+    realm.kinit(0, name, principal=f"user{OWNER}")
+    try:
+        assert k.read_cache(name).principal == f"user{OWNER}@WQD.TEST"
+        assert k.collection(name).primary is not None
+        opened = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                  if os.path.exists(f"/proc/self/fd/{fd}")]
+        assert name.partition(":")[2] not in opened
+    finally:
+        realm.kdestroy(0, name)

@@ -92,6 +92,7 @@ class CacheWatch:
     token: int | None = None  # its DirectoryWatches listener (FILE/DIR)
     timer: asyncio.TimerHandle | None = None  # the ``expiring`` timer of its TGT
     warned: str = ""  # the ticket ``expiring`` was sent for
+    orphaned: bool = False  # its directory is gone: one last read, then its subscriptions end
 
 
 def parse_cache_name(name: str) -> tuple[str, str | None, str | None]:
@@ -224,7 +225,8 @@ class CredentialsSource:
             if target.kind == "KEYRING":
                 await self.keyring.refresh(watch, sub.owner, target.uid)
             elif target.kind != "KCM":
-                watch.token = self._watch_directory(target.cache, lambda: self._changed(watch))
+                watch.token = self._watch_directory(target.cache, lambda: self._changed(watch),
+                                                    lambda: self._orphaned(watch))
             watch.state = self._judge(await self._read(watch.creds, target), target.cache)
         except BaseException:
             watch.subs.discard(sub)
@@ -237,11 +239,11 @@ class CredentialsSource:
         if watch.again:
             self._changed(watch)
 
-    def _watch_directory(self, cache: str, wake) -> int:
+    def _watch_directory(self, cache: str, wake, gone) -> int:
         _kind, directory, entry = parse_cache_name(cache)
         names = None if entry is None else frozenset({entry})
         try:
-            return self.inotify.add(directory, DIRECTORY_MASK, names, wake)
+            return self.inotify.add(directory, DIRECTORY_MASK, names, wake, gone)
         except OSError as exc:
             raise InvalidArgument(f"cannot watch {directory}: {exc.strerror}") from None
 
@@ -292,6 +294,14 @@ class CredentialsSource:
         state = reply["state"]
         return None if state is None else krb5cache.CacheState(**state)
 
+    def _orphaned(self, watch: CacheWatch) -> None:
+        """The cache's directory was removed (a logout's /run/user/UID): nothing
+        will wake this watch again, so read once more (``destroyed``) and end."""
+        log.info("%s: its directory was removed; the watch ends", watch.key[1])
+        watch.token = None
+        watch.orphaned = True
+        self._changed(watch)
+
     def _kcm_changed(self) -> None:
         for watch in list(self.watches.values()):
             if watch.kind == "KCM":
@@ -329,6 +339,9 @@ class CredentialsSource:
                 if change is not None:
                     self._emit(watch, change, new if new is not None else old)
                     self._arm_timer(watch)
+                if watch.orphaned and not watch.again:
+                    self.sink.dispatch(TargetGone(NAME, watch.key, "the cache's directory was removed"))
+                    return
                 if not watch.again:
                     return
         finally:

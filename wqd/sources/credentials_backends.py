@@ -42,20 +42,26 @@ KCM_STORE = "/var/lib/sss/secrets/secrets.ldb"  # compiled into sssd_kcm (Debian
 Wake = Callable[[], None]
 
 
+def _nothing() -> None:
+    pass
+
+
 class _Watched:
-    """One inotify watch and who listens on it: ``(names or None, wake)``."""
+    """One inotify watch and who listens on it: ``(names or None, wake, gone)``."""
 
     __slots__ = ("path", "listeners", "wd")
 
     def __init__(self, path: str, wd: int) -> None:
         self.path, self.wd = path, wd
-        self.listeners: dict[int, tuple[frozenset[str] | None, Wake]] = {}
+        self.listeners: dict[int, tuple[frozenset[str] | None, Wake, Wake]] = {}
 
 
 class DirectoryWatches:
-    """One inotify fd for the source; ``add(path, mask, names, wake)`` calls
+    """One inotify fd for the source; ``add(path, mask, names, wake, gone)`` calls
     *wake* on every event of *path* (for a directory: of an entry in *names*, or
-    of any entry when *names* is None). ``remove(token)`` undoes one ``add``."""
+    of any entry when *names* is None), and *gone* after the last wake when the
+    watch itself ends with its inode (the directory removed: ``IN_IGNORED``).
+    ``remove(token)`` undoes one ``add``."""
 
     def __init__(self) -> None:
         self.fd = -1
@@ -80,7 +86,7 @@ class DirectoryWatches:
         self.by_wd.clear()
         self.tokens.clear()
 
-    def add(self, path: str, mask: int, names: frozenset[str] | None, wake: Wake) -> int:
+    def add(self, path: str, mask: int, names: frozenset[str] | None, wake: Wake, gone: Wake = _nothing) -> int:
         """Raises ``KernelError`` (ENOENT: *path* is not there; ENOSPC: the
         inotify watch limit, ``fs.inotify.max_user_watches``)."""
         watched = self.by_path.get(path)
@@ -94,7 +100,7 @@ class DirectoryWatches:
                 watched = self.by_wd[wd] = _Watched(path, wd)
             self.by_path[path] = watched
         token, self.next = self.next, self.next + 1
-        watched.listeners[token] = (names, wake)
+        watched.listeners[token] = (names, wake, gone)
         self.tokens[token] = watched
         return token
 
@@ -118,25 +124,31 @@ class DirectoryWatches:
         if not data:
             return False
         woken: dict[int, Wake] = {}
+        ended: list[Wake] = []
         for event in inotify.decode(data):
             if event.mask & inotify.IN_Q_OVERFLOW:
                 log.warning("inotify queue overflowed: re-reading every watched cache")
                 for watched in self.by_wd.values():
-                    for token, (_names, wake) in watched.listeners.items():
+                    for token, (_names, wake, _gone) in watched.listeners.items():
                         woken[token] = wake
                 continue
             watched = self.by_wd.get(event.wd)
             if watched is None:
                 continue
-            for token, (names, wake) in watched.listeners.items():
+            for token, (names, wake, _gone) in watched.listeners.items():
                 if names is None or not event.name or event.name in names:
                     woken[token] = wake
             if event.mask & inotify.IN_IGNORED:  # the inode is gone: its watch with it
                 self.by_wd.pop(event.wd, None)
                 for path in [p for p, w in self.by_path.items() if w is watched]:
                     del self.by_path[path]
+                for token, (_names, _wake, gone) in watched.listeners.items():
+                    self.tokens.pop(token, None)
+                    ended.append(gone)
         for wake in woken.values():  # once per listener per read, however many records
             wake()
+        for gone in ended:
+            gone()
         return True
 
 
