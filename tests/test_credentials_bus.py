@@ -62,6 +62,13 @@ async def watch(peer: ForeignClient, target: str) -> dict:
     return await peer.request("watch", source="credentials", target=target)
 
 
+async def subscribed(peer: ForeignClient, target: str) -> str:
+    """The path of *peer*'s new subscription to *target*, which must be granted."""
+    reply = await watch(peer, target)
+    assert reply["ok"], (target, reply)
+    return reply["result"][0]
+
+
 def steps(realm: Realm, kind: str, name: str) -> list:
     """(what to do, the changes it makes as (change, principal)) in order."""
     me, alt = f"user{OWNER}", f"user{OWNER}/alt"
@@ -110,9 +117,7 @@ async def test_the_owner_gets_exactly_the_changes_and_the_other_uid_nothing(kind
         assert (denied["ok"], denied.get("error")) == (False, "io.wqd.WatchQueue1.Error.AccessDenied"), denied
         assert (await watch(spy, theirs))["ok"]  # its own: allowed, and quiet
 
-        reply = await watch(owner, mine)
-        assert reply["ok"], reply
-        (path,) = reply["result"]
+        path = await subscribed(owner, mine)
         expected = []
         for act, changes in steps(realm, kind, mine):
             act()
@@ -143,10 +148,9 @@ async def test_the_default_cache_is_the_callers_from_krb5_conf(realm, system_bus
     await start(wqd_factory, system_bus, realm)
     owner = ForeignClient(system_bus.address, OWNER)
     try:
-        reply = await watch(owner, "")
-        assert reply["ok"], reply
+        path = await subscribed(owner, "")
         realm.kinit(OWNER, default)
-        got = await signals(owner, reply["result"][0], 1)
+        got = await signals(owner, path, 1)
         assert [(b[0], b[1]) for _, b in got] == [(default, "created")]
     finally:
         owner.close()
@@ -181,9 +185,7 @@ async def test_expiring_comes_once_lead_seconds_before_the_ticket_ends(realm, sy
     await start(wqd_factory, system_bus, realm)
     owner = ForeignClient(system_bus.address, OWNER)
     try:
-        reply = await watch(owner, name)
-        assert reply["ok"], reply
-        path = reply["result"][0]
+        path = await subscribed(owner, name)
         realm.kinit(OWNER, name, lifetime=f"{LEAD + 4}s")
         (created,) = await signals(owner, path, 1)
         expires = created[1][2]["expires"]
@@ -224,10 +226,9 @@ async def test_an_idle_daemon_with_watches_does_not_wake_up(kcm, system_bus, wqd
     wqd = await start(wqd_factory, system_bus, realm)
     owner = ForeignClient(system_bus.address, OWNER)
     try:
-        for kind, name in caches.items():
+        for name in caches.values():
             realm.kinit(OWNER, name)
-            reply = await watch(owner, name)
-            assert reply["ok"], (kind, reply)
+            await subscribed(owner, name)
         await asyncio.sleep(1.5)  # replies sent, trailing store events read
         before = context_switches(wqd.proc.pid)
         await asyncio.sleep(4)
@@ -252,9 +253,7 @@ async def test_a_removed_directory_ends_the_watch_after_its_last_change(realm, s
     await start(wqd_factory, system_bus, realm)
     owner = ForeignClient(system_bus.address, OWNER)
     try:
-        reply = await watch(owner, name)
-        assert reply["ok"], reply
-        path = reply["result"][0]
+        path = await subscribed(owner, name)
         realm.as_uid(OWNER, "rm", "-r", str(directory))
         got = await signals(owner, path, 2)
         assert [(m, b[:2]) for m, b in got] == [("CredentialsChanged", [name, "destroyed"]),
