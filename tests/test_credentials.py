@@ -152,3 +152,18 @@ def test_wqctl_prints_the_info_without_variants():
     assert format_line("CredentialsChanged", ["cache", "change", "info"], body) == \
         "CredentialsChanged cache=KCM: change=renewed info={expires=5 principal=u@R renew_until=9}"
     assert plain(body[2]) == {"principal": "u@R", "expires": 5, "renew_until": 9}  # what --json prints
+
+
+def test_keyring_caches_never_share_a_replay_capture_with_the_keys_source(tmp_path):
+    """[keys] backend = "replay": a second reader of the FIFO would take the keys
+    source's records (it did: the p1 benchmark starved), so KEYRING: is
+    unavailable, and Sources says so by leaving keys/ out."""
+    from wqd import config
+
+    fifo = tmp_path / "replay"
+    os.mkfifo(fifo)
+    cfg = config.parse(f'[keys]\nbackend = "replay"\nreplay_path = "{fifo}"\n', str(tmp_path / "wqd.conf"))
+    source = credentials.open_source(cfg)
+    assert source.keyring is None and "replay" in source.keyring_reason
+    assert "keys/" not in source.backend
+    assert credentials.open_source(config.parse("", str(tmp_path / "wqd.conf"))).keyring is not None

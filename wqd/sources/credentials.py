@@ -401,6 +401,8 @@ def open_source(cfg) -> CredentialsSource:
     source = CredentialsSource(expiring_lead=settings["expiring_lead"], kcm_store=settings["kcm_store"],
                                helper_timeout=settings["helper_timeout"], binding_dir=binding_directory())
     try:  # KEYRING: runs on a keys source of its own ([keys] settings): its backend, its helpers
+        if cfg.keys_backend == "replay":  # a second reader of the capture would take the keys source's records
+            raise ValueError("[keys] backend is replay: no kernel keys to watch")
         source.keyring = KeyringCaches(keys.open_source(cfg), source._changed)
     except (OSError, ValueError) as exc:
         source.keyring_reason = str(exc)
