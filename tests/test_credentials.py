@@ -167,3 +167,4 @@ def test_keyring_caches_never_share_a_replay_capture_with_the_keys_source(tmp_pa
     assert source.keyring is None and "replay" in source.keyring_reason
     assert "keys/" not in source.backend
     assert credentials.open_source(config.parse("", str(tmp_path / "wqd.conf"))).keyring is not None
+

@@ -260,3 +260,20 @@ async def test_a_removed_directory_ends_the_watch_after_its_last_change(realm, s
                                                  ("Removed", ["the cache's directory was removed"])]
     finally:
         owner.close()
+
+
+async def test_two_peers_of_one_uid_share_a_watch_and_both_get_the_change(realm, system_bus, wqd_factory):
+    """Watch calls racing for one cache: the second waits for the first to arm it."""
+    name = names(realm, OWNER, "shared")["FILE"]
+    clean(realm, OWNER, name)
+    await start(wqd_factory, system_bus, realm)
+    peers = [ForeignClient(system_bus.address, OWNER) for _ in range(2)]
+    try:
+        paths = await asyncio.gather(*(subscribed(p, name) for p in peers))
+        realm.kinit(OWNER, name)
+        for peer, path in zip(peers, paths):
+            assert [b[1] for _, b in await signals(peer, path, 1)] == ["created"]
+    finally:
+        for peer in peers:
+            peer.close()
+        clean(realm, OWNER, name)

@@ -86,6 +86,7 @@ class CacheWatch:
     subs: set = field(default_factory=set)
     peer: PeerCredentials | None = None  # the first subscriber: whose identity arms key watches
     state: krb5cache.CacheState | None = None
+    ready: asyncio.Future | None = None  # done when its first subscriber armed it (or failed to)
     busy: bool = False  # a read is in flight
     reading: asyncio.Task | None = None  # the re-reading task, when one runs
     again: bool = False  # an event arrived while a read was in flight: read once more
@@ -165,7 +166,12 @@ class CredentialsSource:
         self.sink = sink
         self.inotify.start(sink)
         if self.kcm_reason is None:
-            self.kcm.start(self._kcm_changed)
+            try:
+                self.kcm.start(self._kcm_changed)
+            except OSError as exc:  # an unprivileged instance: the store's directory is 0700 root
+                self.kcm_reason = f"cannot watch {self.kcm.directory}: {exc.strerror}"
+        if self.kcm_reason is None:
+            log.info("credentials: KCM: caches by sssd-kcm's store %s", self.kcm.path)
         else:
             log.info("credentials: KCM: caches unavailable: %s", self.kcm_reason)
         if self.keyring is not None:
@@ -217,9 +223,15 @@ class CredentialsSource:
         key = (target.uid, target.cache)
         watch = self.watches.get(key)
         if watch is not None:
+            if not watch.ready.done():  # the first subscriber is still arming it: its outcome is ours
+                await asyncio.shield(watch.ready)
+            if self.watches.get(key) is not watch:
+                raise NotSupported("the cache's watch ended meanwhile; try again")
             watch.subs.add(sub)
             return
         watch = self.watches[key] = CacheWatch(key, target.kind, peer_credentials(sub.owner), {sub}, sub.owner)
+        watch.ready = asyncio.get_running_loop().create_future()
+        watch.ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen by those who wait
         watch.busy = True  # the first read: events meanwhile make one more after it
         try:  # armed before the first read: no change falls between
             if target.kind == "KEYRING":
@@ -228,13 +240,16 @@ class CredentialsSource:
                 watch.token = self._watch_directory(target.cache, lambda: self._changed(watch),
                                                     lambda: self._orphaned(watch))
             watch.state = self._judge(await self._read(watch.creds, target), target.cache)
-        except BaseException:
-            watch.subs.discard(sub)
-            if not watch.subs:
-                self._drop(watch)
+        except BaseException as exc:
+            self._drop(watch)  # nobody else joined: they wait for ``ready``
+            if isinstance(exc, Exception):
+                watch.ready.set_exception(exc)
+            else:
+                watch.ready.cancel()
             raise
         finally:
             watch.busy = False
+        watch.ready.set_result(None)
         self._arm_timer(watch)
         if watch.again:
             self._changed(watch)

@@ -172,8 +172,10 @@ class KcmStore:
         return None
 
     def start(self, wake: Wake) -> None:
-        self.wake = wake
+        """Raises ``KernelError`` when the directory cannot be watched (EACCES:
+        wqd runs unprivileged); nothing is left armed then."""
         self._dir_token = self.watches.add(self.directory, DIRECTORY_MASK, frozenset({self.name}), self._entry)
+        self.wake = wake
         self._arm_file()
 
     def _arm_file(self) -> None:
