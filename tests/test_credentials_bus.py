@@ -277,3 +277,24 @@ async def test_two_peers_of_one_uid_share_a_watch_and_both_get_the_change(realm,
         for peer in peers:
             peer.close()
         clean(realm, OWNER, name)
+
+
+async def test_an_unprivileged_instance_reads_no_other_uids_caches(tmp_path, realm, wqd_factory):
+    """wqd running as uid 1000 can only read as uid 1000: a Watch by uid 1001 is
+    NotSupported, not answered with uid 1000's caches (its KCM:, its files)."""
+    from support import start_bus
+
+    bus = start_bus(tmp_path / "bus1000", "system", extra='<policy user="1000"><allow own="io.wqd.WatchQueue1"/></policy>')
+    try:
+        await wqd_factory(bus, config(realm), env={"KRB5_CONFIG": str(realm.krb5_conf)},
+                          wrapper=("setpriv", f"--reuid={OWNER}", f"--regid={OWNER}", "--clear-groups"))
+        spy = ForeignClient(bus.address, OTHER)
+        try:
+            for target in ("", "KCM:", f"FILE:/tmp/krb5cc_{OTHER}"):
+                out = await watch(spy, target)
+                assert out.get("error") == "io.wqd.WatchQueue1.Error.NotSupported", (target, out)
+                assert f"uid {OWNER}" in out["text"]
+        finally:
+            spy.close()
+    finally:
+        bus.stop()

@@ -190,6 +190,8 @@ class CredentialsSource:
 
     async def resolve(self, peer: PeerCredentials, spec: str, options: dict) -> CredentialsTarget:
         check_options(NAME, OPTIONS, options)
+        if peer.uid != os.geteuid() and os.geteuid() != 0:  # it would read as itself: another uid's caches
+            raise NotSupported(f"this instance runs as uid {os.geteuid()} and cannot read caches as uid {peer.uid}")
         if spec == "":
             try:
                 spec = krb5cache.default_ccache_name(peer.uid)
