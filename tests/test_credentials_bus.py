@@ -284,7 +284,8 @@ async def test_an_unprivileged_instance_reads_no_other_uids_caches(tmp_path, rea
     NotSupported, not answered with uid 1000's caches (its KCM:, its files)."""
     from support import start_bus
 
-    bus = start_bus(tmp_path / "bus1000", "system", extra='<policy user="1000"><allow own="io.wqd.WatchQueue1"/></policy>')
+    own = f'<policy user="{OWNER}"><allow own="io.wqd.WatchQueue1"/></policy>'
+    bus = start_bus(tmp_path / "bus1000", "system", extra=own)
     try:
         await wqd_factory(bus, config(realm), env={"KRB5_CONFIG": str(realm.krb5_conf)},
                           wrapper=("setpriv", f"--reuid={OWNER}", f"--regid={OWNER}", "--clear-groups"))
