@@ -9,6 +9,8 @@ import pytest
 import pytest_asyncio
 
 import support
+from wqd import krb5cache
+from krb5_support import UIDS, kcm_missing, missing_tools, start_kcm, start_realm
 from mounts_support import make_private_tmpfs, remove_tmpfs
 from support import Client, start_bus, start_wqd
 from udev import no_udevd, udevd  # noqa: F401 - the devices tests' fixtures, registered here
@@ -176,3 +178,35 @@ def base():
     d = make_private_tmpfs("wqd-mnt-")
     yield d
     remove_tmpfs(d)
+
+
+# -- Kerberos: a real MIT KDC on loopback, a real sssd-kcm (tests/krb5_support.py) --
+
+
+@pytest.fixture(scope="module")
+def realm():
+    """Realm WQD.TEST with principals user1000(/alt) and user1001(/alt); the
+    persistent keyrings of those uids emptied before and after (they outlive
+    processes)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (setpriv to uids 1000/1001, a KDC, sssd_kcm's mount namespace)")
+    if not krb5cache.AVAILABLE:
+        pytest.skip("the krb5 binding is not installed (pip install -e '.[credentials]')")
+    if missing := missing_tools():
+        pytest.skip(f"MIT Kerberos tools missing: {', '.join(missing)} (krb5-kdc krb5-admin-server krb5-user)")
+    realm = start_realm()
+    for uid in UIDS:
+        realm.kdestroy(uid, f"KEYRING:persistent:{uid}", all_caches=True)
+    yield realm
+    for uid in UIDS:
+        realm.kdestroy(uid, f"KEYRING:persistent:{uid}", all_caches=True)
+    realm.stop()
+
+
+@pytest.fixture(scope="module")
+def kcm(realm):
+    """The realm with sssd_kcm running (its store: ``realm.kcm_store``)."""
+    if reason := kcm_missing():
+        pytest.skip(reason)
+    start_kcm(realm)
+    return realm

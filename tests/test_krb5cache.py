@@ -21,35 +21,10 @@ import time
 import pytest
 
 import wqd.krb5cache as k
-from krb5_support import Realm, kcm_missing, missing_tools, start_kcm, start_realm
+from krb5_support import Realm
 
 OWNER, OTHER = 1000, 1001
 KINDS = ("FILE", "DIR", "KEYRING", "KCM")
-
-
-@pytest.fixture(scope="module")
-def realm():
-    if os.geteuid() != 0:
-        pytest.skip("needs root (setpriv to uids 1000/1001, a KDC, sssd_kcm's mount namespace)")
-    if not k.AVAILABLE:
-        pytest.skip("the krb5 binding is not installed (pip install -e '.[credentials]')")
-    if missing := missing_tools():
-        pytest.skip(f"MIT Kerberos tools missing: {', '.join(missing)} (krb5-kdc krb5-admin-server krb5-user)")
-    realm = start_realm()
-    for uid in (OWNER, OTHER):  # the persistent keyring outlives processes: start clean
-        realm.kdestroy(uid, f"KEYRING:persistent:{uid}", all_caches=True)
-    yield realm
-    for uid in (OWNER, OTHER):
-        realm.kdestroy(uid, f"KEYRING:persistent:{uid}", all_caches=True)
-    realm.stop()
-
-
-@pytest.fixture(scope="module")
-def kcm(realm):
-    if reason := kcm_missing():
-        pytest.skip(reason)
-    start_kcm(realm)
-    return realm
 
 
 def cache_name(realm: Realm, kind: str, uid: int, tag: str = "") -> str:
@@ -394,3 +369,19 @@ def _s(**kw) -> k.CacheState:
 def test_classify_rules(old, new, change):
     assert k.classify(old, new) == change
     assert change is None or change in k.CHANGES
+
+
+def test_a_read_leaves_no_cache_file_open(realm, monkeypatch):
+    """A FILE: cursor left half-way holds the file open: it would pin a deleted
+    cache and its directory (no IN_DELETE_SELF for the source's watch)."""
+    monkeypatch.setenv("KRB5_CONFIG", str(realm.krb5_conf))
+    name = f"FILE:{realm.directory}/root-cc"
+    realm.kinit(0, name, principal=f"user{OWNER}")
+    try:
+        assert k.read_cache(name).principal == f"user{OWNER}@WQD.TEST"
+        assert k.collection(name).primary is not None
+        opened = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                  if os.path.exists(f"/proc/self/fd/{fd}")]
+        assert name.partition(":")[2] not in opened
+    finally:
+        realm.kdestroy(0, name)

@@ -6,9 +6,9 @@ import pytest
 
 from wqd import config, daemon
 from wqd.errors import InvalidArgument
-from wqd.events import DeviceChanged, FilesystemError, KeyChanged, MountChanged
+from wqd.events import CredentialsChanged, DeviceChanged, FilesystemError, KeyChanged, MountChanged
 from wqd.policy import namespace, polkit, rules_file, unix
-from wqd.sources import Flag, Strings, check_options, devices, fs_errors, keys, mounts, registry
+from wqd.sources import Flag, Strings, check_options, credentials, devices, fs_errors, keys, mounts, registry
 
 
 def test_each_source_module_owns_its_name_and_its_events_carry_it():
@@ -17,8 +17,10 @@ def test_each_source_module_owns_its_name_and_its_events_carry_it():
     assert registry.SOURCES[mounts.NAME].open is mounts.open_source
     assert registry.SOURCES[fs_errors.NAME].open is fs_errors.open_source
     assert (mounts.MountsSource.name, fs_errors.FsErrorsSource.name) == (registry.MOUNTS, registry.FS_ERRORS)
+    assert registry.SOURCES[credentials.NAME].open is credentials.open_source
     for event, name in ((KeyChanged, registry.KEYS), (DeviceChanged, registry.DEVICES),
-                        (MountChanged, registry.MOUNTS), (FilesystemError, registry.FS_ERRORS)):
+                        (MountChanged, registry.MOUNTS), (FilesystemError, registry.FS_ERRORS),
+                        (CredentialsChanged, registry.CREDENTIALS)):
         assert event.source == name
 
 

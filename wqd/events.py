@@ -185,6 +185,44 @@ class FilesystemError(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class Typed:
+    """A value with its D-Bus signature: what an ``a{sv}`` argument holds, without
+    this layer importing D-Bus (``wqd.bus.signals`` writes it as a ``v``, as it
+    writes dbus-fast's ``Variant``, which has the same two attributes)."""
+
+    signature: str
+    value: object
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialsChanged(Event):
+    """A watched Kerberos cache changed (``wqd.krb5cache.classify``, or
+    ``expiring``). ``principal``/``expires``/``renew_until`` describe the TGT now,
+    or for ``destroyed`` the one that was destroyed. Routed by (uid, cache): the
+    same name read by two uids is two caches (KCM:, a relative default)."""
+
+    source: ClassVar[str] = "credentials"
+    signal: ClassVar[str] = "CredentialsChanged"
+    signature: ClassVar[str] = "ssa{sv}"
+
+    cache: str
+    change: str
+    principal: str
+    expires: int
+    renew_until: int
+    uid: int
+
+    @property
+    def route(self) -> tuple[int, str]:
+        return (self.uid, self.cache)
+
+    def body(self) -> list:
+        return [bus_string(self.cache), self.change,
+                {"principal": Typed("s", bus_string(self.principal)), "expires": Typed("t", self.expires),
+                 "renew_until": Typed("t", self.renew_until)}]
+
+
+@dataclass(frozen=True, slots=True)
 class WatchTarget:
     """What a ``Watch`` call asks for, resolved by the source for policy to judge.
 

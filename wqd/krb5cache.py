@@ -154,22 +154,27 @@ def _state_of(ctx, cc, name: str) -> CacheState | None:
     realm = client.rpartition("@")[2]
     tgt = f"krbtgt/{realm}@{realm}"
     try:
-        for creds in cc:
-            if creds.server.name.decode("utf-8", "replace") == tgt:
-                t = creds.times
-                return CacheState(
-                    name=_full_name(ctx, cc),
-                    principal=client,
-                    expires=t.endtime,
-                    renew_until=t.renew_till,
-                    starttime=t.starttime or t.authtime,
-                    authtime=t.authtime,
-                    ticket_id=hashlib.sha256(creds.ticket).hexdigest()[:32],
-                )
+        # Iterated to the end, never left half-way: pykrb5's iterator ends MIT's
+        # cursor (krb5_cc_end_seq_get) only when it runs out, and a FILE: cursor
+        # holds the cache file open, which pins the file and its directory (a
+        # removed directory then never reports IN_DELETE_SELF to a watcher).
+        every = list(cc)
     except krb5.Krb5Error as exc:
         if exc.err_code in _ABSENT:  # destroyed while being read
             return None
         raise _error(exc, name) from None
+    for creds in every:
+        if creds.server.name.decode("utf-8", "replace") == tgt:
+            t = creds.times
+            return CacheState(
+                name=_full_name(ctx, cc),
+                principal=client,
+                expires=t.endtime,
+                renew_until=t.renew_till,
+                starttime=t.starttime or t.authtime,
+                authtime=t.authtime,
+                ticket_id=hashlib.sha256(creds.ticket).hexdigest()[:32],
+            )
     return None  # initialised but holding no TGT (yet): an empty cache
 
 

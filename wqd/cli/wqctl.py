@@ -90,9 +90,19 @@ def _list(value: str | None) -> list[str] | None:
     return None if value is None else [v for v in value.split(",") if v]
 
 
+def plain(value):
+    """A signal argument without dbus-fast's Variants (``a{sv}``: CredentialsChanged's
+    info), for printing and JSON."""
+    if isinstance(value, Variant):
+        return plain(value.value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
 def format_line(member: str, arg_names: list[str], body: list) -> str:
     parts = []
-    for name, value in zip(arg_names, body):
+    for name, value in zip(arg_names, map(plain, body)):
         if isinstance(value, dict):
             value = " ".join(f"{k}={v}" for k, v in sorted(value.items()))
             parts.append(f"{name}={{{value}}}")
@@ -146,7 +156,7 @@ async def watch(bus, args) -> int:
                 getter.cancel()
                 break
             msg = getter.result()
-            body = list(msg.body)
+            body = [plain(v) for v in msg.body]
             if args.json:
                 record = {"signal": msg.member, "subscription": path}
                 record.update(zip(arg_names.get(msg.member, []), body))
@@ -180,8 +190,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     st = sub.add_parser("status", help="version, sources and their backends")
     st.add_argument("--json", action="store_true")
     w = sub.add_parser("watch", help="print events of one subscription")
-    w.add_argument("source", help="keys, devices, mounts or fs-errors")
-    w.add_argument("target", nargs="?", default="", help="key serial, @u, @us, @p; subsystem; path prefix; mount point")
+    w.add_argument("source", help="keys, devices, mounts, fs-errors or credentials")
+    w.add_argument("target", nargs="?", default="",
+                   help="key serial, @u, @us, @p; subsystem; path prefix; mount point; cache name")
     w.add_argument("--changes", help="keys: comma-separated changes to deliver")
     w.add_argument("--actions", help="devices, mounts: comma-separated actions (mounts: attached,detached,moved)")
     w.add_argument("--properties", help="devices: comma-separated properties wanted")

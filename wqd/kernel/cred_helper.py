@@ -7,6 +7,7 @@ no asyncio: it starts fast even on a slow machine). See that module for the desi
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import hashlib
 import os
@@ -148,8 +149,103 @@ def op_watch_key(serial: int, fd: int, tag: int) -> None:
     keyctl.watch_key(serial, fd, tag)
 
 
+def op_krb5_read(binding_dir: str, krb5_config: str | None, name: str, path: str | None) -> dict:
+    """Read Kerberos cache *name* (``wqd.krb5cache.read_cache``) with the peer's
+    identity: ``{"state": dict or None}``, or ``{"error": "denied"|"failed",
+    "message", "code"}`` (plain data: nothing of the peer's making is unpickled).
+
+    The fs ids alone do not make the peer here: sssd-kcm decides by the
+    ``SO_PEERCRED`` of the socket, which records the *effective* uid and gid at
+    ``connect()``, and ``keyctl_get_persistent`` lets an effective root name any
+    uid. So for the read the effective ids are the peer's too (``_EffectiveIds``;
+    real and saved stay 0, so the peer still cannot signal the helper). *path*,
+    for ``FILE:``/``DIR:``, is stat()ed first as the peer: a directory it may not
+    search is "denied", not an empty cache. The binding (pykrb5) is not on this
+    ``python -I -S`` process's path: *binding_dir*, the root-owned directory that
+    holds the daemon's ``krb5`` package, is added (the daemon checks its owner)
+    and imported from with the daemon's fs ids (the peer may not read it).
+    """
+    import sys
+    if binding_dir and binding_dir not in sys.path:
+        sys.path.append(binding_dir)
+    if krb5_config is None:
+        os.environ.pop("KRB5_CONFIG", None)
+    else:
+        os.environ["KRB5_CONFIG"] = krb5_config
+    fsuid, fsgid = _libc.setfsuid(0), _libc.setfsgid(0)  # the daemon's files, read as the daemon
+    try:
+        from wqd import krb5cache  # imports krb5: only now is it on the path
+    finally:
+        _libc.setfsgid(fsgid)
+        _libc.setfsuid(fsuid)
+
+    with _EffectiveIds():
+        try:
+            if path is not None:
+                try:
+                    os.stat(path)
+                except FileNotFoundError:
+                    pass
+                except PermissionError as exc:
+                    return {"error": "denied", "message": f"{name}: {exc.strerror}", "code": exc.errno}
+            state = krb5cache.read_cache(name)
+        except krb5cache.CacheAccessDenied as exc:
+            return {"error": "denied", "message": str(exc), "code": exc.code}
+        except krb5cache.CacheError as exc:
+            return {"error": "failed", "message": str(exc), "code": exc.code}
+    return {"state": None if state is None else dataclasses.asdict(state)}
+
+
+def op_krb5_keyring_keys(uid: int) -> list[int]:
+    """The keys a ``KEYRING:persistent:UID`` collection is made of, as the peer
+    sees them: the persistent keyring, its ``_krb`` collection keyring and what
+    ``_krb`` holds (each cache's keyring, the ``krb_ccache:primary`` key).
+    Watching these (the ``keys`` source's backends) sees every kinit, kinit -R,
+    kswitch and kdestroy. With the effective uid the peer's, as for the read:
+    ``keyctl_get_persistent`` of another uid is then the kernel's EPERM."""
+    out = []
+    with _EffectiveIds():
+        persistent = keyctl.get_persistent(uid, keyctl.KEY_SPEC_PROCESS_KEYRING)
+        out.append(persistent)
+        for serial in keyctl.read_keyring_serials(persistent):
+            try:
+                desc = keyctl.describe(serial)
+            except kerr.KernelError:
+                continue
+            if desc.type == "keyring" and desc.description == "_krb":
+                out.append(serial)
+                out += keyctl.read_keyring_serials(serial)
+                break
+    return out
+
+
+class _EffectiveIds:
+    """The effective gid and uid are the fs ones (the peer's) for the body, then 0
+    again (set back in that order: egid first while euid is 0, euid last).
+    setres[ug]id(2) also resets the fs ids to the effective ones: they are set
+    again after. For the daemon's own helper (fsuid 0) nothing changes."""
+
+    def __enter__(self):
+        self.uid, self.gid = _libc.setfsuid(-1), _libc.setfsgid(-1)  # -1: read, not set
+        if self.uid != 0:
+            os.setresgid(-1, self.gid, -1)
+            os.setresuid(-1, self.uid, -1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.uid != 0:
+            os.setresuid(-1, 0, -1)
+            os.setresgid(-1, 0, -1)
+            _libc.setfsgid(self.gid)
+            _libc.setfsuid(self.uid)
+            if _libc.setfsuid(-1) != self.uid or os.geteuid() != 0:
+                os._exit(70)  # never serve the next call with the wrong identity
+        return False
+
+
 OPS = {"resolve": op_resolve, "describe": op_describe, "exists": op_exists,
-       "snapshot": op_snapshot, "watch_key": op_watch_key}
+       "snapshot": op_snapshot, "watch_key": op_watch_key, "krb5_read": op_krb5_read,
+       "krb5_keyring_keys": op_krb5_keyring_keys}
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -2,7 +2,7 @@
 
 Action ids (shipped in ``data/polkit-1/actions/io.wqd.policy``):
 ``io.wqd.watch-keys``, ``io.wqd.watch-devices``, ``io.wqd.watch-mounts``,
-``io.wqd.watch-fs-errors``. The subject is the caller's unique bus name
+``io.wqd.watch-fs-errors``, ``io.wqd.watch-credentials``. The subject is the caller's unique bus name
 (``system-bus-name``: polkitd takes its identity from the bus, as wqd does), with
 no user interaction: a ``Watch`` never pops up a dialog.
 
@@ -30,7 +30,7 @@ from wqd.events import Event, WatchTarget
 from wqd.peer import PeerCredentials
 from wqd.policy import ABSTAIN, ALLOW, Decision, Deny, PluginContext, PluginError
 from wqd.settings import SettingError, read_settings
-from wqd.sources.registry import DEVICES, FS_ERRORS, KEYS, MOUNTS
+from wqd.sources.registry import CREDENTIALS, DEVICES, FS_ERRORS, KEYS, MOUNTS
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ ACTIONS = {  # source -> its action in data/polkit-1/actions/io.wqd.policy
     DEVICES: "io.wqd.watch-devices",
     MOUNTS: "io.wqd.watch-mounts",
     FS_ERRORS: "io.wqd.watch-fs-errors",
+    CREDENTIALS: "io.wqd.watch-credentials",
 }
 DEFAULTS = {"deny": Deny("polkit is not available"), "abstain": ABSTAIN, "allow": ALLOW}
 SETTINGS = {  # [policy.polkit] (wqd.settings)

@@ -8,6 +8,7 @@ One module per source holds the rules, with ``async watch(peer, target, config)
   that may open the device node.
 - ``mounts`` and ``fs-errors`` (``unix_mounts``): a peer's own mount namespace
   only; filesystem errors to root.
+- ``credentials`` (``unix_credentials``): a peer's own uid's caches only, root any.
 
 A source without a rules module here is denied (fail closed), and its events
 are dropped: ``unix`` never waves through what it cannot judge.
@@ -17,8 +18,8 @@ from __future__ import annotations
 
 from wqd.events import Event, WatchTarget
 from wqd.peer import PeerCredentials
-from wqd.policy import Decision, Deny, unix_devices, unix_keys, unix_mounts
-from wqd.sources.registry import DEVICES, FS_ERRORS, KEYS, MOUNTS
+from wqd.policy import Decision, Deny, unix_credentials, unix_devices, unix_keys, unix_mounts
+from wqd.sources.registry import CREDENTIALS, DEVICES, FS_ERRORS, KEYS, MOUNTS
 
 # source -> module with ``async watch(peer, target, config)`` and ``post(peer, event, config)``
 RULES = {
@@ -26,6 +27,7 @@ RULES = {
     DEVICES: unix_devices,
     MOUNTS: unix_mounts,
     FS_ERRORS: unix_mounts,
+    CREDENTIALS: unix_credentials,
 }
 
 

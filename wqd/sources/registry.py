@@ -14,13 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from wqd.sources import devices, fs_errors, keys, mounts
+from wqd.sources import credentials, devices, fs_errors, keys, mounts
 from wqd.subscription import Source
 
 KEYS = keys.NAME
 DEVICES = devices.NAME
 MOUNTS = mounts.NAME
 FS_ERRORS = fs_errors.NAME
+CREDENTIALS = credentials.NAME
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,5 +40,6 @@ SOURCES: dict[str, SourceKind] = {kind.name: kind for kind in (
     SourceKind(DEVICES, devices.open_source, devices.check_settings, devices.SCHEMA),
     SourceKind(MOUNTS, mounts.open_source, mounts.check_settings, mounts.SCHEMA),
     SourceKind(FS_ERRORS, fs_errors.open_source, fs_errors.check_settings, {}, needs=("struct statfs",)),  # none yet
+    SourceKind(CREDENTIALS, credentials.open_source, credentials.check_settings, credentials.SCHEMA),
 )}
 NAMES = frozenset(SOURCES)

@@ -1,0 +1,428 @@
+"""The ``credentials`` source: Kerberos credential caches, as their owner sees them.
+
+``Watch("credentials", TARGET, {})``: TARGET ``""`` is the caller's default cache
+(collection), krb5.conf's ``default_ccache_name`` for the caller's uid
+(``wqd.krb5cache.default_ccache_name``); otherwise an explicit name,
+``FILE:/path``, ``DIR:/path`` (a collection), ``KCM:`` (the caller's KCM
+collection, or ``KCM:UID…`` of its own uid), ``KEYRING:persistent:UID``. Each change of the cache (for a
+collection: of its primary) is a ``CredentialsChanged(cache, change, info)``;
+``change`` is ``wqd.krb5cache.classify``'s diff of two reads, or ``expiring``,
+sent once per ticket ``[credentials] expiring_lead`` seconds before its TGT
+expires, from a ``loop.call_at`` timer (re-armed on every change, cancelled
+when the last subscriber leaves). Nothing here polls; only ``KEYRING:`` on a
+kernel without watch queues rides the keys source's ``proc-keys`` poller.
+
+Who may watch what: a peer only caches of its own uid, root any. A name that
+says another uid (``KCM:N…``, ``KEYRING:persistent:N``) is refused up front; otherwise the first read,
+done **as the peer** in a credential helper (``wqd.sources.helper_pool``, op
+``krb5_read``, with the peer's fs *and* effective ids for the read, so that
+sssd-kcm's ``SO_PEERCRED`` check and the file permissions decide), answers
+AccessDenied when the peer may not read it. A later read that is denied (the
+file's owner changed its mode) ends the subscriptions: fail closed.
+
+Reads never run on the event loop and are bounded: one read in flight per
+watched cache, the events that arrive meanwhile coalesced into one more read
+after it (one kinit is 5-6 store events in ~50 ms). A watched cache is keyed
+by (uid, name): peers of one uid share its reads and its timer.
+
+``KEYRING:persistent:UID`` caches wake on key watches: a ``keys`` source of
+this source's own (``wqd.sources.credentials_keyring``), on whatever backend
+``[keys]`` gives it (the notification pipe, or the ``proc-keys`` poller, which
+``Sources`` names). Other ``KEYRING:`` anchors (session, process, thread, user)
+are the peer process's own keyrings, which wqd cannot see: ``NotSupported``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+
+from wqd import krb5cache
+from wqd.errors import AccessDenied, InvalidArgument, NotSupported, WqdError
+from wqd.events import CredentialsChanged, Event, TargetGone, TypedTarget
+from wqd.kernel.credentials import Credentials
+from wqd.sources.helper_pool import HelperPool
+from wqd.peer import PeerCredentials
+from wqd.settings import read_settings
+from wqd.sources import check_options
+from wqd.sources import keys
+from wqd.sources.credentials_backends import DIRECTORY_MASK, KCM_STORE, DirectoryWatches, KcmStore
+from wqd.sources.credentials_keyring import KeyringCaches
+from wqd.sources.keys import peer_credentials
+from wqd.subscription import Sink
+
+log = logging.getLogger(__name__)
+
+NAME = "credentials"
+OPTIONS: dict = {}  # Watch options (check_options): none yet
+TYPES = ("FILE", "DIR", "KCM", "KEYRING")  # KEYRING: the persistent collection only
+SCHEMA = {  # [credentials] (wqd.settings)
+    "expiring_lead": ((int, float), 300, lambda v: 0 <= v <= 86400, "0..86400 seconds"),
+    "kcm_store": (str, KCM_STORE, lambda v: v.startswith("/"), "an absolute path"),
+    "helper_timeout": ((int, float), 10.0, lambda v: 0.1 <= v <= 600, "0.1..600 seconds"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialsTarget(TypedTarget):
+    """A credentials target: ``cache`` is the watched name (TARGET, or the
+    caller's default resolved), ``kind`` its type; ``uid`` (the common field) is
+    whose caches these are: the peer's, whose identity reads them."""
+
+    cache: str = ""
+    kind: str = ""
+
+
+@dataclass(eq=False, slots=True)
+class CacheWatch:
+    """One watched cache of one uid, shared by that uid's subscriptions."""
+
+    key: tuple[int, str]  # (uid, cache name): the route of its events
+    kind: str
+    creds: Credentials | None
+    subs: set = field(default_factory=set)
+    peer: PeerCredentials | None = None  # the first subscriber: whose identity arms key watches
+    state: krb5cache.CacheState | None = None
+    ready: asyncio.Future | None = None  # done when its first subscriber armed it (or failed to)
+    busy: bool = False  # a read is in flight
+    reading: asyncio.Task | None = None  # the re-reading task, when one runs
+    again: bool = False  # an event arrived while a read was in flight: read once more
+    token: int | None = None  # its DirectoryWatches listener (FILE/DIR)
+    timer: asyncio.TimerHandle | None = None  # the ``expiring`` timer of its TGT
+    warned: str = ""  # the ticket ``expiring`` was sent for
+    orphaned: bool = False  # its directory is gone: one last read, then its subscriptions end
+
+
+def parse_cache_name(name: str) -> tuple[str, str | None, str | None]:
+    """``(type, directory, entry)`` of a cache name wqd serves: the directory to
+    watch and the entry in it that is the cache (``None``: any entry, a ``DIR:``
+    collection). ``KCM:`` has neither. Raises InvalidArgument / NotSupported."""
+    kind, sep, residual = name.partition(":")
+    kind = kind.upper()
+    if not sep:
+        raise InvalidArgument("credentials target must be a cache name TYPE:RESIDUAL or ''")
+    if kind not in TYPES:
+        raise NotSupported(f"cache type {kind} is not served (FILE:, DIR:, KCM:, KEYRING:persistent:UID)")
+    if kind == "KEYRING":
+        anchor, _, rest = residual.partition(":")
+        if anchor != "persistent":  # session, user, process, thread: the peer process's own keyrings
+            raise NotSupported("only KEYRING:persistent:UID is served: wqd cannot see a process's "
+                               "session, process or thread keyring")
+        if not rest.split(":")[0].isdigit():
+            raise InvalidArgument("KEYRING:persistent: needs the uid")
+    if kind in ("KCM", "KEYRING"):
+        return kind, None, None
+    one = kind == "DIR" and residual.startswith(":")  # DIR::dir/tkt names one cache of the collection
+    path = residual[1:] if one else residual
+    if not path.startswith("/") or "\0" in path:
+        raise InvalidArgument(f"{kind}: needs an absolute path")
+    path = os.path.normpath(path)
+    if kind == "DIR" and not one:
+        return kind, path, None
+    return kind, os.path.dirname(path), os.path.basename(path)
+
+
+def access_probe(name: str) -> str | None:
+    """What the helper stat()s as the peer before reading *name*: the cache file,
+    or a collection's ``primary`` (searching the directory is what the peer
+    needs; a 0700 directory of another uid reads as empty to krb5, not denied)."""
+    kind, directory, entry = parse_cache_name(name)
+    if directory is None:
+        return None
+    return os.path.join(directory, entry or "primary")
+
+
+class CredentialsSource:
+    name = NAME
+
+    def __init__(self, *, expiring_lead: float = 300, kcm_store: str = KCM_STORE,
+                 helper_timeout: float = 10.0, binding_dir: str = "") -> None:
+        self.lead = expiring_lead
+        self.binding_dir = binding_dir
+        self.watches: dict[tuple[int, str], CacheWatch] = {}
+        self.sink: Sink | None = None
+        self.inotify = DirectoryWatches()
+        self.kcm = KcmStore(self.inotify, kcm_store)
+        self.kcm_reason = self.kcm.available()
+        self.helpers = HelperPool(timeout=helper_timeout)
+        self.keyring: KeyringCaches | None = None  # set by open_source when the keys machinery runs here
+        self.keyring_reason = "the keys source cannot run here"
+
+    @property
+    def backend(self) -> str:
+        """What each type runs on: ``inotify`` (FILE:, DIR:), ``+kcm`` (sssd-kcm's
+        store), ``+keys/BACKEND`` (KEYRING:; ``proc-keys`` polls)."""
+        parts = ["inotify"]
+        if self.kcm_reason is None:
+            parts.append("kcm")
+        if self.keyring is not None:
+            parts.append("keys/" + self.keyring.backend)
+        return "+".join(parts)
+
+    async def start(self, sink: Sink) -> None:
+        self.sink = sink
+        self.inotify.start(sink)
+        if self.kcm_reason is None:
+            try:
+                self.kcm.start(self._kcm_changed)
+            except OSError as exc:  # an unprivileged instance: the store's directory is 0700 root
+                self.kcm_reason = f"cannot watch {self.kcm.directory}: {exc.strerror}"
+        if self.kcm_reason is None:
+            log.info("credentials: KCM: caches by sssd-kcm's store %s", self.kcm.path)
+        else:
+            log.info("credentials: KCM: caches unavailable: %s", self.kcm_reason)
+        if self.keyring is not None:
+            await self.keyring.start(sink)
+
+    async def stop(self) -> None:
+        for watch in list(self.watches.values()):
+            self._drop(watch)
+        self.kcm.stop()
+        self.inotify.stop()
+        if self.keyring is not None:
+            await self.keyring.stop()
+        await self.helpers.close()
+
+    # -- Watch() ----------------------------------------------------------
+
+    async def resolve(self, peer: PeerCredentials, spec: str, options: dict) -> CredentialsTarget:
+        check_options(NAME, OPTIONS, options)
+        if peer.uid != os.geteuid() and os.geteuid() != 0:  # it would read as itself: another uid's caches
+            raise NotSupported(f"this instance runs as uid {os.geteuid()} and cannot read caches as uid {peer.uid}")
+        if spec == "":
+            try:
+                spec = krb5cache.default_ccache_name(peer.uid)
+            except (ValueError, KeyError) as exc:
+                raise NotSupported(f"cannot resolve the caller's default cache: {exc}") from None
+        kind = parse_cache_name(spec)[0]
+        if kind == "KCM":
+            if self.kcm_reason is not None:
+                raise NotSupported(f"KCM: caches are unavailable here: {self.kcm_reason}")
+            owner = spec.partition(":")[2].split(":")[0]
+        elif kind == "KEYRING":
+            if self.keyring is None:
+                raise NotSupported(f"KEYRING: caches are unavailable here: {self.keyring_reason}")
+            owner = spec.split(":")[2]
+        else:
+            owner = ""
+        if owner and not peer.is_root and owner != str(peer.uid):
+            raise AccessDenied(f"{kind} caches of another uid")
+        target = CredentialsTarget(NAME, spec, uid=peer.uid, cache=spec, kind=kind)
+        self._judge(await self._read(peer_credentials(peer), target), spec)  # as the peer: may it?
+        return target
+
+    def routes(self, sub) -> Iterable[Hashable]:
+        return ((sub.target.uid, sub.target.cache),)
+
+    def accepts(self, sub, event: Event) -> bool:
+        return True
+
+    async def attach(self, sub) -> None:
+        target = sub.target
+        key = (target.uid, target.cache)
+        watch = self.watches.get(key)
+        if watch is not None:
+            if not watch.ready.done():  # the first subscriber is still arming it: its outcome is ours
+                await asyncio.shield(watch.ready)
+            if self.watches.get(key) is not watch:
+                raise NotSupported("the cache's watch ended meanwhile; try again")
+            watch.subs.add(sub)
+            return
+        watch = self.watches[key] = CacheWatch(key, target.kind, peer_credentials(sub.owner), {sub}, sub.owner)
+        watch.ready = asyncio.get_running_loop().create_future()
+        watch.ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen by those who wait
+        watch.busy = True  # the first read: events meanwhile make one more after it
+        try:  # armed before the first read: no change falls between
+            if target.kind == "KEYRING":
+                await self.keyring.refresh(watch, sub.owner, target.uid)
+            elif target.kind != "KCM":
+                watch.token = self._watch_directory(target.cache, lambda: self._changed(watch),
+                                                    lambda: self._orphaned(watch))
+            watch.state = self._judge(await self._read(watch.creds, target), target.cache)
+        except BaseException as exc:
+            self._drop(watch)  # nobody else joined: they wait for ``ready``
+            if isinstance(exc, Exception):
+                watch.ready.set_exception(exc)
+            else:
+                watch.ready.cancel()
+            raise
+        finally:
+            watch.busy = False
+        watch.ready.set_result(None)
+        self._arm_timer(watch)
+        if watch.again:
+            self._changed(watch)
+
+    def _watch_directory(self, cache: str, wake, gone) -> int:
+        _kind, directory, entry = parse_cache_name(cache)
+        names = None if entry is None else frozenset({entry})
+        try:
+            return self.inotify.add(directory, DIRECTORY_MASK, names, wake, gone)
+        except OSError as exc:
+            raise InvalidArgument(f"cannot watch {directory}: {exc.strerror}") from None
+
+    def detach(self, sub) -> None:
+        watch = self.watches.get((sub.target.uid, sub.target.cache))
+        if watch is None:
+            return
+        watch.subs.discard(sub)
+        if not watch.subs:
+            self._drop(watch)
+
+    def _drop(self, watch: CacheWatch) -> None:
+        if self.watches.get(watch.key) is watch:
+            del self.watches[watch.key]
+        if watch.token is not None:
+            self.inotify.remove(watch.token)
+            watch.token = None
+        if watch.timer is not None:
+            watch.timer.cancel()
+            watch.timer = None
+        if watch.kind == "KEYRING" and self.keyring is not None:
+            self.keyring.forget(watch)
+        if watch.reading is not None and watch.reading is not asyncio.current_task():
+            watch.reading.cancel()
+            watch.reading = None
+
+    # -- reading, as the peer ---------------------------------------------
+
+    async def _read(self, creds: Credentials | None, target: CredentialsTarget) -> dict:
+        try:
+            return await self.helpers.run(creds, "krb5_read", self.binding_dir, os.environ.get("KRB5_CONFIG"),
+                                          target.cache, access_probe(target.cache))
+        except WqdError:
+            raise
+        except Exception as exc:
+            log.warning("reading %s for uid %s: %s", target.cache, target.uid, exc)
+            raise NotSupported(f"cannot read {target.cache}") from None
+
+    @staticmethod
+    def _judge(reply: dict, cache: str) -> krb5cache.CacheState | None:
+        """The state in a helper's reply, or the named error it stands for."""
+        error = reply.get("error")
+        if error == "denied":
+            raise AccessDenied("the caller may not read this cache")
+        if error is not None:
+            log.info("reading %s: %s", cache, reply.get("message"))
+            raise NotSupported(f"cannot read {cache}: {reply.get('message')}")
+        state = reply["state"]
+        return None if state is None else krb5cache.CacheState(**state)
+
+    def _orphaned(self, watch: CacheWatch) -> None:
+        """The cache's directory was removed (a logout's /run/user/UID): nothing
+        will wake this watch again, so read once more (``destroyed``) and end."""
+        log.info("%s: its directory was removed; the watch ends", watch.key[1])
+        watch.token = None
+        watch.orphaned = True
+        self._changed(watch)
+
+    def _kcm_changed(self) -> None:
+        for watch in list(self.watches.values()):
+            if watch.kind == "KCM":
+                self._changed(watch)
+
+    def _changed(self, watch: CacheWatch) -> None:
+        """A store event for *watch*: one read in flight, the rest coalesced."""
+        if self.watches.get(watch.key) is not watch:
+            return
+        if watch.busy:
+            watch.again = True
+            return
+        watch.busy = True
+        watch.reading = asyncio.get_running_loop().create_task(self._reread(watch))
+
+    async def _reread(self, watch: CacheWatch) -> None:
+        uid, cache = watch.key
+        target = next(iter(watch.subs)).target
+        try:
+            while self.watches.get(watch.key) is watch:
+                watch.again = False
+                try:
+                    if watch.kind == "KEYRING":  # follow the collection's keys: new caches, gone ones
+                        await self.keyring.refresh(watch, watch.peer, uid)
+                    new = self._judge(await self._read(watch.creds, target), cache)
+                except AccessDenied:
+                    log.info("uid %d may no longer read %s: its subscriptions end", uid, cache)
+                    self.sink.dispatch(TargetGone(NAME, watch.key, "access revoked"))
+                    return
+                except WqdError as exc:  # no KCM server, a helper that timed out: no news is not "destroyed"
+                    log.warning("re-reading %s for uid %d: %s", cache, uid, exc)
+                    new = watch.state
+                old, watch.state = watch.state, new
+                change = krb5cache.classify(old, new)
+                if change is not None:
+                    self._emit(watch, change, new if new is not None else old)
+                    self._arm_timer(watch)
+                if watch.orphaned and not watch.again:
+                    self.sink.dispatch(TargetGone(NAME, watch.key, "the cache's directory was removed"))
+                    return
+                if not watch.again:
+                    return
+        finally:
+            watch.busy = False
+            if watch.reading is asyncio.current_task():
+                watch.reading = None
+
+    def _emit(self, watch: CacheWatch, change: str, state: krb5cache.CacheState) -> None:
+        uid, cache = watch.key
+        self.sink.dispatch(CredentialsChanged(cache, change, state.principal, state.expires,
+                                              state.renew_until, uid))
+
+    # -- expiring: one timer per watched TGT ------------------------------
+
+    def _arm_timer(self, watch: CacheWatch) -> None:
+        if watch.timer is not None:
+            watch.timer.cancel()
+            watch.timer = None
+        state = watch.state
+        if state is None or state.ticket_id == watch.warned:
+            return
+        now = time.time()
+        if now >= state.expires:
+            return  # expired already: nothing to warn of
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, state.expires - self.lead - now)
+        watch.timer = loop.call_at(loop.time() + delay, self._expiring, watch)
+
+    def _expiring(self, watch: CacheWatch) -> None:
+        watch.timer = None
+        if self.watches.get(watch.key) is not watch or watch.state is None:
+            return
+        watch.warned = watch.state.ticket_id
+        self._emit(watch, "expiring", watch.state)
+
+
+def check_settings(table: dict) -> dict:
+    return read_settings(NAME, table, SCHEMA)
+
+
+def binding_directory() -> str:
+    """The directory holding the ``krb5`` package, for the helper's path; it must
+    be root's and writable by nobody else (the helper runs code from it as root)."""
+    if krb5cache.krb5 is None:
+        raise ImportError("the krb5 binding is not installed (pip install 'wqd[credentials]')")
+    directory = os.path.dirname(os.path.dirname(os.path.abspath(krb5cache.krb5.__file__)))
+    for path in (directory, os.path.dirname(os.path.abspath(krb5cache.krb5.__file__))):
+        st = os.stat(path)
+        if os.geteuid() == 0 and (st.st_uid != 0 or st.st_mode & 0o022):
+            raise OSError(f"{path} is not root's alone: the credential helper will not import from it")
+    return directory
+
+
+def open_source(cfg) -> CredentialsSource:
+    """Raises ImportError (no pykrb5), ValueError (bad settings)."""
+    settings = check_settings(cfg.raw.get(NAME, {}))
+    source = CredentialsSource(expiring_lead=settings["expiring_lead"], kcm_store=settings["kcm_store"],
+                               helper_timeout=settings["helper_timeout"], binding_dir=binding_directory())
+    try:  # KEYRING: runs on a keys source of its own ([keys] settings): its backend, its helpers
+        if cfg.keys_backend == "replay":  # a second reader of the capture would take the keys source's records
+            raise ValueError("[keys] backend is replay: no kernel keys to watch")
+        source.keyring = KeyringCaches(keys.open_source(cfg), source._changed)
+    except (OSError, ValueError) as exc:
+        source.keyring_reason = str(exc)
+        log.info("credentials: KEYRING: caches unavailable: %s", exc)
+    return source
