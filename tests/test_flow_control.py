@@ -262,9 +262,9 @@ async def test_a_uid_that_stalled_gets_no_grace(tmp_path, wqd_factory, quota_bus
             else:
                 raise AssertionError(f"{names[peer]} never stalled:\n{wqd.log_text()}")
             # more than its queue holds (1024), now that it no longer holds the source back
-            await asyncio.to_thread(trigger, NULL_DEVPATH, "change", 1500)
+            await asyncio.to_thread(trigger, NULL_DEVPATH, "change", 4000)
             for p in generated:
-                generated[p] += 1500
+                generated[p] += 4000
         log = wqd.log_text()
         paused = "{} has".format
         stalled = "{} stopped reading".format
