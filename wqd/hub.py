@@ -61,8 +61,8 @@ from typing import Protocol
 from wqd import journal
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NoSuchObject, NotSupported
 from wqd.events import Event, SourceLoss, TargetGone, WatchTarget
-from wqd.lanes import (LANE_JOBS, SLICE, End, Fanout, Lane, Lose, LostMark, canonical, event_bytes, frozen_copy,
-                       kit_of, size_of)
+from wqd.lanes import (LANE_BEHIND, LANE_JOBS, SLICE, End, Fanout, Lane, Lose, LostMark, Tally, canonical,
+                       event_bytes, frozen_copy, kit_of, size_of)
 from wqd.peer import PeerCredentials
 from wqd.policy import PolicyStack
 from wqd.subscription import ANY, Source, Subscription
@@ -120,6 +120,8 @@ class Hub:
         self._by_route: dict[tuple[str, Hashable], dict[int, set[Subscription]]] = {}
         self._by_owner: dict[str, set[Subscription]] = {}
         self._per_uid: dict[int, int] = {}  # active subscriptions of each uid
+        self._paused: dict[int, int] = {}  # ... of them paused by the outlet (``pause``)
+        self._stalled: dict[int, int] = {}  # ... and stalled (``stall``)
         self._uid_bytes: dict[int, int] = {}  # bytes held for each uid (budgets; root not counted)
         # canonical option set -> [shared options, shared extra, bytes, refs, the key itself]
         self._options: dict[tuple, list] = {}
@@ -310,6 +312,11 @@ class Hub:
             self._per_uid[uid] = left
         else:
             self._per_uid.pop(uid, None)
+        if sub.paused:
+            self._count(self._paused, uid, -1)
+        if sub.stalled:
+            self._count(self._stalled, uid, -1)
+        self._unpark(uid)  # (ended all, or the last one paused: the lane must not wait for a reader)
         self._charge(uid, -sub.charge)
         sub.charge = 0
         self._release_options(uid, sub.options_key)
@@ -458,7 +465,7 @@ class Hub:
             job = Fanout(event, source, kit[1])
             if not self._turns and not self._running and len(groups) == 1:
                 (uid, subs), = groups.items()
-                if len(subs) <= min(QUANTUM, self._budget):  # nothing waits, and little to do: do it now
+                if len(subs) <= min(QUANTUM, self._budget) and uid not in self._lanes:  # nothing waits: now
                     self._running = True
                     try:
                         job.apply(self, subs, 0, len(subs))
@@ -484,24 +491,34 @@ class Hub:
             if lane is None:
                 lane = lanes[uid] = Lane()
                 turns.append(uid)
-            work = job
             if isinstance(job, Fanout) and len(lane.jobs) >= LANE_JOBS and lane.hogging(now):
                 # This uid's lane has been far behind for a while: what it cannot take is lost
-                # for it (told, in place), instead of holding everyone's sources back.
-                last = lane.jobs[-1]
-                if isinstance(last[0], Lose) and last[0].private and last[1] is subs and last[2] == 0:
-                    last[0].count += 1
-                    continue
-                work = Lose(1, private=True)
+                # for it (told, in place, each subscription its own count), instead of holding
+                # everyone's sources back.
                 if not lane.told:
                     lane.told = True
                     log.warning("uid %d is far behind (%d subscriptions waiting): its subscriptions lose events "
                                 "until it catches up", uid, lane.steps,
                                 extra={"MESSAGE_ID": journal.EVENTS_LOST, "peer_uid": uid})
-            lane.jobs.append([work, subs, 0])
+                self._tally(lane, subs, job)
+                continue
+            lane.jobs.append([job, subs, 0])
             lane.steps += len(subs)
             self._backlog += len(subs)
             lane.account(now)
+
+    def _tally(self, lane: Lane, subs: list[Subscription], job: Fanout) -> None:
+        """Count *job*'s event as lost for *subs* in the ``Tally`` at the end of *lane*,
+        or in a new one there (O(classes), not O(subscriptions))."""
+        jobs = lane.jobs
+        last = jobs[-1] if jobs else None
+        if last is None or type(last[0]) is not Tally or last[1] is not subs or last[2] != 0:
+            last = [Tally(*lane.classes_of(subs)), subs, 0]
+            jobs.append(last)
+            lane.steps += len(subs)
+            self._backlog += len(subs)
+            lane.account(time.monotonic())
+        last[0].add(job)
 
     def _run(self) -> None:
         """Serve the lanes round-robin until this turn's budget is spent."""
@@ -514,6 +531,10 @@ class Hub:
                 uid = turns[0]
                 lane = lanes[uid]
                 jobs = lane.jobs
+                if lane.steps > LANE_BEHIND and self._paused.get(uid, 0) >= self._per_uid.get(uid, 1):
+                    lane.parked = True  # nothing it queued could be sent: wait for a reader (``pause``)
+                    turns.popleft()
+                    continue
                 quantum = min(QUANTUM, self._budget)
                 while jobs and quantum > 0:
                     work = jobs[0]
@@ -648,11 +669,65 @@ class Hub:
         if sub.stalled == stalled:
             return
         sub.stalled = stalled
+        if sub.active:
+            self._count(self._stalled, sub.owner.uid, 1 if stalled else -1)
         if sub.queued_events > self.limits.queue_length // 2:
             if stalled:
                 self._unpressure()
             else:
                 self._pressured += 1
+
+    def pause(self, sub: Subscription, paused: bool) -> None:
+        """The outlet holds *sub*'s signals back until its peer reads (``paused``), or
+        sends them again. When every subscription of a uid is paused, its lane, if it
+        is behind, is parked (``Lane``): the events wait there (and beyond
+        ``LANE_JOBS`` are tallied) instead of costing a step per subscription each.
+        The first of them to be let go unparks it; if every one of them is stalled
+        (stopped reading long ago), what the lane holds is tallied first, so the
+        probe that let it go costs O(subscriptions) once, not per event."""
+        if sub.paused == paused:
+            return
+        sub.paused = paused
+        if not sub.active:
+            return
+        uid = sub.owner.uid
+        self._count(self._paused, uid, 1 if paused else -1)
+        if not paused:
+            self._unpark(uid)
+
+    def _unpark(self, uid: int) -> None:
+        """*uid*'s lane, if parked, is served again (one of its subscriptions may be
+        sent to, or ended)."""
+        lane = self._lanes.get(uid)
+        if lane is None or not lane.parked:
+            return
+        lane.parked = False
+        if self._stalled.get(uid, 0) >= self._per_uid.get(uid, 0):  # none reads: all it holds is lost
+            self._fold(lane)
+        self._turns.append(uid)
+        if self._tick is None:
+            self._tick = asyncio.get_running_loop().call_soon(self._next_turn)
+
+    def _fold(self, lane: Lane) -> None:
+        """Tally every event *lane* holds for whole subscription lists (in order: a
+        ``Lose`` or ``End`` between them stays where it is)."""
+        jobs, lane.jobs = lane.jobs, deque()
+        for work in jobs:
+            job, subs, pos = work
+            if type(job) is Fanout and pos == 0:
+                lane.steps -= len(subs)
+                self._backlog -= len(subs)
+                self._tally(lane, subs, job)
+            else:
+                lane.jobs.append(work)
+
+    @staticmethod
+    def _count(counts: dict[int, int], uid: int, delta: int) -> None:
+        n = counts.get(uid, 0) + delta
+        if n > 0:
+            counts[uid] = n
+        else:
+            counts.pop(uid, None)
 
     def set_limits(self, limits: Limits) -> None:
         """New limits (SIGHUP). Subscriptions over a lowered cap stay (new ones are

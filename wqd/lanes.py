@@ -2,8 +2,16 @@
 
 A lane holds one uid's work in order, as ``[job, subscriptions, how far done]``;
 the jobs are ``Fanout`` (one event to the subscriptions of its route, judged once
-per distinct decision), ``Lose`` (a loss to count) and ``End`` (subscriptions to
-end). ``Hub._run`` serves the lanes; see ``wqd.hub`` for the rules.
+per distinct decision), ``Lose`` (a loss to count), ``Tally`` (events the lane
+could not take, counted per class of equal subscriptions) and ``End``
+(subscriptions to end). ``Hub._run`` serves the lanes; see ``wqd.hub`` for the rules.
+
+Why ``Tally``: a uid that holds thousands of equal subscriptions and reads
+nothing must not cost O(subscriptions) per event. Equal subscriptions (one
+connection, one pooled option set and target: the same filter, the same
+judgement) form a class; an event that a lane cannot take is counted once per
+class (``Tally.add``, O(classes)), and each subscription is told its own exact
+count (``Tally.apply``) once, however many events were counted.
 """
 
 from __future__ import annotations
@@ -129,15 +137,22 @@ class Fanout:
 
 
 class Lane:
-    """One uid's work, in order: [job, subscriptions, how far done]."""
+    """One uid's work, in order: [job, subscriptions, how far done].
 
-    __slots__ = ("jobs", "steps", "behind_since", "told")
+    *parked*: every subscription of the uid is paused (its peers read nothing) and
+    the lane is behind, so it is not served (what it would queue could not be sent
+    anyway) and does not hold the sources back; what it cannot keep is tallied
+    (``Tally``). It is served again when one of them reads (``Hub.pause``)."""
+
+    __slots__ = ("jobs", "steps", "behind_since", "told", "parked", "classes")
 
     def __init__(self) -> None:
         self.jobs: deque = deque()
         self.steps = 0  # subscriptions waiting
         self.behind_since: float | None = None
         self.told = False
+        self.parked = False
+        self.classes: tuple | None = None  # (subscriptions, their classes): ``classes_of``, for the last list
 
     def account(self, now: float) -> None:
         if self.steps > LANE_BEHIND:
@@ -156,7 +171,31 @@ class Lane:
         for it instead), up to ``LANE_JOBS_MAX``."""
         if not self.steps:
             return False
-        return not self.hogging(now) or len(self.jobs) > LANE_JOBS_MAX
+        if len(self.jobs) > LANE_JOBS_MAX:
+            return True
+        return not self.parked and not self.hogging(now)
+
+    def classes_of(self, subs: list) -> tuple[list[int], list]:
+        """(class of each position of *subs*, one representative per class), kept for the
+        last list asked about: the route tables' snapshots are the same list from event
+        to event, so a lane that tallies event after event classifies once."""
+        kept = self.classes
+        if kept is not None and kept[0] is subs:
+            return kept[1], kept[2]
+        index: dict = {}
+        of: list[int] = []
+        reps: list = []
+        for sub in subs:
+            key = (id(sub.owner), sub.options_key, sub.target.spec, sub.target.object_id)
+            if sub.options_key is None:
+                key = id(sub)
+            n = index.get(key)
+            if n is None:
+                n = index[key] = len(reps)
+                reps.append(sub)
+            of.append(n)
+        self.classes = (subs, of, reps)
+        return of, reps
 
 
 class Lose:
@@ -170,6 +209,38 @@ class Lose:
         for i in range(start, stop):
             if subs[i].active:
                 hub.lose(subs[i], self.count)
+
+
+class Tally:
+    """Events a lane could not take, counted per class of equal subscriptions
+    (``Lane.classes_of``): an event counts for a class when its representative's
+    filter accepts it and the policy lets its owner see it, the two things that
+    would have queued it. Applied, each subscription loses its class's count,
+    in its place in the queue."""
+
+    __slots__ = ("of", "reps", "counts")
+
+    def __init__(self, of: list[int], reps: list) -> None:
+        self.of = of
+        self.reps = reps
+        self.counts = [0] * len(reps)
+
+    def add(self, fanout: Fanout) -> None:
+        event, accepts, counts = fanout.event, fanout.source.accepts, self.counts
+        for n, rep in enumerate(self.reps):
+            try:
+                seen = accepts(rep, event) and fanout.judged(rep.owner)[1] is not None
+            except Exception:  # a filter or policy that raised: lost for them, as in ``Hub._run``
+                seen = True
+            if seen:
+                counts[n] += 1
+
+    def apply(self, hub: Hub, subs: list[Subscription], start: int, stop: int) -> None:
+        of, counts = self.of, self.counts
+        for i in range(start, stop):
+            n = counts[of[i]]
+            if n and subs[i].active:
+                hub.lose(subs[i], n)
 
 
 class End:

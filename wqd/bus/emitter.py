@@ -337,7 +337,7 @@ class SignalEmitter:
             if credit.window > 0:  # a probe window is open: count it down
                 if sub not in credit.subs:
                     self._pause_sub(credit, sub)
-                    sub.paused = False
+                    self.hub.pause(sub, False)
                 credit.window -= size
                 if credit.window <= 0 or uid_unacked >= UID_BUDGET or self._unacked >= PROBE_TOTAL:
                     self._close_window(credit)
@@ -449,7 +449,7 @@ class SignalEmitter:
                  credit.peer, credit.unacked)
 
     def _pause_sub(self, credit: Credit, sub: Subscription) -> None:
-        sub.paused = True
+        self.hub.pause(sub, True)
         credit.subs.add(sub)
         if credit.stalled:
             self.hub.stall(sub, True)
@@ -503,7 +503,7 @@ class SignalEmitter:
                 continue  # forgotten meanwhile
             work += self._fold(sub) + 1
             if credit.window > 0:  # the window may close before the last slice: those wait
-                sub.paused = False
+                self.hub.pause(sub, False)
                 if sub.queue:
                     self.wake(sub)
         if i < len(subs):
@@ -541,7 +541,7 @@ class SignalEmitter:
     def _close_window(self, credit: Credit) -> None:
         credit.window = 0
         for sub in credit.subs:
-            sub.paused = True
+            self.hub.pause(sub, True)
         if credit.ping is None:
             self._ping(credit)
 
@@ -552,8 +552,8 @@ class SignalEmitter:
         credit.window = 0
         subs, credit.subs = credit.subs or (), None
         for sub in subs:
-            sub.paused = False
-            self.hub.stall(sub, False)
+            self.hub.stall(sub, False)  # first: what a parked lane holds is delivered, not tallied (Hub.pause)
+            self.hub.pause(sub, False)
             if sub.queue:
                 self.wake(sub)
         if was_stalled:
