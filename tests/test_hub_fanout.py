@@ -12,6 +12,7 @@ import asyncio
 import pytest
 
 from support import PathSource
+from wqd import budgets
 from wqd import hub as hub_module
 from wqd import lanes
 from wqd.errors import LimitsExceeded
@@ -162,7 +163,7 @@ async def test_options_are_stored_once_and_budgeted_per_uid():
     one = hub.held_by(1000)
     assert one > 256 * 128  # the set is charged ...
     same = [await hub.watch(alice, "mounts", "", dict(big)) for _ in range(100)]
-    assert hub.held_by(1000) == one + 100 * hub_module.SUBSCRIPTION_BYTES  # ... once; each repeat costs its base
+    assert hub.held_by(1000) == one + 100 * budgets.SUBSCRIPTION_BYTES  # ... once; each repeat costs its base
     assert all(s.target.extra["properties"] is first.target.extra["properties"] for s in same)  # one copy
     distinct = []
     with pytest.raises(LimitsExceeded):
@@ -173,7 +174,7 @@ async def test_options_are_stored_once_and_budgeted_per_uid():
     bob = await hub.watch(peer(2, 1001), "mounts", "", dict(big))  # another uid has its own budget
     for sub in [first, *same, *distinct, bob]:
         hub.end(sub)
-    assert hub.held_by(1000) == 0 and hub.held_by(1001) == 0 and hub._options == {}
+    assert hub.held_by(1000) == 0 and hub.held_by(1001) == 0 and hub.budgets.pool == {}
 
 
 async def test_queued_events_count_against_the_budget():
@@ -257,7 +258,7 @@ async def test_a_typed_targets_fields_are_pooled_and_charged_like_extra():
     assert one > 256 * 128
     copies = [{"properties": frozenset(sorted(big["properties"]))} for _ in range(10)]  # equal, not the same
     same = [await hub.watch(alice, "devices", "", options) for options in copies]
-    assert hub.held_by(1000) == one + 10 * hub_module.SUBSCRIPTION_BYTES
+    assert hub.held_by(1000) == one + 10 * budgets.SUBSCRIPTION_BYTES
     assert all(s.target.properties is first.target.properties for s in same)  # the pool's one copy
     assert first.target.details() == {"subsystem": None, "actions": None, "properties": big["properties"],
                                       "initial": False}

@@ -35,15 +35,10 @@ source's ``shape_key(sub)`` does the same for its per-subscription trimming
 look-up per subscriber. A policy that declares no key is asked per peer.
 
 Budgets. Besides the counts (per connection, per uid, in all), each uid but root
-has ``Limits.bytes_per_uid`` for what wqd keeps on its behalf: per subscription a
-fixed ``SUBSCRIPTION_BYTES`` plus its target, plus its options (an option set held
-by several subscriptions is stored once, and charged to a uid once), plus the
-events queued for its subscriptions: ``QUEUE_ENTRY_BYTES`` an entry, and each
-distinct copy at its estimated size once (the copy shared by a uid's thousand
-subscriptions is one copy in memory). A Watch that
-would go beyond it answers ``LimitsExceeded``; an event that would is lost
-(``Lost``) for that subscription, like on a full queue. What a subscription held
-is given back when it ends.
+has ``Limits.bytes_per_uid`` for what wqd keeps on its behalf: its subscriptions,
+their option sets (pooled) and their queued events, accounted in ``wqd.budgets``.
+A Watch that would go beyond it answers ``LimitsExceeded``; an event that would
+is lost (``Lost``) for that subscription, like on a full queue.
 """
 
 from __future__ import annotations
@@ -61,8 +56,8 @@ from typing import Protocol
 from wqd import journal
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NoSuchObject, NotSupported
 from wqd.events import Event, SourceLoss, TargetGone, WatchTarget
-from wqd.lanes import (LANE_BEHIND, LANE_JOBS, SLICE, End, Fanout, Lane, Lose, LostMark, Tally, canonical,
-                       event_bytes, frozen_copy, kit_of, size_of)
+from wqd.budgets import SUBSCRIPTION_BYTES, Budgets
+from wqd.lanes import LANE_BEHIND, LANE_JOBS, SLICE, End, Fanout, Lane, Lose, LostMark, Tally, kit_of
 from wqd.peer import PeerCredentials
 from wqd.policy import PolicyStack
 from wqd.subscription import ANY, Source, Subscription
@@ -70,8 +65,6 @@ from wqd.subscription import ANY, Source, Subscription
 log = logging.getLogger(__name__)
 
 QUANTUM = 64  # subscriptions of one uid's lane served before the next uid's turn
-SUBSCRIPTION_BYTES = 2048  # what a subscription costs besides its target and options (measured: p5)
-QUEUE_ENTRY_BYTES = 16  # a queued entry (a deque slot and its share of the block), besides the event itself
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,10 +115,7 @@ class Hub:
         self._per_uid: dict[int, int] = {}  # active subscriptions of each uid
         self._paused: dict[int, int] = {}  # ... of them paused by the outlet (``pause``)
         self._stalled: dict[int, int] = {}  # ... and stalled (``stall``)
-        self._uid_bytes: dict[int, int] = {}  # bytes held for each uid (budgets; root not counted)
-        # canonical option set -> [shared options, shared extra, bytes, refs, the key itself]
-        self._options: dict[tuple, list] = {}
-        self._uid_options: dict[tuple[int, tuple], int] = {}  # (uid, option set) -> subscriptions holding it
+        self.budgets = Budgets(self.limits.bytes_per_uid)
         self._pressured = 0  # subscriptions not stalled with a queue more than half full
         self._relief: list = []
         self._lanes: dict[int, Lane] = {}  # uid -> work not done yet (see ``_run``)
@@ -133,7 +123,6 @@ class Hub:
         self._backlog = 0  # subscriptions waiting in the lanes
         self._snaps: dict[tuple, dict[int, list[Subscription]]] = {}  # route -> uid -> snapshot (``_routed``)
         self._kits: dict[str, tuple] = {}  # source -> (policy, what a Fanout needs of it and the source)
-        self._copies: dict[tuple[int, int], list] = {}  # (uid, id(event)) -> [entries queued, bytes charged]
         self._budget = SLICE  # left for this turn of the loop
         self._tick: asyncio.Handle | None = None
         self._running = False
@@ -149,7 +138,7 @@ class Hub:
         if len(spec.encode()) > self.limits.target_length:
             raise InvalidArgument("target is too long")
         self._check_counts(peer)
-        self._check_budget(peer.uid, SUBSCRIPTION_BYTES + len(spec))
+        self.budgets.check(peer.uid, SUBSCRIPTION_BYTES + len(spec))
         target = await source.resolve(peer, spec, options)
         policy = self.policy
         decision = await policy.watch(peer, target)
@@ -161,30 +150,30 @@ class Hub:
                      extra={"MESSAGE_ID": journal.POLICY_DENIED, "peer_uid": peer.uid, "peer_pid": peer.pid})
             raise AccessDenied(decision.reason or "access denied")
         self._check_counts(peer)  # again: other Watch calls of this peer may have been decided meanwhile
-        options, pooled, charge = self._share_options(peer.uid, source_name, target, options, spec)
+        pooled, charge = self.budgets.share(peer.uid, source_name, target, options, spec)
         # Random, never 0, unique among the live ones: the numbers tell nobody how
         # often others subscribe (issue 12). 63 bits: at most 19 digits in the path.
         number = secrets.randbits(63)
         while not number or number in self.subscriptions:
             number = secrets.randbits(63)
-        sub = Subscription(number, peer, source_name, target, options)
+        sub = Subscription(number, peer, source_name, target)
         sub.routes = tuple(source.routes(sub))
         attached = source.attach(sub)  # may raise: nothing registered yet
         if inspect.isawaitable(attached):  # keys: arming runs in a credential helper
             await attached
             try:  # it awaited: other calls may have been registered meanwhile
                 self._check_counts(peer)
-                options, pooled, charge = self._share_options(peer.uid, source_name, target, options, spec)
+                pooled, charge = self.budgets.share(peer.uid, source_name, target, options, spec)
                 if number in self.subscriptions:
                     raise LimitsExceeded("subscription number taken; try again")
             except Exception:
                 source.detach(sub)
                 raise
-        sub.options_key, sub.charge = self._hold_options(peer.uid, pooled), charge
+        sub.options_key, sub.charge = self.budgets.hold(peer.uid, pooled), charge
         self.subscriptions[sub.number] = sub
         self._by_owner.setdefault(peer.unique_name, set()).add(sub)
         self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
-        self._charge(peer.uid, charge)
+        self.budgets.charge(peer.uid, charge)
         for route in sub.routes:
             self._by_route.setdefault((source_name, route), {}).setdefault(peer.uid, set()).add(sub)
             self._changed((source_name, route), peer.uid)
@@ -214,70 +203,8 @@ class Hub:
             raise LimitsExceeded("too many subscriptions")
 
     def held_by(self, uid: int) -> int:
-        """Bytes charged to *uid* now (0 for root, which is not counted)."""
-        return self._uid_bytes.get(uid, 0)
-
-    def _check_budget(self, uid: int, more: int) -> None:
-        if uid != 0 and self._uid_bytes.get(uid, 0) + more > self.limits.bytes_per_uid:
-            raise LimitsExceeded(f"uid {uid} holds its share of wqd's memory ({self.limits.bytes_per_uid} bytes)")
-
-    def _charge(self, uid: int, amount: int) -> None:
-        if uid == 0 or not amount:
-            return
-        left = self._uid_bytes.get(uid, 0) + amount
-        if left > 0:
-            self._uid_bytes[uid] = left
-        else:
-            self._uid_bytes.pop(uid, None)
-
-    def _share_options(self, uid: int, source: str, target: WatchTarget, options: dict,
-                       spec: str) -> tuple[dict, list, int]:
-        """One stored copy per distinct option set: the subscription keeps the pool's
-        (the caller's own copies are dropped with the call), and its target's
-        details (``WatchTarget.details``) the pool's frozensets. Returns (options, pool entry, bytes to
-        charge for the subscription itself) and raises ``LimitsExceeded`` when *uid*
-        cannot afford them. Nothing is held until ``_hold_options``."""
-        extra = target.details()
-        key = (source, canonical(options), canonical(extra))
-        entry = self._options.get(key)
-        if entry is None:
-            size = size_of(options) + size_of(extra)
-            entry = [frozen_copy(options), {k: v for k, v in extra.items() if isinstance(v, frozenset)}, size, 0,
-                     key]
-        shared_options, shared_extra, size, _refs, key = entry  # the pool's key: this call's copies are let go
-        charge = SUBSCRIPTION_BYTES + len(spec)
-        options_charge = 0 if (uid, key) in self._uid_options else size
-        self._check_budget(uid, charge + options_charge)
-        target.share(shared_extra)  # equal frozensets: the pool's copy instead of this call's
-        return shared_options, entry, charge
-
-    def _hold_options(self, uid: int, entry: list) -> tuple:
-        """Hold the pool *entry* for a subscription of *uid* (charged once per uid);
-        returns its key, for ``_release_options``."""
-        key = entry[4]
-        entry = self._options.setdefault(key, entry)  # (an equal one may have come and gone meanwhile)
-        entry[3] += 1
-        n = self._uid_options.get((uid, key), 0)
-        if not n:
-            self._charge(uid, entry[2])
-        self._uid_options[(uid, key)] = n + 1
-        return key
-
-    def _release_options(self, uid: int, key: tuple | None) -> None:
-        if key is None:
-            return
-        entry = self._options.get(key)
-        if entry is None:
-            return
-        n = self._uid_options.get((uid, key), 0) - 1
-        if n > 0:
-            self._uid_options[(uid, key)] = n
-        else:
-            self._uid_options.pop((uid, key), None)
-            self._charge(uid, -entry[2])
-        entry[3] -= 1
-        if entry[3] <= 0:
-            del self._options[key]
+        """Bytes charged to *uid* now (0 for root, which is not counted): ``wqd.budgets``."""
+        return self.budgets.held_by(uid)
 
     # -- ending -----------------------------------------------------------
 
@@ -317,9 +244,9 @@ class Hub:
         if sub.stalled:
             self._count(self._stalled, uid, -1)
         self._unpark(uid)  # (ended all, or the last one paused: the lane must not wait for a reader)
-        self._charge(uid, -sub.charge)
+        self.budgets.charge(uid, -sub.charge)
         sub.charge = 0
-        self._release_options(uid, sub.options_key)
+        self.budgets.release(uid, sub.options_key)
         sub.options_key = None
         try:
             self.sources[sub.source].detach(sub)
@@ -340,7 +267,7 @@ class Hub:
         if uid and sub.queued_events:
             for item in sub.queue:
                 if isinstance(item, Event):
-                    self._release_copy(uid, item)
+                    self.budgets.unqueue(uid, item)
         sub.queue.clear()
         sub._queue = None
         sub.queued_events = 0
@@ -595,50 +522,23 @@ class Hub:
     def enqueue(self, sub: Subscription, item: Event, size: int = 0) -> None:
         """Queue *item* for *sub*; *size*: its estimated bytes (0: estimated here).
 
-        The owner's uid (not root) is charged ``QUEUE_ENTRY_BYTES`` per queued entry,
-        and each distinct copy's *size* once however many of its subscriptions hold
-        it (one shared copy is one copy in memory), until the last is taken."""
+        The owner's uid (not root) is charged for it (``Budgets.queue``: the entry, and
+        each distinct copy once however many of its subscriptions hold it) until it is
+        taken; one it cannot afford is lost."""
         n = sub.queued_events
         if n >= self.limits.queue_length:
             self.lose(sub, 1)
             return
         uid = sub.owner.uid
-        if uid:
-            held = self._uid_bytes.get(uid, 0)
-            key = (uid, id(item))
-            copy = self._copies.get(key)
-            if copy is None:
-                if not size:
-                    size = event_bytes(item)
-                cost = QUEUE_ENTRY_BYTES + size
-            else:
-                cost = QUEUE_ENTRY_BYTES
-            if held + cost > self.limits.bytes_per_uid:
-                self.lose(sub, 1)
-                return
-            if copy is None:
-                self._copies[key] = [1, size]
-            else:
-                copy[0] += 1
-            self._uid_bytes[uid] = held + cost
+        if uid and not self.budgets.queue(uid, item, size):
+            self.lose(sub, 1)
+            return
         sub.queue.append(item)
         sub.queued_events = n + 1
         if n + 1 == self.limits.queue_length // 2 + 1 and not sub.stalled:
             self._pressured += 1
         if self.outlet is not None:
             self.outlet.wake(sub)
-
-    def _release_copy(self, uid: int, item: Event) -> None:
-        key = (uid, id(item))
-        copy = self._copies.get(key)
-        if copy is None:
-            return
-        copy[0] -= 1
-        freed = QUEUE_ENTRY_BYTES
-        if not copy[0]:
-            del self._copies[key]
-            freed += copy[1]
-        self._charge(uid, -freed)
 
     def take(self, sub: Subscription):
         """Pop the next item for the outlet (Event, LostMark or EndMark), counting it."""
@@ -656,7 +556,7 @@ class Hub:
             sub.queued_events = n - 1
             sub.delivered += 1
             if sub.owner.uid:
-                self._release_copy(sub.owner.uid, item)
+                self.budgets.unqueue(sub.owner.uid, item)
             if n == self.limits.queue_length // 2 + 1 and not sub.stalled:
                 self._unpressure()
         return item
@@ -734,6 +634,7 @@ class Hub:
         refused); a queue longer than a lowered length keeps what it holds and loses
         from then on. Back-pressure is recounted against the new half-way mark."""
         self.limits = limits
+        self.budgets.limit = limits.bytes_per_uid
         half = limits.queue_length // 2
         self._pressured = sum(1 for sub in self.subscriptions.values() if sub.queued_events > half and not sub.stalled)
         if not self._pressured:

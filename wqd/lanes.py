@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from wqd.budgets import event_bytes
 from wqd.events import Event
 from wqd.peer import PeerCredentials
 
@@ -252,55 +253,3 @@ class End:
     def apply(self, hub: Hub, subs: list[Subscription], start: int, stop: int) -> None:
         for i in range(start, stop):
             hub.end(subs[i], self.reason)
-
-
-# -- sizes and sharing ------------------------------------------------------------
-
-
-def event_bytes(event) -> int:
-    """A fair estimate of what *event* holds in memory (strings, dicts, the object)."""
-    total = 96
-    for value in event.body():
-        total += size_of(value)
-    return total
-
-
-def size_of(value) -> int:
-    if isinstance(value, str):
-        return 56 + len(value)
-    if isinstance(value, bytes):
-        return 40 + len(value)
-    if isinstance(value, (bool, int, float)) or value is None:
-        return 32
-    if isinstance(value, dict):
-        return 64 + sum(24 + size_of(k) + size_of(v) for k, v in value.items())
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return 64 + sum(16 + size_of(v) for v in value)
-    return 64
-
-
-def frozen(value):
-    """*value* as something that can be shared: lists become tuples (the sources
-    have read what they need from the options; the stored copy is for the record)."""
-    if isinstance(value, list):
-        return tuple(frozen(v) for v in value)
-    if isinstance(value, dict):
-        return {k: frozen(v) for k, v in value.items()}
-    return value
-
-
-def frozen_copy(options: dict) -> dict:
-    return {k: frozen(v) for k, v in options.items()}
-
-
-def canonical(value):
-    """A hashable, order-independent key for an options dict or a target's ``extra``."""
-    if isinstance(value, dict):
-        return tuple(sorted(((str(k), canonical(v)) for k, v in value.items()), key=lambda kv: kv[0]))
-    if isinstance(value, (list, tuple)):
-        return ("l", tuple(canonical(v) for v in value))
-    if isinstance(value, (set, frozenset)):
-        return ("s", frozenset(canonical(v) for v in value))
-    if isinstance(value, (str, bytes, int, float, bool)) or value is None:
-        return value
-    return ("o", object())  # not comparable by value: never shared

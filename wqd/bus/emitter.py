@@ -522,7 +522,7 @@ class SignalEmitter:
         ahead = len(queue) - 1
         folded = counted = 0
         uid = sub.owner.uid
-        release = self.hub._release_copy  # what the uid is charged for a queued copy (Hub budgets)
+        release = self.hub.budgets.unqueue  # what the uid is charged for a queued copy (wqd.budgets)
         for _ in range(ahead):
             item = queue.popleft()
             if isinstance(item, Preload):
