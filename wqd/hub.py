@@ -55,7 +55,7 @@ from typing import Protocol
 
 from wqd import journal
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NoSuchObject, NotSupported
-from wqd.events import Event, SourceLoss, TargetGone, WatchTarget
+from wqd.events import Event, SourceLoss, TargetGone
 from wqd.budgets import SUBSCRIPTION_BYTES, Budgets
 from wqd.lanes import LANE_BEHIND, LANE_JOBS, SLICE, End, Fanout, Lane, Lose, LostMark, Tally, kit_of
 from wqd.peer import PeerCredentials
