@@ -151,3 +151,21 @@ async def test_a_parked_lane_whose_subscriptions_end_is_let_go():
     hub.dispatch(mount(2))
     await settle(hub)
     assert [i.mount_id for i in again.queue] == [2]
+
+
+async def test_a_new_subscription_that_reads_unparks_the_lane():
+    """A parked lane waits for a reader: a new subscription of the uid that is not
+    paused (a connection that reads) is one, and gets the events from then on."""
+    source = FilteringMounts()
+    hub, every, attached, victim = await attacker_and_victim(source)
+    for sub in every + attached:
+        hub.pause(sub, True)
+    hub.dispatch(mount(1))
+    await settle(hub)
+    assert hub._lanes[1000].parked
+    reader = await hub.watch(peer(3, 1000), "mounts", "", {})
+    assert not hub._lanes[1000].parked
+    hub.dispatch(mount(2))
+    await settle(hub)
+    assert [i.mount_id for i in reader.queue] == [2]
+    assert all([i.mount_id for i in s.queue] == [1, 2] for s in every)  # served, in order

@@ -92,6 +92,10 @@ class Limits:
 
 
 class Outlet(Protocol):
+    def added(self, sub: Subscription) -> None:
+        """*sub* is new: paused at once if its peer is (``Hub.pause``), so a peer that
+        reads nothing cannot unpark its uid's lane by subscribing again."""
+
     def wake(self, sub: Subscription) -> None:
         """*sub* has something queued."""
 
@@ -177,6 +181,9 @@ class Hub:
         for route in sub.routes:
             self._by_route.setdefault((source_name, route), {}).setdefault(peer.uid, set()).add(sub)
             self._changed((source_name, route), peer.uid)
+        if self.outlet is not None:
+            self.outlet.added(sub)
+        self._unpark(peer.uid)  # not paused (its peer reads): the uid's events must flow again
         log.info("subscription %d: %s watches %s %r", sub.number, peer.unique_name, source_name, spec,
                  extra={"MESSAGE_ID": journal.SUBSCRIPTION_CREATED, "peer_uid": peer.uid, "peer_pid": peer.pid})
         return sub
@@ -243,7 +250,7 @@ class Hub:
             self._count(self._paused, uid, -1)
         if sub.stalled:
             self._count(self._stalled, uid, -1)
-        self._unpark(uid)  # (ended all, or the last one paused: the lane must not wait for a reader)
+        self._unpark(uid)  # (its last one ended: the lane must not wait for a reader that is gone)
         self.budgets.charge(uid, -sub.charge)
         sub.charge = 0
         self.budgets.release(uid, sub.options_key)
@@ -596,10 +603,13 @@ class Hub:
             self._unpark(uid)
 
     def _unpark(self, uid: int) -> None:
-        """*uid*'s lane, if parked, is served again (one of its subscriptions may be
-        sent to, or ended)."""
+        """*uid*'s lane, if parked and a subscription of the uid is no longer paused (or
+        it has none left), is served again."""
         lane = self._lanes.get(uid)
         if lane is None or not lane.parked:
+            return
+        subs = self._per_uid.get(uid, 0)
+        if subs and self._paused.get(uid, 0) >= subs:
             return
         lane.parked = False
         if self._stalled.get(uid, 0) >= self._per_uid.get(uid, 0):  # none reads: all it holds is lost

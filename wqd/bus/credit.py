@@ -122,6 +122,13 @@ class Credits:
             if not sub.active:  # ended while paused: its Removed can no longer be delivered
                 self.hub.forget(sub)
 
+    def added(self, sub: Subscription) -> None:
+        """A new subscription of a paused peer is paused from the start (outside a probe
+        window), as it would be on its first signal (``account``)."""
+        credit = self._credit.get(sub.peer)
+        if credit is not None and credit.paused and credit.window <= 0:
+            self._pause_sub(credit, sub)
+
     def forget(self, sub: Subscription) -> None:
         credit = self._credit.get(sub.peer)
         if credit is not None and credit.subs:

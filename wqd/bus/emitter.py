@@ -82,6 +82,9 @@ class SignalEmitter:
         self.unmarshallable = 0  # events that could not be marshalled (each cost Lost(1))
         hub.outlet = self
 
+    def added(self, sub: Subscription) -> None:
+        self.credits.added(sub)
+
     def wake(self, sub: Subscription) -> None:
         if sub.paused:
             return  # woken again when its peer reads
