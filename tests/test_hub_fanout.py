@@ -13,7 +13,6 @@ import pytest
 
 from support import PathSource
 from wqd import budgets
-from wqd import hub as hub_module
 from wqd import lanes
 from wqd.errors import LimitsExceeded
 from wqd.events import MountChanged, SourceLoss, WatchTarget
@@ -83,7 +82,7 @@ async def subscribe(hub: Hub, peers: list[PeerCredentials], each: int) -> list:
 
 
 async def settle(hub: Hub) -> None:
-    while hub._turns:
+    while hub.work.turns:
         await asyncio.sleep(0)
 
 
@@ -144,11 +143,11 @@ async def test_lanes_round_robin_between_uids_and_keep_order():
 
 async def test_each_turn_of_the_loop_does_a_bounded_slice():
     hub = Hub({"mounts": MountsSource()}, PolicyStack([CountingUnix()]), Limits(subscriptions_per_peer=10_000))
-    subs = await subscribe(hub, [peer(1, 1000)], 4 * hub_module.SLICE)
+    subs = await subscribe(hub, [peer(1, 1000)], 4 * lanes.SLICE)
     hub.dispatch(mount(1))
-    assert sum(s.queued_events for s in subs) == hub_module.SLICE  # the rest waits for later turns
+    assert sum(s.queued_events for s in subs) == lanes.SLICE  # the rest waits for later turns
     turns = 0
-    while hub._turns:
+    while hub.work.turns:
         await asyncio.sleep(0)
         turns += 1
     assert sum(s.queued_events for s in subs) == len(subs) and turns >= 3

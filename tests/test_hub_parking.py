@@ -59,7 +59,7 @@ def mount(n: int) -> MountChanged:
 
 
 async def settle(hub: Hub) -> None:
-    while hub._turns or hub._tick is not None:
+    while hub.work.turns or hub.work.tick is not None:
         await asyncio.sleep(0)
 
 
@@ -142,11 +142,11 @@ async def test_a_parked_lane_whose_subscriptions_end_is_let_go():
         hub.pause(sub, True)
     hub.dispatch(mount(1))
     await settle(hub)
-    assert hub._lanes[1000].parked
+    assert hub.work.lanes[1000].parked
     hub.drop_owner(every[0].peer)
     hub.drop_owner(every[-1].peer)
     await settle(hub)
-    assert 1000 not in hub._lanes and not hub._backlog
+    assert 1000 not in hub.work.lanes and not hub.work.backlog
     again = await hub.watch(peer(3, 1000), "mounts", "", {})
     hub.dispatch(mount(2))
     await settle(hub)
@@ -162,9 +162,9 @@ async def test_a_new_subscription_that_reads_unparks_the_lane():
         hub.pause(sub, True)
     hub.dispatch(mount(1))
     await settle(hub)
-    assert hub._lanes[1000].parked
+    assert hub.work.lanes[1000].parked
     reader = await hub.watch(peer(3, 1000), "mounts", "", {})
-    assert not hub._lanes[1000].parked
+    assert not hub.work.lanes[1000].parked
     hub.dispatch(mount(2))
     await settle(hub)
     assert [i.mount_id for i in reader.queue] == [2]

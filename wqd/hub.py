@@ -26,6 +26,20 @@ of the loop can serve): it does not hold the sources back, or every other uid
 would wait for it; it keeps up to ``LANE_JOBS`` events waiting, and what comes
 beyond is counted ``Lost`` for its own subscriptions, in place (logged once per
 episode). A uid's subscriptions cost the others at most a quantum per turn.
+(The lanes and their service are ``wqd.lanes.Lanes``.)
+
+Parked lanes. A lane that is behind, of a uid whose every subscription is paused
+by the outlet (its peers read nothing: ``wqd.bus.credit``), is parked (``pause``):
+not served, not holding the sources back; its events wait in it and, beyond
+``LANE_JOBS``, are tallied per class of equal subscriptions (``wqd.lanes.Tally``),
+O(classes) an event instead of a step per subscription (p7: 4,096 stopped
+subscriptions made each event cost ~16 ms of the loop). It is served again, in
+order, when one of them may be sent to (its peer reads, a probe window, a new
+subscription that is not paused, or the last one ends); if every one of them is
+stalled, what it holds is tallied first, so each subscription is told one
+``Lost`` with its own exact count. Until then a parked subscription's ``Lost``
+property lags behind (at most the stall grace and a probe period). A uid with one
+connection that reads keeps its lane unparked, and costs as before.
 
 The judging is shared: the policy stack's ``decision_key(peer, event)`` says
 what its ``post`` depends on for that event (see ``wqd.policy``), and subscribers
@@ -47,24 +61,22 @@ import asyncio
 import inspect
 import logging
 import secrets
-import time
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Protocol
 
 from wqd import journal
+from wqd.budgets import SUBSCRIPTION_BYTES, Budgets
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NoSuchObject, NotSupported
 from wqd.events import Event, SourceLoss, TargetGone
-from wqd.budgets import SUBSCRIPTION_BYTES, Budgets
-from wqd.lanes import LANE_BEHIND, LANE_JOBS, SLICE, End, Fanout, Lane, Lose, LostMark, Tally, kit_of
+from wqd.lanes import End, Fanout, Lanes, Lose, LostMark, kit_of
 from wqd.peer import PeerCredentials
 from wqd.policy import PolicyStack
 from wqd.subscription import ANY, Source, Subscription
 
 log = logging.getLogger(__name__)
 
-QUANTUM = 64  # subscriptions of one uid's lane served before the next uid's turn
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,14 +134,9 @@ class Hub:
         self.budgets = Budgets(self.limits.bytes_per_uid)
         self._pressured = 0  # subscriptions not stalled with a queue more than half full
         self._relief: list = []
-        self._lanes: dict[int, Lane] = {}  # uid -> work not done yet (see ``_run``)
-        self._turns: deque[int] = deque()  # uids with a lane, in round-robin order
-        self._backlog = 0  # subscriptions waiting in the lanes
+        self.work = Lanes(self)  # the fan-out work not done yet, per uid (wqd.lanes)
         self._snaps: dict[tuple, dict[int, list[Subscription]]] = {}  # route -> uid -> snapshot (``_routed``)
         self._kits: dict[str, tuple] = {}  # source -> (policy, what a Fanout needs of it and the source)
-        self._budget = SLICE  # left for this turn of the loop
-        self._tick: asyncio.Handle | None = None
-        self._running = False
 
     # -- subscribing ------------------------------------------------------
 
@@ -381,13 +388,13 @@ class Hub:
                 groups = {uid: list(subs) for uid, subs in seen_subs.items()}
             log.warning("source %s lost %d event(s); %d subscriber(s) told", event.source_name, event.count,
                         sum(len(g) for g in groups.values()), extra={"MESSAGE_ID": journal.EVENTS_LOST})
-            self._queue_work(groups, Lose(event.count))
+            self.work.queue(groups, Lose(event.count))
         elif isinstance(event, TargetGone):
             groups = self._routed(event.source_name, event.route)
             if event.object_id:
                 groups = {uid: kept for uid, subs in groups.items()
                           if (kept := [s for s in subs if s.target.object_id == event.object_id])}
-            self._queue_work(groups, End(event.reason))
+            self.work.queue(groups, End(event.reason))
         else:
             groups = self._routed(event.source, event.route)
             if not groups:
@@ -397,117 +404,10 @@ class Hub:
             if kit is None or kit[0] is not self.policy:
                 kit = self._kits[event.source] = (self.policy, kit_of(self.policy, source))
             job = Fanout(event, source, kit[1])
-            if not self._turns and not self._running and len(groups) == 1:
-                (uid, subs), = groups.items()
-                if len(subs) <= min(QUANTUM, self._budget) and uid not in self._lanes:  # nothing waits: now
-                    self._running = True
-                    try:
-                        job.apply(self, subs, 0, len(subs))
-                    except Exception:
-                        log.exception("delivering to uid %d failed; the event is lost for it", uid)
-                        for sub in subs:
-                            if sub.active:
-                                self.lose(sub, 1)
-                    finally:
-                        self._running = False
-                    self._budget -= len(subs)
-                    if self._tick is None:
-                        self._tick = asyncio.get_running_loop().call_soon(self._next_turn)
-                    return
-            self._queue_work(groups, job)
-        self._run()
-
-    def _queue_work(self, groups: dict[int, list[Subscription]], job) -> None:
-        lanes, turns = self._lanes, self._turns
-        now = time.monotonic()
-        for uid, subs in groups.items():
-            lane = lanes.get(uid)
-            if lane is None:
-                lane = lanes[uid] = Lane()
-                turns.append(uid)
-            if isinstance(job, Fanout) and len(lane.jobs) >= LANE_JOBS and lane.hogging(now):
-                # This uid's lane has been far behind for a while: what it cannot take is lost
-                # for it (told, in place, each subscription its own count), instead of holding
-                # everyone's sources back.
-                if not lane.told:
-                    lane.told = True
-                    log.warning("uid %d is far behind (%d subscriptions waiting): its subscriptions lose events "
-                                "until it catches up", uid, lane.steps,
-                                extra={"MESSAGE_ID": journal.EVENTS_LOST, "peer_uid": uid})
-                self._tally(lane, subs, job)
-                continue
-            lane.jobs.append([job, subs, 0])
-            lane.steps += len(subs)
-            self._backlog += len(subs)
-            lane.account(now)
-
-    def _tally(self, lane: Lane, subs: list[Subscription], job: Fanout) -> None:
-        """Count *job*'s event as lost for *subs* in the ``Tally`` at the end of *lane*,
-        or in a new one there (O(classes), not O(subscriptions))."""
-        jobs = lane.jobs
-        last = jobs[-1] if jobs else None
-        if last is None or type(last[0]) is not Tally or last[1] is not subs or last[2] != 0:
-            last = [Tally(*lane.classes_of(subs)), subs, 0]
-            jobs.append(last)
-            lane.steps += len(subs)
-            self._backlog += len(subs)
-            lane.account(time.monotonic())
-        last[0].add(job)
-
-    def _run(self) -> None:
-        """Serve the lanes round-robin until this turn's budget is spent."""
-        if self._running:
-            return  # called back from within (a source dispatching while detaching, ...)
-        self._running = True
-        lanes, turns = self._lanes, self._turns
-        try:
-            while turns and self._budget > 0:
-                uid = turns[0]
-                lane = lanes[uid]
-                jobs = lane.jobs
-                if lane.steps > LANE_BEHIND and self._paused.get(uid, 0) >= self._per_uid.get(uid, 1):
-                    lane.parked = True  # nothing it queued could be sent: wait for a reader (``pause``)
-                    turns.popleft()
-                    continue
-                quantum = min(QUANTUM, self._budget)
-                while jobs and quantum > 0:
-                    work = jobs[0]
-                    job, subs, pos = work
-                    stop = min(len(subs), pos + quantum)
-                    try:
-                        job.apply(self, subs, pos, stop)
-                    except Exception:  # a source's filter or shape raised: the daemon lives on
-                        log.exception("delivering to uid %d failed; the rest of this event is lost for it", uid)
-                        stop = len(subs)
-                        for sub in subs[pos:]:
-                            if sub.active:
-                                self.lose(sub, 1)
-                    done = stop - pos
-                    quantum -= done
-                    self._budget -= done
-                    self._backlog -= done
-                    lane.steps -= done
-                    if stop >= len(subs):
-                        jobs.popleft()
-                    else:
-                        work[2] = stop
-                if not jobs:
-                    del lanes[uid]
-                    turns.popleft()
-                else:
-                    lane.account(time.monotonic())
-                    turns.rotate(-1)
-        finally:
-            self._running = False
-        if self._tick is None and (turns or self._budget < SLICE):
-            self._tick = asyncio.get_running_loop().call_soon(self._next_turn)
-        self._relieve()
-
-    def _next_turn(self) -> None:
-        self._tick = None
-        self._budget = SLICE
-        if self._turns:
-            self._run()
+            if len(groups) == 1 and self.work.now(job, groups):  # nothing waits, and little to do: done
+                return
+            self.work.queue(groups, job)
+        self.work.run()
 
     def preload(self, sub: Subscription, events) -> int:
         """Queue *events* (an initial snapshot) for *sub* alone, judged like any event
@@ -602,34 +502,20 @@ class Hub:
         if not paused:
             self._unpark(uid)
 
+    def reads_none(self, uid: int) -> bool:
+        """Whether every subscription of *uid* is paused (``Lanes`` parks its lane then)."""
+        return self._paused.get(uid, 0) >= self._per_uid.get(uid, 1)
+
     def _unpark(self, uid: int) -> None:
         """*uid*'s lane, if parked and a subscription of the uid is no longer paused (or
-        it has none left), is served again."""
-        lane = self._lanes.get(uid)
+        it has none left), is served again; tallied first if every one is stalled."""
+        lane = self.work.lanes.get(uid)
         if lane is None or not lane.parked:
             return
         subs = self._per_uid.get(uid, 0)
         if subs and self._paused.get(uid, 0) >= subs:
             return
-        lane.parked = False
-        if self._stalled.get(uid, 0) >= self._per_uid.get(uid, 0):  # none reads: all it holds is lost
-            self._fold(lane)
-        self._turns.append(uid)
-        if self._tick is None:
-            self._tick = asyncio.get_running_loop().call_soon(self._next_turn)
-
-    def _fold(self, lane: Lane) -> None:
-        """Tally every event *lane* holds for whole subscription lists (in order: a
-        ``Lose`` or ``End`` between them stays where it is)."""
-        jobs, lane.jobs = lane.jobs, deque()
-        for work in jobs:
-            job, subs, pos = work
-            if type(job) is Fanout and pos == 0:
-                lane.steps -= len(subs)
-                self._backlog -= len(subs)
-                self._tally(lane, subs, job)
-            else:
-                lane.jobs.append(work)
+        self.work.unpark(uid, fold=self._stalled.get(uid, 0) >= subs)  # none reads: all it holds is lost
 
     @staticmethod
     def _count(counts: dict[int, int], uid: int, delta: int) -> None:
@@ -665,12 +551,7 @@ class Hub:
 
     @property
     def congested(self) -> bool:
-        if self._pressured > 0:
-            return True
-        if not self._backlog:
-            return False
-        now = time.monotonic()
-        return any(lane.holds(now) for lane in self._lanes.values())
+        return self._pressured > 0 or self.work.holds()
 
     def on_relief(self, callback) -> None:
         if self.congested:
