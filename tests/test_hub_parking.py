@@ -77,6 +77,18 @@ async def attacker_and_victim(source: FilteringMounts) -> tuple[Hub, list, list,
     return hub, every, attached, victim
 
 
+async def parked() -> tuple[Hub, list]:
+    """``attacker_and_victim`` with uid 1000's subscriptions paused and one event
+    dispatched: its lane parked. Returns the hub and one option set's subscriptions."""
+    hub, every, attached, _victim = await attacker_and_victim(FilteringMounts())
+    for sub in every + attached:
+        hub.pause(sub, True)
+    hub.dispatch(mount(1))
+    await settle(hub)
+    assert hub.work.lanes[1000].parked
+    return hub, every
+
+
 async def test_a_stalled_uid_costs_o1_per_event_and_each_subscription_is_told_its_own_loss():
     source = FilteringMounts()
     hub, every, attached, victim = await attacker_and_victim(source)
@@ -136,13 +148,7 @@ async def test_a_paused_uid_that_reads_again_gets_what_its_parked_lane_held():
 async def test_a_parked_lane_whose_subscriptions_end_is_let_go():
     """A uid that leaves while its lane is parked: the lane goes, and the uid's next
     subscription is served (a parked lane is in no turn, so it must not linger)."""
-    source = FilteringMounts()
-    hub, every, attached, victim = await attacker_and_victim(source)
-    for sub in every + attached:
-        hub.pause(sub, True)
-    hub.dispatch(mount(1))
-    await settle(hub)
-    assert hub.work.lanes[1000].parked
+    hub, every = await parked()
     hub.drop_owner(every[0].peer)
     hub.drop_owner(every[-1].peer)
     await settle(hub)
@@ -156,13 +162,7 @@ async def test_a_parked_lane_whose_subscriptions_end_is_let_go():
 async def test_a_new_subscription_that_reads_unparks_the_lane():
     """A parked lane waits for a reader: a new subscription of the uid that is not
     paused (a connection that reads) is one, and gets the events from then on."""
-    source = FilteringMounts()
-    hub, every, attached, victim = await attacker_and_victim(source)
-    for sub in every + attached:
-        hub.pause(sub, True)
-    hub.dispatch(mount(1))
-    await settle(hub)
-    assert hub.work.lanes[1000].parked
+    hub, every = await parked()
     reader = await hub.watch(peer(3, 1000), "mounts", "", {})
     assert not hub.work.lanes[1000].parked
     hub.dispatch(mount(2))
