@@ -8,6 +8,7 @@ subclass that calls through); the source is the least a source is.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import pytest
 
@@ -15,11 +16,12 @@ from support import PathSource
 from wqd import budgets
 from wqd import lanes
 from wqd.errors import LimitsExceeded
-from wqd.events import MountChanged, SourceLoss, WatchTarget
+from wqd.events import MountChanged, SourceLoss
 from wqd.hub import Hub, Limits, LostMark
 from wqd.peer import PeerCredentials
 from wqd.policy import PolicyStack
 from wqd.policy.unix import UnixPolicy
+from wqd.sources.mounts import MountTarget
 
 
 pytestmark = pytest.mark.asyncio
@@ -56,13 +58,20 @@ class NoKey:
         return event
 
 
+@dataclass(frozen=True, slots=True)
+class PropertiesTarget(MountTarget):
+    """A mounts target (the unix policy judges it) with a big option of its own, to pool."""
+
+    properties: frozenset | None = None
+
+
 class MountsSource(PathSource):
     """test_hub_limits' least source, routing by mount namespace."""
 
     name = "mounts"
 
     async def resolve(self, peer, spec, options):
-        return WatchTarget("mounts", spec, peer.mnt_ns, extra={"mnt_ns": peer.mnt_ns, **options})
+        return PropertiesTarget("mounts", spec, peer.mnt_ns, properties=options.get("properties"))
 
     def routes(self, sub):
         return (sub.target.object_id,)
@@ -163,7 +172,7 @@ async def test_options_are_stored_once_and_budgeted_per_uid():
     assert one > 256 * 128  # the set is charged ...
     same = [await hub.watch(alice, "mounts", "", dict(big)) for _ in range(100)]
     assert hub.held_by(1000) == one + 100 * budgets.SUBSCRIPTION_BYTES  # ... once; each repeat costs its base
-    assert all(s.target.extra["properties"] is first.target.extra["properties"] for s in same)  # one copy
+    assert all(s.target.properties is first.target.properties for s in same)  # one copy
     distinct = []
     with pytest.raises(LimitsExceeded):
         for n in range(100):  # different sets: each charged in full, until the budget says no

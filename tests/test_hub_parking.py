@@ -19,11 +19,12 @@ import pytest
 
 from support import PathSource
 from wqd import lanes
-from wqd.events import MountChanged, WatchTarget
+from wqd.events import MountChanged
 from wqd.hub import Hub, Limits, LostMark
 from wqd.peer import PeerCredentials
 from wqd.policy import PolicyStack
 from wqd.policy.unix import UnixPolicy
+from wqd.sources.mounts import MountTarget
 
 pytestmark = pytest.mark.asyncio
 
@@ -39,14 +40,15 @@ class FilteringMounts(PathSource):
         self.asked = 0
 
     async def resolve(self, peer, spec, options):
-        return WatchTarget("mounts", spec, peer.mnt_ns, extra={"mnt_ns": peer.mnt_ns, **options})
+        actions = options.get("actions")
+        return MountTarget("mounts", spec, peer.mnt_ns, actions=None if actions is None else frozenset(actions))
 
     def routes(self, sub):
         return (sub.target.object_id,)
 
     def accepts(self, sub, event):
         self.asked += 1
-        actions = sub.target.extra.get("actions")
+        actions = sub.target.actions
         return actions is None or event.action in actions
 
 

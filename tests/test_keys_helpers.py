@@ -1,4 +1,4 @@
-"""The credential helpers of the keys source (wqd.kernel.credentials), directly.
+"""The credential helpers of the keys source (wqd.sources.helper_pool), directly.
 
 Real helper processes, real keys; root for the ones that act as uid 1000.
 """
@@ -18,7 +18,8 @@ from support import keyctl
 
 from wqd.errors import LimitsExceeded
 from wqd.kernel import errors as kerr
-from wqd.kernel.credentials import Credentials, HelperFailed, HelperPool
+from wqd.kernel.credentials import Credentials
+from wqd.sources.helper_pool import HelperFailed, HelperPool
 from wqd.sources.keys import TokenBuckets
 
 AS_1000 = ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups"]

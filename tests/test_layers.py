@@ -26,3 +26,20 @@ def test_a_source_does_not_import_the_hub(source):
     assert "wqd.subscription" in loaded
     assert not {"wqd.hub", "wqd.lanes"} & loaded
     assert not {m for m in loaded if m.startswith("wqd.bus")}
+
+
+def test_the_kernel_layer_imports_no_asyncio():
+    """The kernel ABI layer is plain ctypes and os (docs/architecture.md's layer
+    table): every ``wqd.kernel`` module, imported alone, loads neither asyncio nor
+    D-Bus nor a layer above it."""
+    code = ("import pkgutil, sys, wqd.kernel\n"
+            "names = [m.name for m in pkgutil.iter_modules(wqd.kernel.__path__, 'wqd.kernel.')]\n"
+            "for name in names:\n"
+            "    __import__(name)\n"
+            "print(' '.join(names)); print(' '.join(sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    kernel, loaded = (set(line.split()) for line in out.splitlines())
+    assert {"wqd.kernel.credentials", "wqd.kernel.cred_helper", "wqd.kernel.fanotify"} <= kernel
+    assert not {"asyncio", "dbus_fast"} & loaded
+    above = {m for m in loaded if m.startswith("wqd.") and not m.startswith(("wqd.kernel", "wqd.errors", "wqd.parse"))}
+    assert not above

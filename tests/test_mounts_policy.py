@@ -12,7 +12,8 @@ from wqd.peer import PeerCredentials
 from wqd.policy import unix_mounts
 from wqd.policy.unix import UnixPolicy
 from wqd.sources.mount_backends import MountinfoBackend
-from wqd.sources.mounts import MountsSource
+from wqd.sources.fs_errors import FsErrorTarget
+from wqd.sources.mounts import MountsSource, MountTarget
 
 NS, OTHER_NS = 4026531840, 4026532999
 
@@ -22,7 +23,7 @@ def peer(uid=1000, mnt_ns=NS, gids=frozenset(), **kw):
 
 
 def mounts_target(ns=NS, other=False):
-    return WatchTarget("mounts", "", ns, extra={"prefix": None, "actions": None, "other_namespace": other})
+    return MountTarget("mounts", "", ns, other_namespace=other)
 
 
 def event(source="tfs", options="rw,relatime,size=1024k", ns=NS, mount_point="/mnt/x"):
@@ -36,6 +37,8 @@ async def test_mounts_own_namespace_only():
     assert not (await unix_mounts.watch(peer(), mounts_target(OTHER_NS), {})).allowed
     assert not (await unix_mounts.watch(peer(mnt_ns=None), mounts_target(), {})).allowed  # unknown: fail closed
     assert not (await unix_mounts.watch(peer(uid=0, mnt_ns=None), mounts_target(), {})).allowed
+    # a target the mounts source did not resolve cannot say whose namespace it is: denied
+    assert not (await unix_mounts.watch(peer(), WatchTarget("mounts", "", NS), {})).allowed
 
 
 @pytest.mark.asyncio
@@ -50,7 +53,7 @@ async def test_other_namespaces_setting():
 
 @pytest.mark.asyncio
 async def test_fs_errors_root_only_unless_groups():
-    target = WatchTarget("fs-errors", "/mnt", 1)
+    target = FsErrorTarget("fs-errors", "/mnt", 1, fstype="ext4", device="7:0")
     assert (await unix_mounts.watch(peer(uid=0), target, {})).allowed
     assert not (await unix_mounts.watch(peer(), target, {})).allowed
     settings = {"unix": {"fs_errors_groups": [4242, "root"]}}
@@ -154,15 +157,21 @@ async def test_resolve_fails_closed_without_a_namespace():
 async def test_resolve_targets_and_options():
     src = source()
     t = await src.resolve(peer(), "/mnt//a/./b/", {"actions": ["attached", "moved"]})
-    assert (t.object_id, t.extra["prefix"], t.extra["actions"], t.extra["other_namespace"]) == (
-        NS, "/mnt/a/b", frozenset({"attached", "moved"}), False)
-    assert (await src.resolve(peer(mnt_ns=OTHER_NS), "", {})).extra == {
+    assert isinstance(t, MountTarget)
+    assert (t.source, t.object_id, t.prefix, t.actions, t.other_namespace) == (
+        "mounts", NS, "/mnt/a/b", frozenset({"attached", "moved"}), False)
+    assert (await src.resolve(peer(mnt_ns=OTHER_NS), "", {})).details() == {
         "prefix": None, "actions": None, "other_namespace": True}
-    assert (await src.resolve(peer(), "//", {})).extra["prefix"] == "/"
-    for spec, options in (("mnt", {}), ("", {"actions": []}), ("", {"actions": ["gone"]}), ("", {"x": 1}),
-                          ("", {"actions": "attached"})):
-        with pytest.raises(InvalidArgument):
+    assert (await src.resolve(peer(), "//", {})).prefix == "/"
+    for spec, options, error in (
+            ("mnt", {}, 'mounts target must be "" or an absolute path prefix'),
+            ("", {"actions": []}, "option 'actions' must not be empty"),
+            ("", {"actions": ["gone"]}, "option 'actions': unknown value(s) gone"),
+            ("", {"x": 1, "actions": ["attached"]}, "unknown option(s) for mounts: x"),
+            ("", {"actions": "attached"}, "option 'actions' must be an array of strings (as)")):
+        with pytest.raises(InvalidArgument) as info:
             await src.resolve(peer(), spec, options)
+        assert str(info.value) == error
 
 
 @pytest.mark.asyncio

@@ -14,8 +14,9 @@ from wqd.sources import Flag, Strings, check_options, devices, fs_errors, keys, 
 def test_each_source_module_owns_its_name_and_its_events_carry_it():
     assert registry.SOURCES[keys.NAME].open is keys.open_source
     assert registry.SOURCES[devices.NAME].open is devices.open_source
-    assert registry.SOURCES[mounts.MountsSource.name].open is mounts.open_source
-    assert registry.SOURCES[fs_errors.FsErrorsSource.name].open is fs_errors.open_source
+    assert registry.SOURCES[mounts.NAME].open is mounts.open_source
+    assert registry.SOURCES[fs_errors.NAME].open is fs_errors.open_source
+    assert (mounts.MountsSource.name, fs_errors.FsErrorsSource.name) == (registry.MOUNTS, registry.FS_ERRORS)
     for event, name in ((KeyChanged, registry.KEYS), (DeviceChanged, registry.DEVICES),
                         (MountChanged, registry.MOUNTS), (FilesystemError, registry.FS_ERRORS)):
         assert event.source == name

@@ -199,26 +199,25 @@ class WatchTarget:
     uid: int | None = None
     gid: int | None = None
     perm: int | None = None
-    extra: dict = field(default_factory=dict, hash=False, compare=False)  # untyped: mounts, fs-errors (TODO)
 
     def details(self) -> dict:
         """What the source resolved beyond the fields above, by name: the hub pools
-        equal option sets and charges their size (``wqd.hub``). The dict itself
-        for an untyped target."""
-        return self.extra
+        equal option sets and charges their size (``wqd.hub``). Nothing for a plain
+        target; a source's own target (``TypedTarget``) has its fields."""
+        return {}
 
     def share(self, pooled: dict) -> None:
         """Hold the hub's pooled copies of equal details instead of this call's."""
-        self.extra.update(pooled)
 
 
-_COMMON = ("source", "spec", "object_id", "uid", "gid", "perm", "extra")
+_COMMON = ("source", "spec", "object_id", "uid", "gid", "perm")
 
 
 @dataclass(frozen=True, slots=True)
 class TypedTarget(WatchTarget):
-    """Base of a source's own target dataclass (``KeyTarget``, ``DeviceTarget``):
-    its fields beyond ``WatchTarget``'s are its details, typed, instead of ``extra``."""
+    """Base of a source's own target dataclass (``KeyTarget``, ``DeviceTarget``,
+    ``MountTarget``, ``FsErrorTarget``): its fields beyond ``WatchTarget``'s are its
+    details, typed."""
 
     def details(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _COMMON}

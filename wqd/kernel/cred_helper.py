@@ -1,6 +1,6 @@
 """The credential helper process: the key operations it may perform, and its main.
 
-Started by ``wqd.kernel.credentials.Helper`` (``python -I -S``, this module only,
+Started by ``wqd.sources.helper_pool.Helper`` (``python -I -S``, this module only,
 no asyncio: it starts fast even on a slow machine). See that module for the design.
 """
 

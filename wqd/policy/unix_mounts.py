@@ -41,6 +41,7 @@ from functools import lru_cache
 from wqd.events import Event, FilesystemError, MountChanged, WatchTarget
 from wqd.peer import PeerCredentials
 from wqd.policy import ALLOW, Decision, Deny
+from wqd.sources.mounts import MountTarget
 from wqd.sources.registry import FS_ERRORS, MOUNTS
 
 REDACTED = "<redacted>"
@@ -55,8 +56,10 @@ async def watch(peer: PeerCredentials, target: WatchTarget, config: dict) -> Dec
     if target.source == MOUNTS:
         if peer.mnt_ns is None or target.object_id != peer.mnt_ns:
             return Deny("a peer may watch the mounts of its own mount namespace only")
+        if not isinstance(target, MountTarget):
+            return Deny("not a target the mounts source resolved")  # fail closed: cannot tell its namespace
         others = settings.get("mounts_other_namespaces", True)
-        if target.extra.get("other_namespace") and others is not True:
+        if target.other_namespace and others is not True:
             return Deny("watching mounts from another mount namespace is disabled")
         return ALLOW
     if target.source == FS_ERRORS:

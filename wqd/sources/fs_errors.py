@@ -24,35 +24,37 @@ counts, not state: there is nothing to resynchronise).
 Unmounts. A subscription watches the mount its path named at ``Watch`` time (the
 mount id, checked again on the directory wqd opened, so a mount replaced in
 between is refused, never confused). While any subscription exists wqd waits for
-``POLLPRI`` on its mountinfo; when the watched mount is gone its subscriptions end
-with ``Removed("unmounted")``. wqd holds no fd on the filesystem (that would make
+``POLLPRI`` on its mountinfo (``wqd.sources.reader.MountinfoWaiter``, as the
+``mountinfo`` backend of ``mounts`` does); when the watched mount is gone its
+subscriptions end with ``Removed("unmounted")``. wqd holds no fd on the filesystem (that would make
 ``umount`` fail with EBUSY).
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import os
 import posixpath
-import select
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NotSupported
-from wqd.events import Event, FilesystemError, SourceLoss, TargetGone, WatchTarget
+from wqd.events import Event, FilesystemError, SourceLoss, TargetGone, TypedTarget
 from wqd.kernel import errors as kerr
 from wqd.kernel import fanotify as fan
 from wqd.parse.fanotify import ErrorInfo, FanotifyEvent, FidInfo
 from wqd.parse.mountinfo import parse_mountinfo
 from wqd.peer import PeerCredentials
-from wqd.sources import Sink, read_settings
+from wqd.sources import Sink, check_options, read_settings
 from wqd.sources.mount_backends import FanotifyReader, read_mountinfo
 from wqd.sources.mounts import HostNamespace, host_namespace, own_namespace
+from wqd.sources.reader import MountinfoWaiter
 
 log = logging.getLogger(__name__)
 
+NAME = "fs-errors"
+OPTIONS: dict = {}  # check_options: none yet
 CAP_SYS_ADMIN = 21  # include/uapi/linux/capability.h
 # fanotify_mark() takes the directory as an fd (no path to race); not O_PATH, which
 # it refuses (EBADF). Not following a symlink put in place of the mount point.
@@ -66,50 +68,13 @@ class WatchedFilesystem:
     mount_points: dict[str, int] = field(default_factory=dict)  # mount point -> subscriptions
 
 
-class MountTableWatch:
-    """Calls *changed* (at most every *coalesce* seconds) after *proc*'s mount table changed.
+@dataclass(frozen=True, slots=True)
+class FsErrorTarget(TypedTarget):
+    """A fs-errors target: ``spec`` is the mount point (normalised), ``object_id``
+    the mount's (mountinfo) id at Watch time."""
 
-    mountinfo is always readable, so the loop (which waits for input) watches an
-    epoll set holding it for ``EPOLLPRI``; checking the set consumes the change.
-    """
-
-    def __init__(self, changed, proc: str = "/proc/self", coalesce: float = 0.05) -> None:
-        self.changed = changed
-        self.coalesce = coalesce
-        self.loop = asyncio.get_running_loop()
-        self.timer: asyncio.TimerHandle | None = None
-        self.fd = os.open(f"{proc}/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
-        self.epoll = select.epoll()
-        try:
-            self.epoll.register(self.fd, select.EPOLLPRI)
-            self.epoll.poll(0)  # armed from now: a change after this wakes us
-            self.loop.add_reader(self.epoll.fileno(), self._ready)
-        except BaseException:
-            self.close()
-            raise
-
-    def table(self) -> dict:
-        return read_mountinfo(self.fd)
-
-    def _ready(self) -> None:
-        self.epoll.poll(0)
-        if self.timer is None:
-            self.timer = self.loop.call_later(self.coalesce, self._fire)
-
-    def _fire(self) -> None:
-        self.timer = None
-        self.changed()
-
-    def close(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        try:
-            self.loop.remove_reader(self.epoll.fileno())
-        except (ValueError, OSError):
-            pass
-        self.epoll.close()
-        os.close(self.fd)
+    fstype: str = ""  # as mountinfo names it, for error messages
+    device: str = ""  # major:minor of the filesystem: where to look for another mount of it
 
 
 def mount_id_of(fd: int) -> int | None:
@@ -133,7 +98,7 @@ def has_cap_sys_admin() -> bool:
 
 
 class FsErrorsSource:
-    name = "fs-errors"
+    name = NAME
     backend = "fanotify"
 
     def __init__(self, fd: int) -> None:
@@ -150,7 +115,8 @@ class FsErrorsSource:
         self.proc = host.proc  # where the host's mountinfo is
         self.filesystems: dict[tuple[int, int], WatchedFilesystem] = {}
         self.mounts: dict[int, tuple[str, int]] = {}  # watched mount id -> (mount point, subscriptions)
-        self.table_watch: MountTableWatch | None = None
+        self.table_fd = -1  # the host's mountinfo, open while a mount is watched
+        self.table_watch: MountinfoWaiter | None = None  # ... for its unmount
         self.reader: FanotifyReader | None = None
         self.sink: Sink | None = None
 
@@ -159,10 +125,8 @@ class FsErrorsSource:
         self.reader = FanotifyReader(self.fd, sink, self._events, "filesystem errors")
 
     async def stop(self) -> None:
-        if self.table_watch is not None:
-            self.table_watch.close()
-            self.table_watch = None
         self.mounts.clear()
+        self._unwatch_table_if_idle()
         if self.reader is not None:
             self.reader.close()
             self.reader = None
@@ -184,9 +148,8 @@ class FsErrorsSource:
 
     # -- Watch() ----------------------------------------------------------
 
-    async def resolve(self, peer: PeerCredentials, spec: str, options: dict) -> WatchTarget:
-        if options:
-            raise InvalidArgument(f"unknown option(s) for fs-errors: {', '.join(sorted(options))}")
+    async def resolve(self, peer: PeerCredentials, spec: str, options: dict) -> FsErrorTarget:
+        check_options(NAME, OPTIONS, options)
         if not spec.startswith("/") or "\0" in spec:
             raise InvalidArgument("fs-errors target must be the absolute path of a mount point")
         path = "/" + posixpath.normpath(spec).lstrip("/")
@@ -199,7 +162,7 @@ class FsErrorsSource:
         entry = next((e for e in reversed(table.values()) if e.mount_point == path), None)
         if entry is None:
             raise InvalidArgument(f"{path} is not a mount point")
-        return WatchTarget("fs-errors", path, entry.mount_id, extra={"fstype": entry.fstype, "device": entry.device})
+        return FsErrorTarget(NAME, path, entry.mount_id, fstype=entry.fstype, device=entry.device)
 
     def routes(self, sub) -> Iterable[Hashable]:
         return (sub.target.spec,)
@@ -210,7 +173,7 @@ class FsErrorsSource:
     def attach(self, sub) -> None:
         if self.table_watch is None:  # first, so an unmount from here on is seen
             try:
-                self.table_watch = MountTableWatch(self._table_changed, self.proc)
+                self._watch_table()
             except OSError as exc:
                 raise NotSupported(f"cannot follow the mount table: {exc.strerror}") from None
         try:
@@ -225,7 +188,7 @@ class FsErrorsSource:
     def _mark(self, sub) -> None:
         """Mark the filesystem at *sub*'s mount point (once per filesystem) and count it."""
         path = sub.target.spec
-        fstype = sub.target.extra.get("fstype", "this filesystem")
+        fstype = sub.target.fstype or "this filesystem"
         try:
             dirfd = self._open_dir(path)
         except OSError:
@@ -280,7 +243,7 @@ class FsErrorsSource:
         # looks in its own private copy of the namespace too: a filesystem unmounted
         # from the host's stays mounted there (and marked) unless that copy is a slave.
         # Only mounts of the same device are opened (opening others could trigger automounts).
-        device = sub.target.extra.get("device")
+        device = sub.target.device
         candidates = [(self._open_dir, path)]
         views = [(self._open_dir, self.proc)]
         if self.proc != "/proc/self":
@@ -306,29 +269,41 @@ class FsErrorsSource:
             finally:
                 os.close(dirfd)
 
+    def _watch_table(self) -> None:
+        self.table_fd = os.open(f"{self.proc}/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.table_watch = MountinfoWaiter(self.table_fd, self._table_changed)
+        except BaseException:
+            os.close(self.table_fd)
+            self.table_fd = -1
+            raise
+
     def _unwatch_table_if_idle(self) -> None:
         if not self.mounts and self.table_watch is not None:
             self.table_watch.close()
             self.table_watch = None
+            os.close(self.table_fd)
+            self.table_fd = -1
 
     def _table_changed(self) -> None:
         if self.table_watch is None:
             return
+        self.table_watch.take()  # how many changes does not matter here: only which mounts are left
         try:
-            present = self.table_watch.table()
+            present = read_mountinfo(self.table_fd)
         except OSError as exc:
             log.error("reading the mount table: %s", exc)
             return
         for mount_id, (path, _) in list(self.mounts.items()):
             if mount_id not in present:
-                self.sink.dispatch(TargetGone("fs-errors", path, "unmounted", mount_id))
+                self.sink.dispatch(TargetGone(NAME, path, "unmounted", mount_id))
 
     # -- kernel events ------------------------------------------------------
 
     def _events(self, events: list[FanotifyEvent]) -> None:
         for event in events:
             if event.overflow:
-                self.sink.dispatch(SourceLoss("fs-errors", 1, None))
+                self.sink.dispatch(SourceLoss(NAME, 1, None))
                 continue
             if not event.mask & fan.FAN_FS_ERROR:
                 continue
@@ -344,11 +319,11 @@ class FsErrorsSource:
 
 
 def check_settings(conf: dict) -> dict:
-    return read_settings("fs-errors", conf, {})  # none yet
+    return read_settings(NAME, conf, {})  # none yet
 
 
 def open_source(cfg) -> FsErrorsSource:
-    check_settings(cfg.raw.get("fs-errors", {}))
+    check_settings(cfg.raw.get(NAME, {}))
     if not has_cap_sys_admin():
         raise PermissionError(errno.EPERM, "filesystem error notifications need CAP_SYS_ADMIN")
     return FsErrorsSource(fan.open_error_notifications())

@@ -4,7 +4,7 @@ Targets: a key serial in decimal, ``@u`` (the caller's user keyring), ``@us`` (i
 user session keyring) or ``@p`` (its persistent keyring). Resolution and the
 kernel watch happen with the *peer's* credentials where the daemon is root, in a
 credential helper out of the event loop and out of the peer's reach (see
-``wqd.kernel.credentials``), so the kernel itself judges View as it would for the
+``wqd.sources.helper_pool``), so the kernel itself judges View as it would for the
 peer; the ``unix`` policy then judges the permission word as well. Watch calls of a
 non-root uid are paced by a token bucket per uid (``[keys] watch_rate`` and
 ``watch_burst``): each costs the helper several key operations.
@@ -33,9 +33,10 @@ from dataclasses import dataclass, field
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NotSupported
 from wqd.events import KEY_CHANGES, Event, KeyChanged, TypedTarget
 from wqd.kernel import errors as kerr
-from wqd.kernel.credentials import Credentials, HelperPool
+from wqd.kernel.credentials import Credentials
 from wqd.peer import PeerCredentials
 from wqd.sources import Strings, check_options
+from wqd.sources.helper_pool import HelperPool
 from wqd.sources.key_backends import open_backend
 from wqd.subscription import Sink
 

@@ -7,8 +7,10 @@
   mountinfo. A table of the namespace's mounts, kept from the events, names what
   a detached mount was (the kernel can no longer say). ``FAN_Q_OVERFLOW`` ->
   ``Lost`` for that namespace, then a fresh table and the difference reported.
-- ``mountinfo``: ``poll(POLLPRI)`` on the namespace's mountinfo (through an epoll
-  set of its own, see ``MountinfoBackend``), then read and diff. Rescans are at
+  Only the statmount resolver needs the namespace's 64-bit id (``NS_GET_MNTNS_ID``):
+  without that ioctl the mountinfo resolver still serves another namespace.
+- ``mountinfo``: ``poll(POLLPRI)`` on the namespace's mountinfo (``MountinfoWaiter``,
+  ``wqd.sources.reader``), then read and diff. Rescans are at
   most every ``coalesce`` seconds, so a storm costs a bounded number of reads. A
   mount that comes and goes between two reads is invisible: when the reads saw
   fewer differences than the kernel signalled changes, the shortfall is reported
@@ -17,22 +19,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import errno
 import logging
 import os
-import select
-import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from wqd.events import SourceLoss
 from wqd.kernel import errors as kerr
 from wqd.kernel import fanotify as fan
 from wqd.parse.fanotify import FanotifyEvent, FanotifyParser, MountInfo, mount_action
 from wqd.parse.mountinfo import MountDiff, MountEntry, MountinfoParser, diff, entry_from_statmount
-from wqd.sources.reader import FdReader, read_available
+from wqd.sources.reader import FdReader, MountinfoWaiter, read_available
 
 log = logging.getLogger(__name__)
 
@@ -93,33 +93,44 @@ def read_mountinfo(fd: int) -> dict[int, MountEntry]:
 
 
 # -- resolvers: 64-bit mount id -> MountEntry ---------------------------------
+#
+# A resolver is made per watched namespace (``FanotifyBackend.arm``), after the
+# namespace is marked, and keeps what it needs of it.
 
 class StatmountResolver:
+    """Asks the kernel: ``statmount`` by mount id, ``listmount`` for a snapshot."""
+
     name = "statmount"
 
-    def snapshot(self, watch) -> dict[int, MountEntry]:
+    def __init__(self, watch) -> None:
+        # statmount/listmount's id 0 is wqd's process's own namespace only; any
+        # other is named by its 64-bit id (NS_GET_MNTNS_ID, only this resolver needs it)
+        own = watch.own and watch.ns == os.stat("/proc/self/ns/mnt").st_ino
+        self.ns_id = 0 if own else fan.mount_namespace_id(watch.nsfd)
+
+    def snapshot(self) -> dict[int, MountEntry]:
         table = {}
-        for mid in fan.listmount(watch.ns_id):
-            entry = self.lookup(watch, mid, "attached")
+        for mid in fan.listmount(self.ns_id):
+            entry = self.lookup(mid, "attached", None)
             if entry is not None:
                 table[mid] = entry
         return table
 
-    def lookup(self, watch, mnt_id: int, action: str) -> MountEntry | None:
+    def lookup(self, mnt_id: int, action: str, known: MountEntry | None) -> MountEntry | None:
+        """What mount *mnt_id* is now (*known*: what the table says it was)."""
         if action == "detached":
             return None  # a detached mount is gone from statmount's view: the table knows
         try:
-            return entry_from_statmount(fan.statmount(mnt_id, watch.ns_id))
+            return entry_from_statmount(fan.statmount(mnt_id, self.ns_id))
         except kerr.KernelError as exc:
             if exc.errno != errno.ENOENT:
                 log.debug("statmount(%#x): %s", mnt_id, exc)
             return None  # came and went before we looked
 
-    def resync(self, watch) -> MountDiff:
-        new = self.snapshot(watch)
-        out = diff(watch.table, new)
-        watch.table = new
-        return out
+    def resync(self, table: dict[int, MountEntry]) -> tuple[MountDiff, dict[int, MountEntry]]:
+        """What changed since *table*, and the table to keep."""
+        new = self.snapshot()
+        return diff(table, new), new
 
 
 class MountinfoResolver:
@@ -133,23 +144,28 @@ class MountinfoResolver:
 
     name = "mountinfo"
 
-    def snapshot(self, watch) -> dict[int, MountEntry]:
-        watch.mountinfo = read_mountinfo(watch.mountinfo_fd)
-        watch.pending = {"attached": deque(), "detached": deque(), "moved": deque()}
-        return {}
+    def __init__(self, watch) -> None:
+        self.fd = watch.mountinfo_fd
+        self.seen: dict[int, MountEntry] = {}  # mountinfo as last read
+        self.pending: dict[str, deque] = {"attached": deque(), "detached": deque(), "moved": deque()}
 
-    def _rescan(self, watch) -> MountDiff:
-        new = read_mountinfo(watch.mountinfo_fd)
-        out = diff(watch.mountinfo, new)
-        watch.mountinfo = new
+    def snapshot(self) -> dict[int, MountEntry]:
+        self.seen = read_mountinfo(self.fd)
+        for queue in self.pending.values():
+            queue.clear()
+        return {}  # the table learns the kernel's ids from the events
+
+    def _rescan(self) -> MountDiff:
+        new = read_mountinfo(self.fd)
+        out = diff(self.seen, new)
+        self.seen = new
         for action, entry, _origin in out.actions():
-            watch.pending[action].append(entry)
+            self.pending[action].append(entry)
         return out
 
-    def lookup(self, watch, mnt_id: int, action: str) -> MountEntry | None:
-        self._rescan(watch)
-        queue = watch.pending[action]
-        known = watch.table.get(mnt_id)
+    def lookup(self, mnt_id: int, action: str, known: MountEntry | None) -> MountEntry | None:
+        self._rescan()
+        queue = self.pending[action]
         if known is not None:  # take its own entry; never another mount's
             for i, entry in enumerate(queue):
                 if entry.same_object(known) and (action != "detached" or entry.mount_point == known.mount_point):
@@ -158,18 +174,33 @@ class MountinfoResolver:
             return known if action == "detached" else None
         return queue.popleft() if queue else None
 
-    def resync(self, watch) -> MountDiff:
-        out = self._rescan(watch)
-        for queue in watch.pending.values():
+    def resync(self, table: dict[int, MountEntry]) -> tuple[MountDiff, dict[int, MountEntry]]:
+        out = self._rescan()
+        for queue in self.pending.values():
             queue.clear()
-        return out
+        return out, table
+
+
+@dataclass(eq=False)
+class FanotifyNamespace:
+    """``FanotifyBackend``'s state of one watched namespace (``NamespaceWatch.state``)."""
+
+    resolver: StatmountResolver | MountinfoResolver
+    table: dict[int, MountEntry]  # the kernel's 64-bit mount id -> what it is, kept from the events
+    reader: FanotifyReader | None = None
+    # mount ids a resync reported, by action: their queued events are not reported again
+    resynced: dict[str, set[int]] = dataclasses.field(default_factory=lambda: _by_action(set))
+
+
+def _by_action(make) -> dict:
+    return {action: make() for action in ("attached", "detached", "moved")}
 
 
 class FanotifyBackend:
     name = "fanotify"
     needs_nsfd = True
 
-    def __init__(self, resolver) -> None:
+    def __init__(self, resolver: type[StatmountResolver] | type[MountinfoResolver]) -> None:
         self.resolver = resolver
 
     async def start(self, source, sink) -> None:
@@ -183,81 +214,84 @@ class FanotifyBackend:
         fd = fan.open_mount_notifications()
         try:
             fan.mark_mount_namespace(fd, watch.nsfd)
-            if not watch.own or watch.ns != os.stat("/proc/self/ns/mnt").st_ino:
-                # statmount/listmount's id 0 is wqd's process's own namespace only
-                watch.ns_id = fan.mount_namespace_id(watch.nsfd)
             # Marked first, then the table: a change in between is reported (it
             # happened after the Watch began) rather than missed.
-            watch.table = self.resolver.snapshot(watch)
+            resolver = self.resolver(watch)
+            state = FanotifyNamespace(resolver, resolver.snapshot())
         except BaseException:
             os.close(fd)
             raise
-        watch.resynced = {"attached": set(), "detached": set(), "moved": set()}
-        watch.reader = FanotifyReader(fd, self.sink, lambda events: self._events(watch, events),
+        state.reader = FanotifyReader(fd, self.sink, lambda events: self._events(watch, state, events),
                                       f"mount events of namespace {watch.ns}")
+        watch.state = state
 
     def disarm(self, watch) -> None:
-        reader = getattr(watch, "reader", None)
-        if reader is not None:
-            reader.close()
-            watch.reader = None
+        state, watch.state = watch.state, None
+        if state is not None:
+            state.reader.close()
 
-    def _events(self, watch, events: list[FanotifyEvent]) -> None:
+    def mounts_known(self, watch) -> int:
+        return len(watch.state.table)
+
+    def _events(self, watch, state: FanotifyNamespace, events: list[FanotifyEvent]) -> None:
         source = self.source
         for event in events:
             if event.overflow:
-                self.sink.dispatch(SourceLoss("mounts", 1, frozenset({watch.ns})))
-                self._resync(watch)
+                self.sink.dispatch(SourceLoss(self.source.name, 1, frozenset({watch.ns})))
+                self._resync(watch, state)
                 continue
             action = mount_action(event.mask)
             info = event.info(MountInfo)
             if action is None or info is None:
                 continue
             mid = info.mnt_id
-            if mid in watch.resynced[action]:
-                watch.resynced[action].discard(mid)  # already reported by the resync
+            if mid in state.resynced[action]:
+                state.resynced[action].discard(mid)  # already reported by the resync
                 continue
-            known = watch.table.get(mid)
+            known = state.table.get(mid)
             if action == "detached":
-                watch.table.pop(mid, None)
-                entry = known
-                if isinstance(self.resolver, MountinfoResolver) or entry is None:
-                    entry = self.resolver.lookup(watch, mid, action) or entry
+                state.table.pop(mid, None)
+                entry = state.resolver.lookup(mid, action, known) or known
             else:
-                entry = self.resolver.lookup(watch, mid, action)
+                entry = state.resolver.lookup(mid, action, known)
                 if entry is None and known is not None:
                     # gone before we looked: what it is we know, where it went we do not
                     entry = known if action == "attached" else dataclasses.replace(known, mount_point="")
                 if entry is not None:
-                    watch.table[mid] = entry
+                    state.table[mid] = entry
             origin = known.mount_point if action == "moved" and known is not None else None
             source.emit(watch, action, mid, entry, origin)
 
-    def _resync(self, watch) -> None:
+    def _resync(self, watch, state: FanotifyNamespace) -> None:
         try:
-            changes = self.resolver.resync(watch)
+            changes, state.table = state.resolver.resync(state.table)
         except (OSError, ValueError) as exc:
             log.error("resynchronising mounts of namespace %d: %s", watch.ns, exc)
             return
-        watch.resynced = {"attached": set(), "detached": set(), "moved": set()}
+        state.resynced = _by_action(set)
         for action, entry, origin in changes.actions():
             mid = entry.mount_id
-            watch.resynced[action].add(mid)
+            state.resynced[action].add(mid)
             self.source.emit(watch, action, mid, entry, origin)
         log.info("mounts of namespace %d resynchronised: %d change(s)", watch.ns, changes.size)
 
 
+@dataclass(eq=False)
+class MountinfoNamespace:
+    """``MountinfoBackend``'s state of one watched namespace (``NamespaceWatch.state``)."""
+
+    waiter: MountinfoWaiter
+    table: dict[int, MountEntry] = dataclasses.field(default_factory=dict)  # mountinfo as last read
+    unexplained: int = 0  # changes signalled before a read that failed: the next read owes them
+
+
 class MountinfoBackend:
-    """Diffs of the namespace's mountinfo, woken by POLLPRI.
+    """Diffs of the namespace's mountinfo, woken by POLLPRI (``MountinfoWaiter``):
+    each callback is at least one change, and one change makes one callback; a
+    storm is read at most every ``coalesce`` seconds.
 
-    The loop's selector waits for input only, and mountinfo is always readable, so
-    each watched mountinfo sits alone in an epoll set of its own for ``EPOLLPRI``,
-    and that set's fd is what the loop watches. Checking the set consumes the
-    change (``mounts_poll`` re-arms as it reports), so each callback is at least
-    one change, and one change makes one callback.
-
-    Loss: when a read explains fewer differences than the callbacks since the
-    previous read, mounts came and went unseen: ``Lost(callbacks - differences)``.
+    Loss: when a read explains fewer differences than the changes signalled since
+    the previous read, mounts came and went unseen: ``Lost(changes - differences)``.
     A lower bound (one operation may change several entries, several changes may
     make one callback), and a change racing the read can rarely cost a spurious
     ``Lost(1)``; but a storm never passes silently.
@@ -273,79 +307,56 @@ class MountinfoBackend:
     async def start(self, source, sink) -> None:
         self.source = source
         self.sink = sink
-        self.loop = asyncio.get_running_loop()
 
     async def stop(self) -> None:
         for watch in list(self.armed):
             self.disarm(watch)
 
     def arm(self, watch) -> None:
-        watch.wakeups = 0
-        watch.timer = None
-        watch.waiting = False
-        watch.last_scan = time.monotonic()
-        ep = select.epoll()
+        # Armed, then the table: a change before the read is in it, one after wakes us.
+        waiter = MountinfoWaiter(watch.mountinfo_fd, lambda: self._rescan(watch), self.coalesce)
         try:
-            # Registered, then pending changes taken, then the table: a change
-            # before the read is in it, one after wakes us.
-            ep.register(watch.mountinfo_fd, select.EPOLLPRI)
-            ep.poll(0)
-            watch.table = read_mountinfo(watch.mountinfo_fd)
-            self.loop.add_reader(ep.fileno(), self._ready, watch)
+            state = MountinfoNamespace(waiter, read_mountinfo(watch.mountinfo_fd))
         except BaseException:
-            ep.close()
+            waiter.close()
             raise
-        watch.reader = ep
+        watch.state = state
         self.armed.add(watch)
 
     def disarm(self, watch) -> None:
         if watch not in self.armed:
             return
         self.armed.discard(watch)
-        self.loop.remove_reader(watch.reader.fileno())
-        watch.reader.close()
-        watch.reader = None
-        if watch.timer is not None:
-            watch.timer.cancel()
-            watch.timer = None
-        watch.waiting = False
+        state, watch.state = watch.state, None
+        state.waiter.close()
 
-    def _ready(self, watch) -> None:
-        watch.reader.poll(0)  # whatever is left of the check that woke us
-        watch.wakeups += 1
-        if watch.timer is not None or watch.waiting:
-            return
-        delay = max(0.0, watch.last_scan + self.coalesce - time.monotonic())
-        watch.timer = self.loop.call_later(delay, self._rescan, watch)
+    def mounts_known(self, watch) -> int:
+        return len(watch.state.table)
 
     def _rescan(self, watch) -> None:
-        watch.timer = None
         if watch not in self.armed:
-            return
+            return  # disarmed while it waited for relief
         if self.sink.congested:
-            watch.waiting = True  # read later: the kernel keeps no queue, the next diff covers it
-            self.sink.on_relief(lambda: self._relieved(watch))
+            # read later: the kernel keeps no queue, the next diff covers it (and
+            # the waiter calls again only once this read is done)
+            self.sink.on_relief(lambda: self._rescan(watch))
             return
-        if watch.reader.poll(0):  # a change not yet called back belongs to this read
-            watch.wakeups += 1
+        state = watch.state
+        signalled = state.waiter.take() + state.unexplained
         try:
             new = read_mountinfo(watch.mountinfo_fd)
         except OSError as exc:
             log.error("reading mountinfo of namespace %d: %s", watch.ns, exc)
+            state.unexplained = signalled
             return
-        watch.last_scan = time.monotonic()
-        changes = diff(watch.table, new)
-        watch.table = new
-        unexplained = watch.wakeups - changes.size
-        watch.wakeups = 0
+        state.unexplained = 0
+        changes = diff(state.table, new)
+        state.table = new
+        unexplained = signalled - changes.size
         if unexplained > 0:
-            self.sink.dispatch(SourceLoss("mounts", unexplained, frozenset({watch.ns})))
+            self.sink.dispatch(SourceLoss(self.source.name, unexplained, frozenset({watch.ns})))
         for action, entry, origin in changes.actions():
             self.source.emit(watch, action, entry.mount_id, entry, origin)
-
-    def _relieved(self, watch) -> None:
-        watch.waiting = False
-        self._rescan(watch)
 
 
 def open_backend(kind: str = "auto", *, coalesce: float = 0.05, resolver: str = "auto"):
@@ -376,15 +387,17 @@ def probe_fanotify() -> None:
 
 
 def open_resolver(kind: str = "auto"):
+    """The resolver class (one is made per watched namespace): ``auto`` is
+    statmount where the kernel has it, else mountinfo."""
     if kind == "mountinfo":
-        return MountinfoResolver()
+        return MountinfoResolver
     if kind not in ("auto", "statmount"):
         raise ValueError(f"unknown mounts resolver {kind!r}")
     try:
         fan.listmount()
-        return StatmountResolver()
+        return StatmountResolver
     except kerr.KernelError as exc:
         if kind == "statmount":
             raise
         log.info("statmount/listmount unavailable (%s); mount ids resolved through mountinfo", exc)
-        return MountinfoResolver()
+        return MountinfoResolver

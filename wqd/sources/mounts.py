@@ -50,17 +50,18 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NotSupported
-from wqd.events import Event, MountChanged, WatchTarget
+from wqd.events import Event, MountChanged, TypedTarget
 from wqd.kernel import errors as kerr
 from wqd.parse.mountinfo import MountEntry
 from wqd.peer import IdentityUnclear, PeerCredentials, own_namespace, reopen
-from wqd.sources import Sink, read_settings, string_list_option
+from wqd.sources import Sink, Strings, check_options, read_settings
 from wqd.sources.mount_backends import open_backend
 
 log = logging.getLogger(__name__)
 
+NAME = "mounts"
 ACTIONS = ("attached", "detached", "moved")
-OPTIONS = frozenset({"actions"})
+OPTIONS = {"actions": Strings(ACTIONS, nonempty=True)}  # check_options
 NAMESPACES_PER_UID = 8
 NAMESPACES_TOTAL = 64
 SCHEMA = {  # [mounts]
@@ -73,26 +74,28 @@ SCHEMA = {  # [mounts]
 _RO = os.O_RDONLY | os.O_CLOEXEC
 
 
+@dataclass(frozen=True, slots=True)
+class MountTarget(TypedTarget):
+    """A mounts target: ``object_id`` is the inode of the caller's mount namespace,
+    the route of its events."""
+
+    prefix: str | None = None  # only mount points equal to it or below it; None: all
+    actions: frozenset[str] | None = None  # the ``actions`` option; None: every action
+    other_namespace: bool = False  # the namespace is not wqd's own (the policy may refuse it)
+
+
 @dataclass(eq=False)
 class NamespaceWatch:
-    """One watched mount namespace, shared by its subscriptions."""
+    """One watched mount namespace, shared by its subscriptions: what any backend
+    needs of it. What a backend keeps per namespace (its reader, its table of
+    mounts) is its own, in ``state``, made by its ``arm`` and dropped by its ``disarm``."""
 
     ns: int  # inode of the namespace: the route of its events
     own: bool  # wqd's own namespace
     nsfd: int = -1
     mountinfo_fd: int = -1
-    ns_id: int = 0  # statmount/listmount id of the namespace (0: wqd's own)
-    table: dict[int, MountEntry] = field(default_factory=dict)
     subs: set = field(default_factory=set)
-    # backend state
-    reader: object = None
-    resynced: dict = field(default_factory=dict)
-    mountinfo: dict = field(default_factory=dict)
-    pending: dict = field(default_factory=dict)
-    wakeups: int = 0
-    timer: object = None
-    waiting: bool = False
-    last_scan: float = 0.0
+    state: object = None  # the backend's (``wqd.sources.mount_backends``)
 
     def close(self) -> None:
         for fd in (self.nsfd, self.mountinfo_fd):
@@ -203,7 +206,7 @@ def open_peer_namespace(peer: PeerCredentials, ns: int, need_nsfd: bool) -> tupl
 
 
 class MountsSource:
-    name = "mounts"
+    name = NAME
 
     def __init__(self, backend, own_ns: int | None = None, *, namespaces_per_uid: int = NAMESPACES_PER_UID,
                  namespaces_total: int = NAMESPACES_TOTAL) -> None:
@@ -233,29 +236,22 @@ class MountsSource:
 
     # -- Watch() ----------------------------------------------------------
 
-    async def resolve(self, peer: PeerCredentials, spec: str, options: dict) -> WatchTarget:
-        unknown = set(options) - OPTIONS
-        if unknown:
-            raise InvalidArgument(f"unknown option(s) for mounts: {', '.join(sorted(unknown))}")
-        actions = string_list_option(options, "actions", ACTIONS)
-        if actions is not None and not actions:
-            raise InvalidArgument("option 'actions' must not be empty")
+    async def resolve(self, peer: PeerCredentials, spec: str, options: dict) -> MountTarget:
+        opts = check_options(NAME, OPTIONS, options)
         prefix = parse_prefix(spec)
         if peer.mnt_ns is None:
             raise AccessDenied("wqd could not verify the caller's mount namespace")
-        return WatchTarget("mounts", spec, peer.mnt_ns, extra={
-            "prefix": prefix, "actions": actions, "other_namespace": peer.mnt_ns != self.own_ns,
-        })
+        return MountTarget(NAME, spec, peer.mnt_ns, prefix=prefix, actions=opts["actions"],
+                           other_namespace=peer.mnt_ns != self.own_ns)
 
     def routes(self, sub) -> Iterable[Hashable]:
         return (sub.target.object_id,)
 
     def accepts(self, sub, event: Event) -> bool:
-        extra = sub.target.extra
-        actions = extra.get("actions")
-        if actions is not None and event.action not in actions:
+        target: MountTarget = sub.target
+        if target.actions is not None and event.action not in target.actions:
             return False
-        prefix = extra.get("prefix")
+        prefix = target.prefix
         if prefix is None or not event.mount_point:
             return True
         if under(event.mount_point, prefix):
@@ -289,7 +285,7 @@ class MountsSource:
                 raise
             self.watches[ns] = watch
             log.info("watching mount namespace %d (%s, %d mounts)", ns, "own" if watch.own else "a peer's",
-                     len(watch.table) or len(watch.mountinfo))
+                     self.impl.mounts_known(watch))
         watch.subs.add(sub)
 
     def _check_namespace_caps(self, uid: int) -> None:
@@ -350,10 +346,10 @@ class MountsSource:
 
 
 def check_settings(conf: dict) -> dict:
-    return read_settings("mounts", conf, SCHEMA)
+    return read_settings(NAME, conf, SCHEMA)
 
 
 def open_source(cfg) -> MountsSource:
-    s = check_settings(cfg.raw.get("mounts", {}))
+    s = check_settings(cfg.raw.get(NAME, {}))
     backend = open_backend(s["backend"], coalesce=float(s["coalesce"]), resolver=s["resolver"])
     return MountsSource(backend, namespaces_per_uid=s["namespaces_per_uid"], namespaces_total=s["namespaces_total"])

@@ -19,10 +19,8 @@ from wqd.subscription import Source
 
 KEYS = keys.NAME
 DEVICES = devices.NAME
-# TODO(issue 16, item 5): mounts.NAME and fs_errors.NAME once those modules are free
-# to edit (the "system" helper is changing them); their classes carry the name today.
-MOUNTS = mounts.MountsSource.name
-FS_ERRORS = fs_errors.FsErrorsSource.name
+MOUNTS = mounts.NAME
+FS_ERRORS = fs_errors.NAME
 
 
 @dataclass(frozen=True, slots=True)
