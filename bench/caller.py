@@ -3,7 +3,10 @@
 ``python -m bench.caller ADDRESS``: connects, subscribes to one key (so the list
 is not empty), prints ``{"name": ...}``. Then per JSON line on stdin:
 ``{"op": "calls", "count": n}`` makes *n* sequential calls;
-``{"op": "until_stop"}`` calls until the line ``{"op": "stop"}`` arrives.
+``{"op": "until_stop"}`` calls until the line ``{"op": "stop"}`` arrives, back to
+back, or with ``"every": s`` one call starting every *s* seconds (a fixed offered
+load: two phases compared get the same number of samples, and the caller's own
+load on the machine is the same in both).
 Each answers ``{"calls": [[start, ms], ...]}``: when each call started
 (``time.perf_counter()``) and its round trip in milliseconds. Being a separate process,
 its timings are not held up by the process receiving the signal storm.
@@ -58,8 +61,12 @@ async def main(address: str) -> None:
             for _ in range(job["count"]):
                 out.append(await list_subscriptions(bus))
         elif job["op"] == "until_stop":
+            every = job.get("every")
+            start = time.perf_counter()
             while lines.empty():
                 out.append(await list_subscriptions(bus))
+                if every:  # the next call at its slot (at once if this one took longer)
+                    await asyncio.sleep(max(0.0, start + len(out) * every - time.perf_counter()))
             await lines.get()  # the stop line
         print(json.dumps({"calls": out}), flush=True)
     feeder.cancel()

@@ -95,8 +95,14 @@ class Rig:
         directory.mkdir(parents=True, exist_ok=True)
         conf = directory / "wqd.conf"
         conf.write_text(config)
+        # WQD_BENCH_PROFILE=DIR: the daemon runs under cProfile and writes DIR/<name>-<pid>.prof when it
+        # stops (SIGTERM ends its loop and main returns): where its time goes during a benchmark.
+        profile = os.environ.get("WQD_BENCH_PROFILE")
+        run = ["-m", "wqd.daemon"]
+        if profile:
+            run = ["-m", "cProfile", "-o", f"{profile}/{name}-{os.getpid()}-{time.monotonic_ns()}.prof", *run]
         return await self.start_service(
-            [PYTHON, "-m", "wqd.daemon", "--address", self.address, "--config", str(conf), "--log-level", log_level],
+            [PYTHON, *run, "--address", self.address, "--config", str(conf), "--log-level", log_level],
             directory / "wqd.log")
 
     async def start_service(self, argv: list[str], log: Path) -> Daemon:

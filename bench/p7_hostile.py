@@ -4,8 +4,10 @@ In a private mount namespace of the benchmark's own (its only mounts are the
 storm's), on the shipped system-bus policy:
 
 - the *victim*, uid 1001, has one ``mounts ""`` subscription (``bench.mount_watcher``);
-- *root* (``bench.caller``, in its own process) calls ``ListSubscriptions`` back to
-  back for as long as each storm lasts;
+- *root* (``bench.caller``, in its own process) calls ``ListSubscriptions`` every
+  ``CALL_EVERY`` seconds for as long as each storm lasts (a fixed rate, not back to
+  back: both phases get the same number of samples and the same load from the
+  caller, so the quiet figure is not taken on a machine the caller itself keeps busier);
 - a *storm*: real tmpfs mounts at a fixed rate (``RATE``/s), each on a fresh
   directory, so every ``attached`` event names its mount point and its latency is
   arrival at the victim minus the return of ``mount(2)`` (both CLOCK_MONOTONIC);
@@ -35,6 +37,7 @@ RATE = 200.0  # mounts per second
 MOUNTS, MOUNTS_QUICK = 600, 200  # per storm
 STORMS, STORMS_QUICK = 3, 1  # per phase
 CAP, CAP_QUICK = 16384, 4096
+CALL_EVERY = 0.002  # seconds between the starts of root's calls
 
 STORM = r"""
 import ctypes, json, os, sys, time
@@ -164,7 +167,7 @@ async def run(directory: Path, quick: bool) -> Result:
                     subscribed_s = time.monotonic() - t0
                 calls_ms, latencies_ms, missing, lost, runs = [], [], 0, 0, []
                 for k in range(storms):
-                    caller.request(op="until_stop")
+                    caller.request(op="until_stop", every=CALL_EVERY)
                     await asyncio.sleep(0.05)
                     mounted = await storm(holder.pid, base, n, f"{phase}{k}")
                     got, lost_now = await arrivals(victim, mounted, 60)
@@ -211,6 +214,7 @@ async def run(directory: Path, quick: bool) -> Result:
                 "p7_event_p99_ratio": a["event_p99_ms"] / max(q["event_p99_ms"], 1e-9),
                 "p7_call_p99_ms_quiet": q["call_p99_ms"], "p7_event_p99_ms_quiet": q["event_p99_ms"]},
         details={"cap": cap, "mounts_per_storm": n, "rate_per_s": RATE, "storms_per_phase": storms,
+                 "call_every_s": CALL_EVERY,
                  **{f"{name}_{k}": v for name, fig in figures.items() for k, v in fig.items()},
                  **{f"{name}_{k}": v for name, ph in phases.items() for k, v in ph.items()
                     if k not in ("calls_ms", "latencies_ms")}},

@@ -392,7 +392,7 @@ async def test_what_a_stopped_peer_makes_the_bus_hold_is_bounded(session_bus, wq
     """A stopped peer gets windows while stalled (it might be one that reads but never
     answers Ping); what the bus then holds for it grows by one window a second at most and
     stays below its cap. Measured by the bus itself."""
-    from wqd.bus.emitter import PEER_BUDGET, PROBE_EVERY, PROBE_LIMIT, PROBE_WINDOW
+    from wqd.bus.credit import PEER_BUDGET, PROBE_EVERY, PROBE_LIMIT, PROBE_WINDOW
 
     fifo = tmp_path / "replay"
     os.mkfifo(fifo)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 
 from support import PathSource
-from wqd import hub as hub_module
+from wqd import budgets
 from wqd import lanes
 from wqd.errors import LimitsExceeded
 from wqd.events import MountChanged, SourceLoss
@@ -91,7 +91,7 @@ async def subscribe(hub: Hub, peers: list[PeerCredentials], each: int) -> list:
 
 
 async def settle(hub: Hub) -> None:
-    while hub._turns:
+    while hub.work.turns:
         await asyncio.sleep(0)
 
 
@@ -152,11 +152,11 @@ async def test_lanes_round_robin_between_uids_and_keep_order():
 
 async def test_each_turn_of_the_loop_does_a_bounded_slice():
     hub = Hub({"mounts": MountsSource()}, PolicyStack([CountingUnix()]), Limits(subscriptions_per_peer=10_000))
-    subs = await subscribe(hub, [peer(1, 1000)], 4 * hub_module.SLICE)
+    subs = await subscribe(hub, [peer(1, 1000)], 4 * lanes.SLICE)
     hub.dispatch(mount(1))
-    assert sum(s.queued_events for s in subs) == hub_module.SLICE  # the rest waits for later turns
+    assert sum(s.queued_events for s in subs) == lanes.SLICE  # the rest waits for later turns
     turns = 0
-    while hub._turns:
+    while hub.work.turns:
         await asyncio.sleep(0)
         turns += 1
     assert sum(s.queued_events for s in subs) == len(subs) and turns >= 3
@@ -171,7 +171,7 @@ async def test_options_are_stored_once_and_budgeted_per_uid():
     one = hub.held_by(1000)
     assert one > 256 * 128  # the set is charged ...
     same = [await hub.watch(alice, "mounts", "", dict(big)) for _ in range(100)]
-    assert hub.held_by(1000) == one + 100 * hub_module.SUBSCRIPTION_BYTES  # ... once; each repeat costs its base
+    assert hub.held_by(1000) == one + 100 * budgets.SUBSCRIPTION_BYTES  # ... once; each repeat costs its base
     assert all(s.target.properties is first.target.properties for s in same)  # one copy
     distinct = []
     with pytest.raises(LimitsExceeded):
@@ -182,7 +182,7 @@ async def test_options_are_stored_once_and_budgeted_per_uid():
     bob = await hub.watch(peer(2, 1001), "mounts", "", dict(big))  # another uid has its own budget
     for sub in [first, *same, *distinct, bob]:
         hub.end(sub)
-    assert hub.held_by(1000) == 0 and hub.held_by(1001) == 0 and hub._options == {}
+    assert hub.held_by(1000) == 0 and hub.held_by(1001) == 0 and hub.budgets.pool == {}
 
 
 async def test_queued_events_count_against_the_budget():
@@ -266,7 +266,7 @@ async def test_a_typed_targets_fields_are_pooled_and_charged_like_extra():
     assert one > 256 * 128
     copies = [{"properties": frozenset(sorted(big["properties"]))} for _ in range(10)]  # equal, not the same
     same = [await hub.watch(alice, "devices", "", options) for options in copies]
-    assert hub.held_by(1000) == one + 10 * hub_module.SUBSCRIPTION_BYTES
+    assert hub.held_by(1000) == one + 10 * budgets.SUBSCRIPTION_BYTES
     assert all(s.target.properties is first.target.properties for s in same)  # the pool's one copy
     assert first.target.details() == {"subsystem": None, "actions": None, "properties": big["properties"],
                                       "initial": False}

@@ -122,14 +122,14 @@ async def test_another_namespace_without_ns_get_mntns_id(namespace, monkeypatch)
     target = await statmount.resolve(peer, where, {})
     assert target.other_namespace
     with pytest.raises(NotSupported, match="NS_GET_MNTNS_ID"):
-        statmount.attach(Subscription(1, peer, "mounts", target, {}))
+        statmount.attach(Subscription(1, peer, "mounts", target))
     assert statmount.watches == {}
     await statmount.stop()
 
     sink = Collect()
     source = MountsSource(FanotifyBackend(MountinfoResolver))
     await source.start(sink)
-    sub = Subscription(2, peer, "mounts", await source.resolve(peer, where, {}), {})
+    sub = Subscription(2, peer, "mounts", await source.resolve(peer, where, {}))
     source.attach(sub)
     try:
         mount_in(proc, where, 1)

@@ -177,7 +177,7 @@ async def test_resolve_targets_and_options():
 @pytest.mark.asyncio
 async def test_accepts_prefix_actions_moves_and_unresolved():
     src = source()
-    sub = Subscription(1, peer(), "mounts", await src.resolve(peer(), "/data", {"actions": ["attached", "moved"]}), {})
+    sub = Subscription(1, peer(), "mounts", await src.resolve(peer(), "/data", {"actions": ["attached", "moved"]}))
 
     def mc(action, point, **info):
         return MountChanged(action, 1, point, info, mnt_ns=NS)
@@ -197,5 +197,5 @@ async def test_attach_refuses_another_namespace():
     target = await src.resolve(peer(), "", {})
     intruder = peer(uid=1001, mnt_ns=OTHER_NS)
     with pytest.raises(AccessDenied):
-        src.attach(Subscription(1, intruder, "mounts", target, {}))
+        src.attach(Subscription(1, intruder, "mounts", target))
     assert src.watches == {}

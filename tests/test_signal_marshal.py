@@ -119,7 +119,7 @@ async def test_an_event_that_cannot_be_marshalled_costs_lost_one_in_its_place(se
                                      if m.message_type == MessageType.SIGNAL and m.path == PATH else None)
         hub = Hub({}, PolicyStack([]))
         SignalEmitter(sender, hub)
-        sub = Subscription(17, PeerCredentials(receiver.unique_name, 0), "devices", None, {})
+        sub = Subscription(17, PeerCredentials(receiver.unique_name, 0), "devices", None)
         for devpath in ("/devices/a", "/devices/\udcff", "/devices/b"):
             hub.enqueue(sub, DeviceChanged("change", devpath, "mem", {}))
         for _ in range(100):

@@ -26,6 +26,20 @@ of the loop can serve): it does not hold the sources back, or every other uid
 would wait for it; it keeps up to ``LANE_JOBS`` events waiting, and what comes
 beyond is counted ``Lost`` for its own subscriptions, in place (logged once per
 episode). A uid's subscriptions cost the others at most a quantum per turn.
+(The lanes and their service are ``wqd.lanes.Lanes``.)
+
+Parked lanes. A lane that is behind, of a uid whose every subscription is paused
+by the outlet (its peers read nothing: ``wqd.bus.credit``), is parked (``pause``):
+not served, not holding the sources back; its events wait in it and, beyond
+``LANE_JOBS``, are tallied per class of equal subscriptions (``wqd.lanes.Tally``),
+O(classes) an event instead of a step per subscription (p7: 4,096 stopped
+subscriptions made each event cost ~16 ms of the loop). It is served again, in
+order, when one of them may be sent to (its peer reads, a probe window, a new
+subscription that is not paused, or the last one ends); if every one of them is
+stalled, what it holds is tallied first, so each subscription is told one
+``Lost`` with its own exact count. Until then a parked subscription's ``Lost``
+property lags behind (at most the stall grace and a probe period). A uid with one
+connection that reads keeps its lane unparked, and costs as before.
 
 The judging is shared: the policy stack's ``decision_key(peer, event)`` says
 what its ``post`` depends on for that event (see ``wqd.policy``), and subscribers
@@ -35,15 +49,10 @@ source's ``shape_key(sub)`` does the same for its per-subscription trimming
 look-up per subscriber. A policy that declares no key is asked per peer.
 
 Budgets. Besides the counts (per connection, per uid, in all), each uid but root
-has ``Limits.bytes_per_uid`` for what wqd keeps on its behalf: per subscription a
-fixed ``SUBSCRIPTION_BYTES`` plus its target, plus its options (an option set held
-by several subscriptions is stored once, and charged to a uid once), plus the
-events queued for its subscriptions: ``QUEUE_ENTRY_BYTES`` an entry, and each
-distinct copy at its estimated size once (the copy shared by a uid's thousand
-subscriptions is one copy in memory). A Watch that
-would go beyond it answers ``LimitsExceeded``; an event that would is lost
-(``Lost``) for that subscription, like on a full queue. What a subscription held
-is given back when it ends.
+has ``Limits.bytes_per_uid`` for what wqd keeps on its behalf: its subscriptions,
+their option sets (pooled) and their queued events, accounted in ``wqd.budgets``.
+A Watch that would go beyond it answers ``LimitsExceeded``; an event that would
+is lost (``Lost``) for that subscription, like on a full queue.
 """
 
 from __future__ import annotations
@@ -52,26 +61,22 @@ import asyncio
 import inspect
 import logging
 import secrets
-import time
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Protocol
 
 from wqd import journal
+from wqd.budgets import SUBSCRIPTION_BYTES, Budgets
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NoSuchObject, NotSupported
-from wqd.events import Event, SourceLoss, TargetGone, WatchTarget
-from wqd.lanes import (LANE_JOBS, SLICE, End, Fanout, Lane, Lose, LostMark, canonical, event_bytes, frozen_copy,
-                       kit_of, size_of)
+from wqd.events import Event, SourceLoss, TargetGone
+from wqd.lanes import End, Fanout, Lanes, Lose, LostMark, kit_of
 from wqd.peer import PeerCredentials
 from wqd.policy import PolicyStack
 from wqd.subscription import ANY, Source, Subscription
 
 log = logging.getLogger(__name__)
 
-QUANTUM = 64  # subscriptions of one uid's lane served before the next uid's turn
-SUBSCRIPTION_BYTES = 2048  # what a subscription costs besides its target and options (measured: p5)
-QUEUE_ENTRY_BYTES = 16  # a queued entry (a deque slot and its share of the block), besides the event itself
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +104,10 @@ class Limits:
 
 
 class Outlet(Protocol):
+    def added(self, sub: Subscription) -> None:
+        """*sub* is new: paused at once if its peer is (``Hub.pause``), so a peer that
+        reads nothing cannot unpark its uid's lane by subscribing again."""
+
     def wake(self, sub: Subscription) -> None:
         """*sub* has something queued."""
 
@@ -120,21 +129,14 @@ class Hub:
         self._by_route: dict[tuple[str, Hashable], dict[int, set[Subscription]]] = {}
         self._by_owner: dict[str, set[Subscription]] = {}
         self._per_uid: dict[int, int] = {}  # active subscriptions of each uid
-        self._uid_bytes: dict[int, int] = {}  # bytes held for each uid (budgets; root not counted)
-        # canonical option set -> [shared options, shared extra, bytes, refs, the key itself]
-        self._options: dict[tuple, list] = {}
-        self._uid_options: dict[tuple[int, tuple], int] = {}  # (uid, option set) -> subscriptions holding it
+        self._paused: dict[int, int] = {}  # ... of them paused by the outlet (``pause``)
+        self._stalled: dict[int, int] = {}  # ... and stalled (``stall``)
+        self.budgets = Budgets(self.limits.bytes_per_uid)
         self._pressured = 0  # subscriptions not stalled with a queue more than half full
         self._relief: list = []
-        self._lanes: dict[int, Lane] = {}  # uid -> work not done yet (see ``_run``)
-        self._turns: deque[int] = deque()  # uids with a lane, in round-robin order
-        self._backlog = 0  # subscriptions waiting in the lanes
+        self.work = Lanes(self)  # the fan-out work not done yet, per uid (wqd.lanes)
         self._snaps: dict[tuple, dict[int, list[Subscription]]] = {}  # route -> uid -> snapshot (``_routed``)
         self._kits: dict[str, tuple] = {}  # source -> (policy, what a Fanout needs of it and the source)
-        self._copies: dict[tuple[int, int], list] = {}  # (uid, id(event)) -> [entries queued, bytes charged]
-        self._budget = SLICE  # left for this turn of the loop
-        self._tick: asyncio.Handle | None = None
-        self._running = False
 
     # -- subscribing ------------------------------------------------------
 
@@ -147,7 +149,7 @@ class Hub:
         if len(spec.encode()) > self.limits.target_length:
             raise InvalidArgument("target is too long")
         self._check_counts(peer)
-        self._check_budget(peer.uid, SUBSCRIPTION_BYTES + len(spec))
+        self.budgets.check(peer.uid, SUBSCRIPTION_BYTES + len(spec))
         target = await source.resolve(peer, spec, options)
         policy = self.policy
         decision = await policy.watch(peer, target)
@@ -159,33 +161,36 @@ class Hub:
                      extra={"MESSAGE_ID": journal.POLICY_DENIED, "peer_uid": peer.uid, "peer_pid": peer.pid})
             raise AccessDenied(decision.reason or "access denied")
         self._check_counts(peer)  # again: other Watch calls of this peer may have been decided meanwhile
-        options, pooled, charge = self._share_options(peer.uid, source_name, target, options, spec)
+        pooled, charge = self.budgets.share(peer.uid, source_name, target, options, spec)
         # Random, never 0, unique among the live ones: the numbers tell nobody how
         # often others subscribe (issue 12). 63 bits: at most 19 digits in the path.
         number = secrets.randbits(63)
         while not number or number in self.subscriptions:
             number = secrets.randbits(63)
-        sub = Subscription(number, peer, source_name, target, options)
+        sub = Subscription(number, peer, source_name, target)
         sub.routes = tuple(source.routes(sub))
         attached = source.attach(sub)  # may raise: nothing registered yet
         if inspect.isawaitable(attached):  # keys: arming runs in a credential helper
             await attached
             try:  # it awaited: other calls may have been registered meanwhile
                 self._check_counts(peer)
-                options, pooled, charge = self._share_options(peer.uid, source_name, target, options, spec)
+                pooled, charge = self.budgets.share(peer.uid, source_name, target, options, spec)
                 if number in self.subscriptions:
                     raise LimitsExceeded("subscription number taken; try again")
             except Exception:
                 source.detach(sub)
                 raise
-        sub.options_key, sub.charge = self._hold_options(peer.uid, pooled), charge
+        sub.options_key, sub.charge = self.budgets.hold(peer.uid, pooled), charge
         self.subscriptions[sub.number] = sub
         self._by_owner.setdefault(peer.unique_name, set()).add(sub)
         self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
-        self._charge(peer.uid, charge)
+        self.budgets.charge(peer.uid, charge)
         for route in sub.routes:
             self._by_route.setdefault((source_name, route), {}).setdefault(peer.uid, set()).add(sub)
             self._changed((source_name, route), peer.uid)
+        if self.outlet is not None:
+            self.outlet.added(sub)
+        self._unpark(peer.uid)  # not paused (its peer reads): the uid's events must flow again
         log.info("subscription %d: %s watches %s %r", sub.number, peer.unique_name, source_name, spec,
                  extra={"MESSAGE_ID": journal.SUBSCRIPTION_CREATED, "peer_uid": peer.uid, "peer_pid": peer.pid})
         return sub
@@ -212,70 +217,8 @@ class Hub:
             raise LimitsExceeded("too many subscriptions")
 
     def held_by(self, uid: int) -> int:
-        """Bytes charged to *uid* now (0 for root, which is not counted)."""
-        return self._uid_bytes.get(uid, 0)
-
-    def _check_budget(self, uid: int, more: int) -> None:
-        if uid != 0 and self._uid_bytes.get(uid, 0) + more > self.limits.bytes_per_uid:
-            raise LimitsExceeded(f"uid {uid} holds its share of wqd's memory ({self.limits.bytes_per_uid} bytes)")
-
-    def _charge(self, uid: int, amount: int) -> None:
-        if uid == 0 or not amount:
-            return
-        left = self._uid_bytes.get(uid, 0) + amount
-        if left > 0:
-            self._uid_bytes[uid] = left
-        else:
-            self._uid_bytes.pop(uid, None)
-
-    def _share_options(self, uid: int, source: str, target: WatchTarget, options: dict,
-                       spec: str) -> tuple[dict, list, int]:
-        """One stored copy per distinct option set: the subscription keeps the pool's
-        (the caller's own copies are dropped with the call), and its target's
-        details (``WatchTarget.details``) the pool's frozensets. Returns (options, pool entry, bytes to
-        charge for the subscription itself) and raises ``LimitsExceeded`` when *uid*
-        cannot afford them. Nothing is held until ``_hold_options``."""
-        extra = target.details()
-        key = (source, canonical(options), canonical(extra))
-        entry = self._options.get(key)
-        if entry is None:
-            size = size_of(options) + size_of(extra)
-            entry = [frozen_copy(options), {k: v for k, v in extra.items() if isinstance(v, frozenset)}, size, 0,
-                     key]
-        shared_options, shared_extra, size, _refs, key = entry  # the pool's key: this call's copies are let go
-        charge = SUBSCRIPTION_BYTES + len(spec)
-        options_charge = 0 if (uid, key) in self._uid_options else size
-        self._check_budget(uid, charge + options_charge)
-        target.share(shared_extra)  # equal frozensets: the pool's copy instead of this call's
-        return shared_options, entry, charge
-
-    def _hold_options(self, uid: int, entry: list) -> tuple:
-        """Hold the pool *entry* for a subscription of *uid* (charged once per uid);
-        returns its key, for ``_release_options``."""
-        key = entry[4]
-        entry = self._options.setdefault(key, entry)  # (an equal one may have come and gone meanwhile)
-        entry[3] += 1
-        n = self._uid_options.get((uid, key), 0)
-        if not n:
-            self._charge(uid, entry[2])
-        self._uid_options[(uid, key)] = n + 1
-        return key
-
-    def _release_options(self, uid: int, key: tuple | None) -> None:
-        if key is None:
-            return
-        entry = self._options.get(key)
-        if entry is None:
-            return
-        n = self._uid_options.get((uid, key), 0) - 1
-        if n > 0:
-            self._uid_options[(uid, key)] = n
-        else:
-            self._uid_options.pop((uid, key), None)
-            self._charge(uid, -entry[2])
-        entry[3] -= 1
-        if entry[3] <= 0:
-            del self._options[key]
+        """Bytes charged to *uid* now (0 for root, which is not counted): ``wqd.budgets``."""
+        return self.budgets.held_by(uid)
 
     # -- ending -----------------------------------------------------------
 
@@ -310,9 +253,14 @@ class Hub:
             self._per_uid[uid] = left
         else:
             self._per_uid.pop(uid, None)
-        self._charge(uid, -sub.charge)
+        if sub.paused:
+            self._count(self._paused, uid, -1)
+        if sub.stalled:
+            self._count(self._stalled, uid, -1)
+        self._unpark(uid)  # (its last one ended: the lane must not wait for a reader that is gone)
+        self.budgets.charge(uid, -sub.charge)
         sub.charge = 0
-        self._release_options(uid, sub.options_key)
+        self.budgets.release(uid, sub.options_key)
         sub.options_key = None
         try:
             self.sources[sub.source].detach(sub)
@@ -333,7 +281,7 @@ class Hub:
         if uid and sub.queued_events:
             for item in sub.queue:
                 if isinstance(item, Event):
-                    self._release_copy(uid, item)
+                    self.budgets.unqueue(uid, item)
         sub.queue.clear()
         sub._queue = None
         sub.queued_events = 0
@@ -440,13 +388,13 @@ class Hub:
                 groups = {uid: list(subs) for uid, subs in seen_subs.items()}
             log.warning("source %s lost %d event(s); %d subscriber(s) told", event.source_name, event.count,
                         sum(len(g) for g in groups.values()), extra={"MESSAGE_ID": journal.EVENTS_LOST})
-            self._queue_work(groups, Lose(event.count))
+            self.work.queue(groups, Lose(event.count))
         elif isinstance(event, TargetGone):
             groups = self._routed(event.source_name, event.route)
             if event.object_id:
                 groups = {uid: kept for uid, subs in groups.items()
                           if (kept := [s for s in subs if s.target.object_id == event.object_id])}
-            self._queue_work(groups, End(event.reason))
+            self.work.queue(groups, End(event.reason))
         else:
             groups = self._routed(event.source, event.route)
             if not groups:
@@ -456,103 +404,10 @@ class Hub:
             if kit is None or kit[0] is not self.policy:
                 kit = self._kits[event.source] = (self.policy, kit_of(self.policy, source))
             job = Fanout(event, source, kit[1])
-            if not self._turns and not self._running and len(groups) == 1:
-                (uid, subs), = groups.items()
-                if len(subs) <= min(QUANTUM, self._budget):  # nothing waits, and little to do: do it now
-                    self._running = True
-                    try:
-                        job.apply(self, subs, 0, len(subs))
-                    except Exception:
-                        log.exception("delivering to uid %d failed; the event is lost for it", uid)
-                        for sub in subs:
-                            if sub.active:
-                                self.lose(sub, 1)
-                    finally:
-                        self._running = False
-                    self._budget -= len(subs)
-                    if self._tick is None:
-                        self._tick = asyncio.get_running_loop().call_soon(self._next_turn)
-                    return
-            self._queue_work(groups, job)
-        self._run()
-
-    def _queue_work(self, groups: dict[int, list[Subscription]], job) -> None:
-        lanes, turns = self._lanes, self._turns
-        now = time.monotonic()
-        for uid, subs in groups.items():
-            lane = lanes.get(uid)
-            if lane is None:
-                lane = lanes[uid] = Lane()
-                turns.append(uid)
-            work = job
-            if isinstance(job, Fanout) and len(lane.jobs) >= LANE_JOBS and lane.hogging(now):
-                # This uid's lane has been far behind for a while: what it cannot take is lost
-                # for it (told, in place), instead of holding everyone's sources back.
-                last = lane.jobs[-1]
-                if isinstance(last[0], Lose) and last[0].private and last[1] is subs and last[2] == 0:
-                    last[0].count += 1
-                    continue
-                work = Lose(1, private=True)
-                if not lane.told:
-                    lane.told = True
-                    log.warning("uid %d is far behind (%d subscriptions waiting): its subscriptions lose events "
-                                "until it catches up", uid, lane.steps,
-                                extra={"MESSAGE_ID": journal.EVENTS_LOST, "peer_uid": uid})
-            lane.jobs.append([work, subs, 0])
-            lane.steps += len(subs)
-            self._backlog += len(subs)
-            lane.account(now)
-
-    def _run(self) -> None:
-        """Serve the lanes round-robin until this turn's budget is spent."""
-        if self._running:
-            return  # called back from within (a source dispatching while detaching, ...)
-        self._running = True
-        lanes, turns = self._lanes, self._turns
-        try:
-            while turns and self._budget > 0:
-                uid = turns[0]
-                lane = lanes[uid]
-                jobs = lane.jobs
-                quantum = min(QUANTUM, self._budget)
-                while jobs and quantum > 0:
-                    work = jobs[0]
-                    job, subs, pos = work
-                    stop = min(len(subs), pos + quantum)
-                    try:
-                        job.apply(self, subs, pos, stop)
-                    except Exception:  # a source's filter or shape raised: the daemon lives on
-                        log.exception("delivering to uid %d failed; the rest of this event is lost for it", uid)
-                        stop = len(subs)
-                        for sub in subs[pos:]:
-                            if sub.active:
-                                self.lose(sub, 1)
-                    done = stop - pos
-                    quantum -= done
-                    self._budget -= done
-                    self._backlog -= done
-                    lane.steps -= done
-                    if stop >= len(subs):
-                        jobs.popleft()
-                    else:
-                        work[2] = stop
-                if not jobs:
-                    del lanes[uid]
-                    turns.popleft()
-                else:
-                    lane.account(time.monotonic())
-                    turns.rotate(-1)
-        finally:
-            self._running = False
-        if self._tick is None and (turns or self._budget < SLICE):
-            self._tick = asyncio.get_running_loop().call_soon(self._next_turn)
-        self._relieve()
-
-    def _next_turn(self) -> None:
-        self._tick = None
-        self._budget = SLICE
-        if self._turns:
-            self._run()
+            if len(groups) == 1 and self.work.now(job, groups):  # nothing waits, and little to do: done
+                return
+            self.work.queue(groups, job)
+        self.work.run()
 
     def preload(self, sub: Subscription, events) -> int:
         """Queue *events* (an initial snapshot) for *sub* alone, judged like any event
@@ -574,50 +429,23 @@ class Hub:
     def enqueue(self, sub: Subscription, item: Event, size: int = 0) -> None:
         """Queue *item* for *sub*; *size*: its estimated bytes (0: estimated here).
 
-        The owner's uid (not root) is charged ``QUEUE_ENTRY_BYTES`` per queued entry,
-        and each distinct copy's *size* once however many of its subscriptions hold
-        it (one shared copy is one copy in memory), until the last is taken."""
+        The owner's uid (not root) is charged for it (``Budgets.queue``: the entry, and
+        each distinct copy once however many of its subscriptions hold it) until it is
+        taken; one it cannot afford is lost."""
         n = sub.queued_events
         if n >= self.limits.queue_length:
             self.lose(sub, 1)
             return
         uid = sub.owner.uid
-        if uid:
-            held = self._uid_bytes.get(uid, 0)
-            key = (uid, id(item))
-            copy = self._copies.get(key)
-            if copy is None:
-                if not size:
-                    size = event_bytes(item)
-                cost = QUEUE_ENTRY_BYTES + size
-            else:
-                cost = QUEUE_ENTRY_BYTES
-            if held + cost > self.limits.bytes_per_uid:
-                self.lose(sub, 1)
-                return
-            if copy is None:
-                self._copies[key] = [1, size]
-            else:
-                copy[0] += 1
-            self._uid_bytes[uid] = held + cost
+        if uid and not self.budgets.queue(uid, item, size):
+            self.lose(sub, 1)
+            return
         sub.queue.append(item)
         sub.queued_events = n + 1
         if n + 1 == self.limits.queue_length // 2 + 1 and not sub.stalled:
             self._pressured += 1
         if self.outlet is not None:
             self.outlet.wake(sub)
-
-    def _release_copy(self, uid: int, item: Event) -> None:
-        key = (uid, id(item))
-        copy = self._copies.get(key)
-        if copy is None:
-            return
-        copy[0] -= 1
-        freed = QUEUE_ENTRY_BYTES
-        if not copy[0]:
-            del self._copies[key]
-            freed += copy[1]
-        self._charge(uid, -freed)
 
     def take(self, sub: Subscription):
         """Pop the next item for the outlet (Event, LostMark or EndMark), counting it."""
@@ -635,7 +463,7 @@ class Hub:
             sub.queued_events = n - 1
             sub.delivered += 1
             if sub.owner.uid:
-                self._release_copy(sub.owner.uid, item)
+                self.budgets.unqueue(sub.owner.uid, item)
             if n == self.limits.queue_length // 2 + 1 and not sub.stalled:
                 self._unpressure()
         return item
@@ -648,17 +476,61 @@ class Hub:
         if sub.stalled == stalled:
             return
         sub.stalled = stalled
+        if sub.active:
+            self._count(self._stalled, sub.owner.uid, 1 if stalled else -1)
         if sub.queued_events > self.limits.queue_length // 2:
             if stalled:
                 self._unpressure()
             else:
                 self._pressured += 1
 
+    def pause(self, sub: Subscription, paused: bool) -> None:
+        """The outlet holds *sub*'s signals back until its peer reads (``paused``), or
+        sends them again. When every subscription of a uid is paused, its lane, if it
+        is behind, is parked (``Lane``): the events wait there (and beyond
+        ``LANE_JOBS`` are tallied) instead of costing a step per subscription each.
+        The first of them to be let go unparks it; if every one of them is stalled
+        (stopped reading long ago), what the lane holds is tallied first, so the
+        probe that let it go costs O(subscriptions) once, not per event."""
+        if sub.paused == paused:
+            return
+        sub.paused = paused
+        if not sub.active:
+            return
+        uid = sub.owner.uid
+        self._count(self._paused, uid, 1 if paused else -1)
+        if not paused:
+            self._unpark(uid)
+
+    def reads_none(self, uid: int) -> bool:
+        """Whether every subscription of *uid* is paused (``Lanes`` parks its lane then)."""
+        return self._paused.get(uid, 0) >= self._per_uid.get(uid, 1)
+
+    def _unpark(self, uid: int) -> None:
+        """*uid*'s lane, if parked and a subscription of the uid is no longer paused (or
+        it has none left), is served again; tallied first if every one is stalled."""
+        lane = self.work.lanes.get(uid)
+        if lane is None or not lane.parked:
+            return
+        subs = self._per_uid.get(uid, 0)
+        if subs and self._paused.get(uid, 0) >= subs:
+            return
+        self.work.unpark(uid, fold=self._stalled.get(uid, 0) >= subs)  # none reads: all it holds is lost
+
+    @staticmethod
+    def _count(counts: dict[int, int], uid: int, delta: int) -> None:
+        n = counts.get(uid, 0) + delta
+        if n > 0:
+            counts[uid] = n
+        else:
+            counts.pop(uid, None)
+
     def set_limits(self, limits: Limits) -> None:
         """New limits (SIGHUP). Subscriptions over a lowered cap stay (new ones are
         refused); a queue longer than a lowered length keeps what it holds and loses
         from then on. Back-pressure is recounted against the new half-way mark."""
         self.limits = limits
+        self.budgets.limit = limits.bytes_per_uid
         half = limits.queue_length // 2
         self._pressured = sum(1 for sub in self.subscriptions.values() if sub.queued_events > half and not sub.stalled)
         if not self._pressured:
@@ -679,12 +551,7 @@ class Hub:
 
     @property
     def congested(self) -> bool:
-        if self._pressured > 0:
-            return True
-        if not self._backlog:
-            return False
-        now = time.monotonic()
-        return any(lane.holds(now) for lane in self._lanes.values())
+        return self._pressured > 0 or self.work.holds()
 
     def on_relief(self, callback) -> None:
         if self.congested:

@@ -2,16 +2,30 @@
 
 A lane holds one uid's work in order, as ``[job, subscriptions, how far done]``;
 the jobs are ``Fanout`` (one event to the subscriptions of its route, judged once
-per distinct decision), ``Lose`` (a loss to count) and ``End`` (subscriptions to
-end). ``Hub._run`` serves the lanes; see ``wqd.hub`` for the rules.
+per distinct decision), ``Lose`` (a loss to count), ``Tally`` (events the lane
+could not take, counted per class of equal subscriptions) and ``End``
+(subscriptions to end). ``Lanes`` holds them and serves them round-robin, for
+``wqd.hub`` (see there for the rules).
+
+Why ``Tally``: a uid that holds thousands of equal subscriptions and reads
+nothing must not cost O(subscriptions) per event. Equal subscriptions (one
+connection, one pooled option set and target: the same filter, the same
+judgement) form a class; an event that a lane cannot take is counted once per
+class (``Tally.add``, O(classes)), and each subscription is told its own exact
+count (``Tally.apply``) once, however many events were counted.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from wqd import journal
+from wqd.budgets import event_bytes
 from wqd.events import Event
 from wqd.peer import PeerCredentials
 
@@ -19,6 +33,9 @@ if TYPE_CHECKING:
     from wqd.hub import Hub
     from wqd.subscription import Subscription
 
+log = logging.getLogger("wqd.hub")  # what the lanes log is the hub's (journal filters and tests know it so)
+
+QUANTUM = 64  # subscriptions of one uid's lane served before the next uid's turn
 SLICE = 1024  # subscriptions judged and queued per turn of the event loop (wqd.hub)
 LANE_BEHIND = SLICE  # subscriptions waiting in one uid's lane that make it "behind"
 LANE_GRACE = 0.0  # seconds a lane may be behind and still hold the sources back: none (p7, wqd.hub)
@@ -129,15 +146,22 @@ class Fanout:
 
 
 class Lane:
-    """One uid's work, in order: [job, subscriptions, how far done]."""
+    """One uid's work, in order: [job, subscriptions, how far done].
 
-    __slots__ = ("jobs", "steps", "behind_since", "told")
+    *parked*: every subscription of the uid is paused (its peers read nothing) and
+    the lane is behind, so it is not served (what it would queue could not be sent
+    anyway) and does not hold the sources back; what it cannot keep is tallied
+    (``Tally``). It is served again when one of them reads (``Hub.pause``)."""
+
+    __slots__ = ("jobs", "steps", "behind_since", "told", "parked", "classes")
 
     def __init__(self) -> None:
         self.jobs: deque = deque()
         self.steps = 0  # subscriptions waiting
         self.behind_since: float | None = None
         self.told = False
+        self.parked = False
+        self.classes: tuple | None = None  # (subscriptions, their classes): ``classes_of``, for the last list
 
     def account(self, now: float) -> None:
         if self.steps > LANE_BEHIND:
@@ -156,7 +180,31 @@ class Lane:
         for it instead), up to ``LANE_JOBS_MAX``."""
         if not self.steps:
             return False
-        return not self.hogging(now) or len(self.jobs) > LANE_JOBS_MAX
+        if len(self.jobs) > LANE_JOBS_MAX:
+            return True
+        return not self.parked and not self.hogging(now)
+
+    def classes_of(self, subs: list) -> tuple[list[int], list]:
+        """(class of each position of *subs*, one representative per class), kept for the
+        last list asked about: the route tables' snapshots are the same list from event
+        to event, so a lane that tallies event after event classifies once."""
+        kept = self.classes
+        if kept is not None and kept[0] is subs:
+            return kept[1], kept[2]
+        index: dict = {}
+        of: list[int] = []
+        reps: list = []
+        for sub in subs:
+            key = (id(sub.owner), sub.options_key, sub.target.spec, sub.target.object_id)
+            if sub.options_key is None:
+                key = id(sub)
+            n = index.get(key)
+            if n is None:
+                n = index[key] = len(reps)
+                reps.append(sub)
+            of.append(n)
+        self.classes = (subs, of, reps)
+        return of, reps
 
 
 class Lose:
@@ -172,6 +220,38 @@ class Lose:
                 hub.lose(subs[i], self.count)
 
 
+class Tally:
+    """Events a lane could not take, counted per class of equal subscriptions
+    (``Lane.classes_of``): an event counts for a class when its representative's
+    filter accepts it and the policy lets its owner see it, the two things that
+    would have queued it. Applied, each subscription loses its class's count,
+    in its place in the queue."""
+
+    __slots__ = ("of", "reps", "counts")
+
+    def __init__(self, of: list[int], reps: list) -> None:
+        self.of = of
+        self.reps = reps
+        self.counts = [0] * len(reps)
+
+    def add(self, fanout: Fanout) -> None:
+        event, accepts, counts = fanout.event, fanout.source.accepts, self.counts
+        for n, rep in enumerate(self.reps):
+            try:
+                seen = accepts(rep, event) and fanout.judged(rep.owner)[1] is not None
+            except Exception:  # a filter or policy that raised: lost for them, as in ``Lanes.run``
+                seen = True
+            if seen:
+                counts[n] += 1
+
+    def apply(self, hub: Hub, subs: list[Subscription], start: int, stop: int) -> None:
+        of, counts = self.of, self.counts
+        for i in range(start, stop):
+            n = counts[of[i]]
+            if n and subs[i].active:
+                hub.lose(subs[i], n)
+
+
 class End:
     __slots__ = ("reason",)
 
@@ -183,53 +263,167 @@ class End:
             hub.end(subs[i], self.reason)
 
 
-# -- sizes and sharing ------------------------------------------------------------
+# -- serving the lanes ------------------------------------------------------------
 
 
-def event_bytes(event) -> int:
-    """A fair estimate of what *event* holds in memory (strings, dicts, the object)."""
-    total = 96
-    for value in event.body():
-        total += size_of(value)
-    return total
+class Lanes:
+    """Every uid's lane of fan-out work, served round-robin, ``QUANTUM`` subscriptions
+    a turn and at most ``SLICE`` per turn of the event loop (``wqd.hub``'s rules).
+    A lane whose uid reads nothing (``Hub.reads_none``) and that is behind is parked:
+    taken out of the turns until ``unpark``."""
 
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.lanes: dict[int, Lane] = {}  # uid -> work not done yet
+        self.turns: deque[int] = deque()  # uids with an unparked lane, in round-robin order
+        self.backlog = 0  # subscriptions waiting in the lanes
+        self.budget = SLICE  # left for this turn of the loop
+        self.tick: asyncio.Handle | None = None
+        self.running = False
 
-def size_of(value) -> int:
-    if isinstance(value, str):
-        return 56 + len(value)
-    if isinstance(value, bytes):
-        return 40 + len(value)
-    if isinstance(value, (bool, int, float)) or value is None:
-        return 32
-    if isinstance(value, dict):
-        return 64 + sum(24 + size_of(k) + size_of(v) for k, v in value.items())
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return 64 + sum(16 + size_of(v) for v in value)
-    return 64
+    def now(self, job: Fanout, groups: dict[int, list[Subscription]]) -> bool:
+        """Do *job* at once for its one uid if nothing waits and it is small (within a
+        quantum and this turn's budget); returns whether it did."""
+        (uid, subs), = groups.items()
+        if self.turns or self.running or uid in self.lanes or len(subs) > min(QUANTUM, self.budget):
+            return False
+        self.running = True
+        try:
+            job.apply(self.hub, subs, 0, len(subs))
+        except Exception:
+            log.exception("delivering to uid %d failed; the event is lost for it", uid)
+            for sub in subs:
+                if sub.active:
+                    self.hub.lose(sub, 1)
+        finally:
+            self.running = False
+        self.budget -= len(subs)
+        self._schedule()
+        return True
 
+    def queue(self, groups: dict[int, list[Subscription]], job) -> None:
+        lanes, turns = self.lanes, self.turns
+        now = time.monotonic()
+        for uid, subs in groups.items():
+            lane = lanes.get(uid)
+            if lane is None:
+                lane = lanes[uid] = Lane()
+                turns.append(uid)
+            if isinstance(job, Fanout) and len(lane.jobs) >= LANE_JOBS and lane.hogging(now):
+                # This uid's lane has been far behind for a while: what it cannot take is lost
+                # for it (told, in place, each subscription its own count), instead of holding
+                # everyone's sources back.
+                if not lane.told:
+                    lane.told = True
+                    log.warning("uid %d is far behind (%d subscriptions waiting): its subscriptions lose events "
+                                "until it catches up", uid, lane.steps,
+                                extra={"MESSAGE_ID": journal.EVENTS_LOST, "peer_uid": uid})
+                self._tally(lane, subs, job)
+                continue
+            lane.jobs.append([job, subs, 0])
+            lane.steps += len(subs)
+            self.backlog += len(subs)
+            lane.account(now)
 
-def frozen(value):
-    """*value* as something that can be shared: lists become tuples (the sources
-    have read what they need from the options; the stored copy is for the record)."""
-    if isinstance(value, list):
-        return tuple(frozen(v) for v in value)
-    if isinstance(value, dict):
-        return {k: frozen(v) for k, v in value.items()}
-    return value
+    def _tally(self, lane: Lane, subs: list[Subscription], job: Fanout) -> None:
+        """Count *job*'s event as lost for *subs* in the ``Tally`` at the end of *lane*,
+        or in a new one there (O(classes), not O(subscriptions))."""
+        jobs = lane.jobs
+        last = jobs[-1] if jobs else None
+        if last is None or type(last[0]) is not Tally or last[1] is not subs or last[2] != 0:
+            last = [Tally(*lane.classes_of(subs)), subs, 0]
+            jobs.append(last)
+            lane.steps += len(subs)
+            self.backlog += len(subs)
+            lane.account(time.monotonic())
+        last[0].add(job)
 
+    def run(self) -> None:
+        """Serve the lanes round-robin until this turn's budget is spent."""
+        if self.running:
+            return  # called back from within (a source dispatching while detaching, ...)
+        self.running = True
+        hub, lanes, turns = self.hub, self.lanes, self.turns
+        try:
+            while turns and self.budget > 0:
+                uid = turns[0]
+                lane = lanes[uid]
+                jobs = lane.jobs
+                if lane.steps > LANE_BEHIND and hub.reads_none(uid):
+                    lane.parked = True  # nothing it queued could be sent: wait for a reader (``Hub.pause``)
+                    turns.popleft()
+                    continue
+                quantum = min(QUANTUM, self.budget)
+                while jobs and quantum > 0:
+                    work = jobs[0]
+                    job, subs, pos = work
+                    stop = min(len(subs), pos + quantum)
+                    try:
+                        job.apply(hub, subs, pos, stop)
+                    except Exception:  # a source's filter or shape raised: the daemon lives on
+                        log.exception("delivering to uid %d failed; the rest of this event is lost for it", uid)
+                        stop = len(subs)
+                        for sub in subs[pos:]:
+                            if sub.active:
+                                hub.lose(sub, 1)
+                    done = stop - pos
+                    quantum -= done
+                    self.budget -= done
+                    self.backlog -= done
+                    lane.steps -= done
+                    if stop >= len(subs):
+                        jobs.popleft()
+                    else:
+                        work[2] = stop
+                if not jobs:
+                    del lanes[uid]
+                    turns.popleft()
+                else:
+                    lane.account(time.monotonic())
+                    turns.rotate(-1)
+        finally:
+            self.running = False
+        if turns or self.budget < SLICE:
+            self._schedule()
+        hub._relieve()
 
-def frozen_copy(options: dict) -> dict:
-    return {k: frozen(v) for k, v in options.items()}
+    def _schedule(self) -> None:
+        if self.tick is None:
+            self.tick = asyncio.get_running_loop().call_soon(self._next_turn)
 
+    def _next_turn(self) -> None:
+        self.tick = None
+        self.budget = SLICE
+        if self.turns:
+            self.run()
 
-def canonical(value):
-    """A hashable, order-independent key for an options dict or a target's ``extra``."""
-    if isinstance(value, dict):
-        return tuple(sorted(((str(k), canonical(v)) for k, v in value.items()), key=lambda kv: kv[0]))
-    if isinstance(value, (list, tuple)):
-        return ("l", tuple(canonical(v) for v in value))
-    if isinstance(value, (set, frozenset)):
-        return ("s", frozenset(canonical(v) for v in value))
-    if isinstance(value, (str, bytes, int, float, bool)) or value is None:
-        return value
-    return ("o", object())  # not comparable by value: never shared
+    def unpark(self, uid: int, fold: bool) -> None:
+        """Serve *uid*'s parked lane again; with *fold*, tally what it holds first."""
+        lane = self.lanes.get(uid)
+        if lane is None or not lane.parked:
+            return
+        lane.parked = False
+        if fold:
+            self._fold(lane)
+        self.turns.append(uid)
+        self._schedule()
+
+    def _fold(self, lane: Lane) -> None:
+        """Tally every event *lane* holds for whole subscription lists (in order: a
+        ``Lose`` or ``End`` between them stays where it is)."""
+        jobs, lane.jobs = lane.jobs, deque()
+        for work in jobs:
+            job, subs, pos = work
+            if type(job) is Fanout and pos == 0:
+                lane.steps -= len(subs)
+                self.backlog -= len(subs)
+                self._tally(lane, subs, job)
+            else:
+                lane.jobs.append(work)
+
+    def holds(self) -> bool:
+        """Whether work waiting in a lane holds the sources back (``Lane.holds``)."""
+        if not self.backlog:
+            return False
+        now = time.monotonic()
+        return any(lane.holds(now) for lane in self.lanes.values())

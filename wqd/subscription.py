@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Protocol
 
 from wqd.events import Event, WatchTarget
@@ -21,8 +21,8 @@ class Subscription:
     number: int
     owner: PeerCredentials
     source: str
-    target: WatchTarget
-    options: dict
+    target: WatchTarget  # what the source made of the Watch options (they are not kept besides)
+    _: KW_ONLY  # the rest by name: a stray positional argument (the options, once) fails loudly
     _queue: deque | None = field(default=None, repr=False)  # see ``queue``
     queued_events: int = 0
     delivered: int = 0

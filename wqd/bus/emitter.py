@@ -11,47 +11,13 @@ queued is in a ring (``_UidTurn``, ``_PeerTurn``), and it leaves its ring when
 its queue is empty or its peer is paused, so a turn costs O(1) whatever the
 numbers. A batch at a time, so method calls are answered during a storm; and it
 pauses while the connection's writer backlog is above a high-water mark, so a
-burst never turns into unbounded buffering or ``BlockingIOError``.
+burst never turns into unbounded buffering or ``BlockingIOError``. What each
+peer has been sent and has read, and pausing, stalling and probing the peers
+that stop reading, is ``wqd.bus.credit``'s.
 
 Signals are marshalled by ``wqd.bus.signals``: each subscription's header once
 per member, each event's body once however many subscribers get it; a batch is
 queued on the writer and flushed together (several messages per ``sendmsg``).
-
-Peers that do not read. The bus queues what wqd sends to a peer until the peer
-reads it, and dbus-daemon counts those bytes against *wqd's* allowance
-(``max_incoming_bytes``, 127 MiB on a system bus): a subscriber that stops
-reading would, given enough events, make the bus stop reading from wqd, and
-every other peer would wait with it. So wqd keeps account per peer: after
-``PING_EVERY`` bytes of signals it sends the peer ``org.freedesktop.DBus.Peer.Ping``
-(an answer *from the peer* proves it read what came before, since the bus keeps
-order). A peer with ``PEER_BUDGET`` bytes unacknowledged, or whose uid's peers
-have ``UID_BUDGET``, is *paused*: nothing more is sent to it until it answers.
-Its queues still hold the sources back (``Hub``'s back-pressure), so a slow
-reader loses nothing; but a peer paused for ``STALL_AFTER`` seconds is
-*stalled*: its queues stop holding the sources back, fill, and count ``Lost``
-like any full queue. A uid that had a peer stalled in the last
-``GRACE_COOLDOWN`` seconds gets no grace: its paused peers stall at once (so
-opening connection after connection cannot keep the sources waiting).
-
-Not every library answers Ping (jeepney does not; GDBus answers from a worker
-thread), and no other sign of a peer's progress works on every bus (dbus-daemon's
-``Debug.Stats`` is denied by Debian's system policy; dbus-broker has none). So a
-stalled peer is *probed*: every ``PROBE_EVERY`` seconds whatever a queue that
-overflowed holds ahead of its ``Lost`` is folded into that ``Lost`` (so the count comes
-first, at once, not behind a pause), and a window of ``PROBE_WINDOW`` bytes is
-sent: the ``Lost``, then events in order; then it is paused again, with a Ping
-if none is outstanding. A peer that answers resumes fully. A peer that never
-answers gets a ``PROBE_WINDOW`` a period for as long as its unanswered bytes stay
-under ``PROBE_LIMIT`` (its uid's under ``UID_BUDGET``, everyone's under
-``PROBE_TOTAL``): that bounds what stopped peers can make the bus hold, per
-peer, per uid and in all (frozen sessions of many users included). Past that limit wqd
-logs it once and sends it nothing more until it answers a Ping (its ``Lost``
-property keeps counting). When the peer answers it gets what is queued, then
-``Lost(n)``, then what follows. If the bus policy forbids the Ping (an old
-``io.wqd.WatchQueue1.conf``) wqd logs it and goes without. Each unanswered
-Ping is a pending reply the bus counts against wqd (dbus-daemon's
-``max_replies_per_connection``), so one uid's peers have at most ``UID_PINGS``
-outstanding: peers that never answer cannot use up wqd's allowance for everyone.
 
 A body that cannot be marshalled (a string that is not valid UTF-8 in an
 event no source escaped) costs its subscribers ``Lost(1)`` in its place,
@@ -63,59 +29,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from dataclasses import dataclass
-
-from dbus_fast import Message, MessageType
 
 from wqd.bus import dbus_fast_internals as internals
-from wqd.bus.names import PEER_INTERFACE, SUBSCRIPTION_INTERFACE, subscription_path
+from wqd.bus.credit import Credits
+from wqd.bus.names import SUBSCRIPTION_INTERFACE, subscription_path
 from wqd.bus.signals import encode, marshal_body, signal_header
 from wqd.events import Event
-from wqd.hub import EndMark, Hub, LostMark, Preload, Subscription
+from wqd.hub import EndMark, Hub, LostMark, Subscription
 
 log = logging.getLogger(__name__)
 
 HIGH_WATER = 64  # messages waiting in the connection's writer
 BATCH = 256  # signals per loop iteration before yielding
 SKIPS = 1024  # ... or paused subscriptions taken out of the rings (a paused peer's thousands)
-PING_EVERY = 32 << 10  # bytes of signals to one peer between acknowledgements asked for
-PEER_BUDGET = 256 << 10  # bytes one peer may leave unread before its signals wait
-UID_BUDGET = 8 << 20  # the same, for all the connections of one uid together
-RETRY = 1.0  # seconds before asking again when the bus refused to pass a Ping on
-STALL_AFTER = 2.0  # seconds a paused peer's queues may hold the sources back
-GRACE_COOLDOWN = 60.0  # seconds after a stall during which the uid's peers get no grace
-PROBE_EVERY = 1.0  # seconds between the windows a stalled peer gets
-PROBE_WINDOW = 16 << 10  # bytes of signals in one window
-PROBE_LIMIT = 2 << 20  # unanswered bytes past which a stalled peer gets no more windows
-UID_PINGS = 16  # unanswered Pings one uid's peers may have (each is a pending reply the bus counts for wqd)
-PROBE_TOTAL = 32 << 20  # ... and all peers together (a quarter of a system bus's max_incoming_bytes)
-PROBE_SLICE = 256  # a stalled peer's subscriptions folded and let go per loop iteration ...
-FOLD_SLICE = 4096  # ... or this many queued items folded (a few ms), whichever comes first
-BUS = "org.freedesktop.DBus"
 _LOST_ONE = marshal_body("t", [1])
-
-
-@dataclass(eq=False, slots=True)
-class Credit:
-    """What one peer has been sent and has shown it read (bytes of signals)."""
-
-    peer: str
-    uid: int
-    sent: int = 0
-    acked: int = 0
-    ping: int | None = None  # ``sent`` when the unanswered Ping went out
-    paused: bool = False
-    stalled: bool = False
-    window: int = 0  # bytes left in the open probe window (stalled peers only)
-    capped: bool = False  # past PROBE_LIMIT: said so in the log
-    subs: set | None = None  # the subscriptions paused for it, ended ones included
-    retry: asyncio.TimerHandle | None = None
-    stall_timer: asyncio.TimerHandle | None = None
-    probe: asyncio.TimerHandle | None = None
-
-    @property
-    def unacked(self) -> int:
-        return self.sent - self.acked
 
 
 class _PeerTurn:
@@ -151,15 +78,12 @@ class SignalEmitter:
         self._scheduled = False
         self._waiting: asyncio.Task | None = None
         self._headers: dict[Subscription, dict[str, bytes]] = {}  # marshalled once per member
-        self._credit: dict[str, Credit] = {}
-        self._uid_unacked: dict[int, int] = {}
-        self._unacked = 0  # all peers' unanswered bytes together
-        self._uid_stalled: dict[int, float] = {}  # uid -> when one of its peers last stalled
-        self._pings: set[asyncio.Task] = set()  # at most one per peer
-        self._uid_pings: dict[int, int] = {}  # uid -> its peers' unanswered Pings
+        self.credits = Credits(bus, hub, self.wake)  # peers that do not read (wqd.bus.credit)
         self.unmarshallable = 0  # events that could not be marshalled (each cost Lost(1))
-        self.pinging = True  # False once the bus policy refused a Ping
         hub.outlet = self
+
+    def added(self, sub: Subscription) -> None:
+        self.credits.added(sub)
 
     def wake(self, sub: Subscription) -> None:
         if sub.paused:
@@ -181,20 +105,11 @@ class SignalEmitter:
             self.loop.call_soon(self._drain)
 
     def peer_gone(self, peer: str) -> None:
-        credit = self._credit.pop(peer, None)
-        if credit is None:
-            return
-        self._settle(credit, credit.sent)
-        self._cancel_timers(credit)
-        for sub in credit.subs or ():
-            if not sub.active:  # ended while paused: its Removed can no longer be delivered
-                self.hub.forget(sub)
+        self.credits.peer_gone(peer)
 
     def forget(self, sub: Subscription) -> None:
         self._headers.pop(sub, None)
-        credit = self._credit.get(sub.peer)
-        if credit is not None and credit.subs:
-            credit.subs.discard(sub)  # a peer paused for long must not keep every sub it closed
+        self.credits.forget(sub)
         if sub in self._queued:
             self._queued.discard(sub)
             turn = self._peer_turns.get(sub.peer)
@@ -244,7 +159,7 @@ class SignalEmitter:
             writer.flush()
 
     def _drain_into(self, bus, writer) -> None:
-        ready, hub, take = self._ready, self.hub, self.hub.take
+        ready, hub, take, credits = self._ready, self.hub, self.hub.take, self.credits
         queue, next_serial, headers = writer.queue, bus.next_serial, self._headers
         bodies: dict[int, tuple] = {}  # id(event) -> (event, body): one marshalling per event
         sent = skipped = 0
@@ -309,8 +224,8 @@ class SignalEmitter:
             sent += 1
             if isinstance(item, EndMark):
                 hub.forget(sub)
-            if self.pinging:
-                self._account(sub, len(message))
+            if credits.pinging:
+                credits.account(sub, len(message))
 
     def _marshal(self, event: Event) -> bytes | None:
         try:
@@ -324,256 +239,6 @@ class SignalEmitter:
                             str(exc)[:120], n)
             return None
 
-    # -- acknowledgements ----------------------------------------------------
-
-    def _account(self, sub: Subscription, size: int) -> None:
-        credit = self._credit.get(sub.peer)
-        if credit is None:
-            credit = self._credit[sub.peer] = Credit(sub.peer, sub.owner.uid)
-        credit.sent += size
-        uid_unacked = self._uid_unacked[credit.uid] = self._uid_unacked.get(credit.uid, 0) + size
-        self._unacked += size
-        if credit.paused:
-            if credit.window > 0:  # a probe window is open: count it down
-                if sub not in credit.subs:
-                    self._pause_sub(credit, sub)
-                    sub.paused = False
-                credit.window -= size
-                if credit.window <= 0 or uid_unacked >= UID_BUDGET or self._unacked >= PROBE_TOTAL:
-                    self._close_window(credit)
-            elif not sub.paused:  # made while its peer was paused
-                self._pause_sub(credit, sub)
-            return
-        unacked = credit.unacked
-        over = unacked >= PEER_BUDGET or uid_unacked >= UID_BUDGET
-        if credit.ping is None and (unacked >= PING_EVERY or over):
-            self._ping(credit)
-        if over:
-            self._pause(credit)
-
-    def _ping(self, credit: Credit) -> None:
-        """Ask *credit*'s peer for a Ping answer, behind what it has been sent (``call_from``
-        queues the call on the same writer, after the signals)."""
-        uid = credit.uid
-        pending = self._uid_pings.get(uid, 0)
-        if pending >= UID_PINGS:
-            return  # asked again when a window closes or a Ping of the uid's is answered
-        self._uid_pings[uid] = pending + 1
-        mark = credit.ping = credit.sent
-        msg = Message(destination=credit.peer, path="/", interface=PEER_INTERFACE, member="Ping")
-        task = self.loop.create_task(self._ask(credit, mark, msg))
-        self._pings.add(task)
-        task.add_done_callback(self._pings.discard)
-
-    async def _ask(self, credit: Credit, mark: int, msg: Message) -> None:
-        try:
-            # Only the peer's own answer (or the bus's error) counts: a Pong forged by
-            # another peer is ignored and this one still awaited (FlowControlledBus).
-            reply = await self.bus.call_from(msg, credit.peer)
-        except Exception:  # the connection is closing
-            reply = None
-        finally:
-            left = self._uid_pings.get(credit.uid, 0) - 1
-            if left > 0:
-                self._uid_pings[credit.uid] = left
-            else:
-                self._uid_pings.pop(credit.uid, None)
-        self._pong(credit, mark, reply)
-        if left == UID_PINGS - 1:  # the uid was at its cap: a paused peer of it waiting to be asked
-            for other in self._credit.values():
-                if other.uid == credit.uid and other.paused and other.ping is None and other.unacked:
-                    self._ping(other)
-                    break
-
-    def _pong(self, credit: Credit, mark: int, reply: Message | None) -> None:
-        if credit.ping == mark:
-            credit.ping = None
-        if self._credit.get(credit.peer) is not credit:
-            return  # the peer left
-        uid_was_over = self._uid_unacked.get(credit.uid, 0) >= UID_BUDGET
-        if reply is not None and reply.sender == credit.peer:
-            self._settle(credit, mark)  # answered (even with an error): it read all before the Ping
-        elif reply is not None and reply.message_type == MessageType.ERROR and reply.sender == BUS:
-            if reply.error_name == "org.freedesktop.DBus.Error.AccessDenied":
-                log.warning("the bus policy does not let wqd ping its subscribers (install the shipped "
-                            "io.wqd.WatchQueue1.conf): a subscriber that stops reading can now stall wqd")
-                self._stop_pinging()
-                return
-            if reply.error_name in ("org.freedesktop.DBus.Error.ServiceUnknown",
-                                    "org.freedesktop.DBus.Error.NameHasNoOwner"):
-                return  # gone; NameOwnerChanged ends its subscriptions
-            # The bus did not pass it on (its queue for the peer is full, ...): ask again later.
-            if credit.retry is None:
-                credit.retry = self.loop.call_later(RETRY, self._retry, credit)
-            return
-        else:
-            return  # the connection is closing
-        if credit.paused and credit.unacked < PEER_BUDGET and self._uid_unacked.get(credit.uid, 0) < UID_BUDGET:
-            self._resume(credit)
-        elif credit.unacked >= PING_EVERY and credit.ping is None:
-            self._ping(credit)
-        if uid_was_over and self._uid_unacked.get(credit.uid, 0) < UID_BUDGET:
-            for other in list(self._credit.values()):  # paused for the uid's total, not their own
-                if other.paused and other.uid == credit.uid and other.unacked < PEER_BUDGET:
-                    self._resume(other)
-
-    def _retry(self, credit: Credit) -> None:
-        credit.retry = None
-        if self._credit.get(credit.peer) is credit and credit.ping is None and credit.unacked:
-            self._ping(credit)
-
-    def _settle(self, credit: Credit, mark: int) -> None:
-        """The peer has read everything up to *mark*."""
-        if mark <= credit.acked:
-            return
-        done = mark - credit.acked
-        credit.acked = mark
-        self._unacked -= done
-        left = self._uid_unacked.get(credit.uid, 0) - done
-        if left > 0:
-            self._uid_unacked[credit.uid] = left
-        else:
-            self._uid_unacked.pop(credit.uid, None)
-
-    def _pause(self, credit: Credit) -> None:
-        credit.paused = True
-        credit.subs = set()
-        for sub in self.hub.owned_by(credit.peer):
-            self._pause_sub(credit, sub)
-        uid = credit.uid
-        if uid != 0 and self.loop.time() - self._uid_stalled.get(uid, -GRACE_COOLDOWN) < GRACE_COOLDOWN:
-            self._stall(credit)  # no grace: a peer of this uid stalled a moment ago
-        else:
-            credit.stall_timer = self.loop.call_later(STALL_AFTER, self._stall, credit)
-        log.info("%s has %d bytes of signals unread: nothing more goes to it until it reads",
-                 credit.peer, credit.unacked)
-
-    def _pause_sub(self, credit: Credit, sub: Subscription) -> None:
-        sub.paused = True
-        credit.subs.add(sub)
-        if credit.stalled:
-            self.hub.stall(sub, True)
-
-    def _stall(self, credit: Credit) -> None:
-        credit.stall_timer = None
-        if not credit.paused or credit.stalled or self._credit.get(credit.peer) is not credit:
-            return
-        credit.stalled = True
-        self._uid_stalled[credit.uid] = self.loop.time()
-        for sub in credit.subs:
-            self.hub.stall(sub, True)
-        credit.probe = self.loop.call_later(PROBE_EVERY, self._probe, credit)
-        log.warning("%s stopped reading its signals: its subscriptions no longer hold the sources back and "
-                    "count Lost until it reads", credit.peer)
-
-    # -- probing a stalled peer ------------------------------------------------
-
-    def _probe(self, credit: Credit) -> None:
-        """Every PROBE_EVERY seconds while *credit*'s peer is stalled: its Lost, then a window."""
-        credit.probe = None
-        if not credit.stalled or self._credit.get(credit.peer) is not credit:
-            return
-        credit.probe = self.loop.call_later(PROBE_EVERY, self._probe, credit)
-        if (credit.unacked >= PROBE_LIMIT or self._uid_unacked.get(credit.uid, 0) >= UID_BUDGET
-                or self._unacked >= PROBE_TOTAL):
-            if credit.window > 0:
-                self._close_window(credit)
-            if not credit.capped:
-                credit.capped = True
-                log.warning("%s has neither answered a Ping nor left with %d bytes of signals unread: "
-                            "nothing more goes to it until it answers one", credit.peer, credit.unacked)
-            return
-        credit.window = PROBE_WINDOW
-        self._probe_slice(credit, list(credit.subs), 0)
-
-    def _probe_slice(self, credit: Credit, subs: list, start: int) -> None:
-        """Fold and open the window for *subs* from *start*, ``FOLD_SLICE`` queued items or
-        ``PROBE_SLICE`` subscriptions at a time, then let the loop run: a peer with thousands
-        of overflowing queues must not stop the loop for everyone while they are folded.
-        Each is folded before it is let go, so its own Lost still comes first."""
-        if not credit.stalled or self._credit.get(credit.peer) is not credit:
-            return  # read again (``_resume`` let everything go) or left
-        work = 0
-        end = min(start + PROBE_SLICE, len(subs))
-        i = start
-        while i < end and work < FOLD_SLICE:
-            sub = subs[i]
-            i += 1
-            if sub not in credit.subs:
-                continue  # forgotten meanwhile
-            work += self._fold(sub) + 1
-            if credit.window > 0:  # the window may close before the last slice: those wait
-                sub.paused = False
-                if sub.queue:
-                    self.wake(sub)
-        if i < len(subs):
-            self.loop.call_soon(self._probe_slice, credit, subs, i)
-
-    def _fold(self, sub: Subscription) -> int:
-        """Count what *sub*'s queue holds ahead of a LostMark at its tail as lost, in that
-        mark: the subscriber learns of its loss now, in order, rather than after a backlog.
-        Returns how many queued items that took."""
-        queue = sub.queue
-        # Only a loss at the tail (a queue that overflowed and still does): events after an
-        # older loss came when there was room, and the window delivers them in order. So the
-        # check is O(1), and each event is folded at most once.
-        if len(queue) < 2 or not sub.stalled or not isinstance(queue[-1], LostMark):
-            return 0
-        ahead = len(queue) - 1
-        folded = counted = 0
-        uid = sub.owner.uid
-        release = self.hub._release_copy  # what the uid is charged for a queued copy (Hub budgets)
-        for _ in range(ahead):
-            item = queue.popleft()
-            if isinstance(item, Preload):
-                folded += len(item.events)
-            elif isinstance(item, Event):
-                folded += 1
-                sub.queued_events -= 1  # stalled: not counted in the hub's back-pressure
-                if uid:
-                    release(uid, item)
-            elif isinstance(item, LostMark):
-                counted += item.count  # an older loss, in ``lost`` already
-        queue[0].count += folded + counted
-        sub.lost += folded
-        return ahead
-
-    def _close_window(self, credit: Credit) -> None:
-        credit.window = 0
-        for sub in credit.subs:
-            sub.paused = True
-        if credit.ping is None:
-            self._ping(credit)
-
-    def _resume(self, credit: Credit) -> None:
-        self._cancel_timers(credit)
-        was_stalled = credit.stalled
-        credit.paused = credit.stalled = credit.capped = False
-        credit.window = 0
-        subs, credit.subs = credit.subs or (), None
-        for sub in subs:
-            sub.paused = False
-            self.hub.stall(sub, False)
-            if sub.queue:
-                self.wake(sub)
-        if was_stalled:
-            log.info("%s reads again: delivering to it", credit.peer)
-
-    def _cancel_timers(self, credit: Credit) -> None:
-        for timer in (credit.retry, credit.stall_timer, credit.probe):
-            if timer is not None:
-                timer.cancel()
-        credit.retry = credit.stall_timer = credit.probe = None
-
-    def _stop_pinging(self) -> None:
-        self.pinging = False
-        for credit in list(self._credit.values()):
-            if credit.paused:
-                self._resume(credit)
-            self._cancel_timers(credit)
-        self._credit.clear()
-        self._uid_unacked.clear()
-        self._unacked = 0
 
     async def _wait_writer(self) -> None:
         try:

@@ -1,0 +1,173 @@
+"""Hub: a uid whose peers all stopped reading costs O(1) per event, and each of its
+subscriptions is still told exactly what it lost.
+
+When every subscription of a uid is paused (the outlet holds its signals back) and
+its lane is behind, the lane is parked: the events wait in it, and what it cannot
+keep is tallied per class of equal subscriptions (``wqd.lanes.Tally``). Let go by a
+probe of a stalled peer, the lane is tallied whole and each subscription gets one
+``Lost`` with its own count; let go by a peer that reads again, it is delivered.
+
+The policy is the real ``unix`` plugin in a real ``PolicyStack``; the source is the
+least a source is, with a real filter (``actions``), counting how often it is asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from support import PathSource
+from wqd import lanes
+from wqd.events import MountChanged
+from wqd.hub import Hub, Limits, LostMark
+from wqd.peer import PeerCredentials
+from wqd.policy import PolicyStack
+from wqd.policy.unix import UnixPolicy
+from wqd.sources.mounts import MountTarget
+
+pytestmark = pytest.mark.asyncio
+
+NS = 4026531840
+
+
+class FilteringMounts(PathSource):
+    """Routes by mount namespace; ``actions`` filters, as the real mounts source's option does."""
+
+    name = "mounts"
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    async def resolve(self, peer, spec, options):
+        actions = options.get("actions")
+        return MountTarget("mounts", spec, peer.mnt_ns, actions=None if actions is None else frozenset(actions))
+
+    def routes(self, sub):
+        return (sub.target.object_id,)
+
+    def accepts(self, sub, event):
+        self.asked += 1
+        actions = sub.target.actions
+        return actions is None or event.action in actions
+
+
+def peer(n: int, uid: int) -> PeerCredentials:
+    return PeerCredentials(f":1.{n}", uid, mnt_ns=NS, verified=True)
+
+
+def mount(n: int) -> MountChanged:
+    return MountChanged("attached" if n % 3 else "detached", n, f"/mnt/{n}", {"source": "wqd", "options": "rw"}, NS)
+
+
+async def settle(hub: Hub) -> None:
+    while hub.work.turns or hub.work.tick is not None:
+        await asyncio.sleep(0)
+
+
+async def attacker_and_victim(source: FilteringMounts) -> tuple[Hub, list, list, object]:
+    """uid 1000: 2 connections, each with LANE_BEHIND subscriptions, half of them
+    only for ``attached``; uid 1001: one subscription."""
+    hub = Hub({"mounts": source}, PolicyStack([UnixPolicy({})]), Limits(subscriptions_per_peer=10_000))
+    every, attached = [], []
+    for n in (1, 2):
+        owner = peer(n, 1000)  # one object per connection, as wqd.bus.identity keeps it
+        for _ in range(lanes.LANE_BEHIND // 2):
+            every.append(await hub.watch(owner, "mounts", "", {}))
+            attached.append(await hub.watch(owner, "mounts", "", {"actions": ("attached",)}))
+    victim = await hub.watch(peer(9, 1001), "mounts", "", {})
+    return hub, every, attached, victim
+
+
+async def parked() -> tuple[Hub, list]:
+    """``attacker_and_victim`` with uid 1000's subscriptions paused and one event
+    dispatched: its lane parked. Returns the hub and one option set's subscriptions."""
+    hub, every, attached, _victim = await attacker_and_victim(FilteringMounts())
+    for sub in every + attached:
+        hub.pause(sub, True)
+    hub.dispatch(mount(1))
+    await settle(hub)
+    assert hub.work.lanes[1000].parked
+    return hub, every
+
+
+async def test_a_stalled_uid_costs_o1_per_event_and_each_subscription_is_told_its_own_loss():
+    source = FilteringMounts()
+    hub, every, attached, victim = await attacker_and_victim(source)
+    for sub in every + attached:  # what the emitter does to a peer that stopped reading: paused, then stalled
+        hub.pause(sub, True)
+        hub.stall(sub, True)
+    events = 3 * lanes.LANE_JOBS
+    source.asked = 0
+    got = []
+    for n in range(events):
+        hub.dispatch(mount(n))
+        await settle(hub)
+        got += [hub.take(victim).mount_id for _ in range(victim.queued_events)]  # it reads
+        assert got[-1:] == [n]  # the other uid gets every event, at once
+    # Per event: the victim, and one question per class of the attacker's (4 classes:
+    # 2 connections x 2 option sets) once its lane holds LANE_JOBS: not 2,048 subscriptions.
+    assert source.asked <= events * (1 + 4)
+    assert all(s.queued_events == 0 and s.lost == 0 for s in every + attached)  # nothing done for them yet
+    assert not hub.congested  # and they hold nobody back
+
+    hub.pause(every[0], False)  # a probe lets one go: the lane is tallied whole, then told
+    await settle(hub)
+    want_every, want_attached = events, sum(1 for n in range(events) if n % 3)
+    for sub in every:
+        assert sub.lost == want_every and [(type(i), i.count) for i in sub.queue] == [(LostMark, want_every)]
+    for sub in attached:
+        assert sub.lost == want_attached and [(type(i), i.count) for i in sub.queue] == [(LostMark, want_attached)]
+
+    for sub in every + attached:  # its peers read again: from now on every event is queued for each
+        hub.stall(sub, False)
+        hub.pause(sub, False)
+    hub.dispatch(mount(events + 1))
+    await settle(hub)
+    assert all(s.queued_events == 1 and isinstance(s.queue[-1], MountChanged) for s in every + attached)
+    assert got == list(range(events)) and victim.queued_events == 1 and victim.lost == 0
+
+
+async def test_a_paused_uid_that_reads_again_gets_what_its_parked_lane_held():
+    source = FilteringMounts()
+    hub, every, attached, victim = await attacker_and_victim(source)
+    for sub in every + attached:  # paused, not stalled: a slow reader
+        hub.pause(sub, True)
+    held = lanes.LANE_JOBS // 2
+    for n in range(held):
+        hub.dispatch(mount(n))
+        await settle(hub)
+    assert all(s.queued_events == 0 for s in every + attached) and victim.queued_events == held
+    for sub in every + attached:
+        hub.pause(sub, False)
+    await settle(hub)
+    for sub in every:
+        assert sub.lost == 0 and [i.mount_id for i in sub.queue] == list(range(held))  # all, in order
+    for sub in attached:
+        assert sub.lost == 0 and [i.mount_id for i in sub.queue] == [n for n in range(held) if n % 3]
+
+
+async def test_a_parked_lane_whose_subscriptions_end_is_let_go():
+    """A uid that leaves while its lane is parked: the lane goes, and the uid's next
+    subscription is served (a parked lane is in no turn, so it must not linger)."""
+    hub, every = await parked()
+    hub.drop_owner(every[0].peer)
+    hub.drop_owner(every[-1].peer)
+    await settle(hub)
+    assert 1000 not in hub.work.lanes and not hub.work.backlog
+    again = await hub.watch(peer(3, 1000), "mounts", "", {})
+    hub.dispatch(mount(2))
+    await settle(hub)
+    assert [i.mount_id for i in again.queue] == [2]
+
+
+async def test_a_new_subscription_that_reads_unparks_the_lane():
+    """A parked lane waits for a reader: a new subscription of the uid that is not
+    paused (a connection that reads) is one, and gets the events from then on."""
+    hub, every = await parked()
+    reader = await hub.watch(peer(3, 1000), "mounts", "", {})
+    assert not hub.work.lanes[1000].parked
+    hub.dispatch(mount(2))
+    await settle(hub)
+    assert [i.mount_id for i in reader.queue] == [2]
+    assert all([i.mount_id for i in s.queue] == [1, 2] for s in every)  # served, in order
