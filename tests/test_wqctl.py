@@ -84,15 +84,22 @@ async def test_no_session_bus():
     assert proc.returncode == 2 and b"--system or --address" in err
 
 
+async def _subscribed(wqd, ring) -> bool:
+    """Whether *wqd* logs a subscription to keys RING within 20 s."""
+    for _ in range(400):
+        if f"watches keys '{ring}'" in wqd.log_text():
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
 async def _watch_ring(wqd, ring, *extra):
     """A running `wqctl watch keys RING --json`, once wqd has its subscription."""
     proc = await asyncio.create_subprocess_exec(
         *WQCTL, "--address", wqd.address, "watch", "keys", ring, "--changes", "linked", "--json", *extra,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
-    for _ in range(400):
-        if f"watches keys '{ring}'" in wqd.log_text():
-            return proc
-        await asyncio.sleep(0.05)
+    if await _subscribed(wqd, ring):
+        return proc
     proc.kill()
     raise AssertionError(f"wqctl did not subscribe: {(await proc.communicate())[1].decode()}")
 
@@ -122,14 +129,12 @@ async def test_watch_follows_a_daemon_restart(session_bus, wqd_factory):
         assert "wqd restarted" in notice and "missed" in notice, notice
         restarted = json.loads(await line(proc.stdout))
         assert restarted["signal"] == "Restarted" and restarted["previous"] == before["subscription"]
-        for _ in range(400):  # the new daemon has the new subscription
-            if f"watches keys '{ring}'" in second.log_text():
-                break
-            await asyncio.sleep(0.05)
+        assert await _subscribed(second, ring), "no subscription in the new daemon"
         b = keyctl("add", "user", "b", "2", ring)
         after = json.loads(await line(proc.stdout))
         assert (before["key"], before["aux"]) == (int(ring), int(a))
-        assert (after["signal"], after["key"], after["change"], after["aux"]) == ("KeyChanged", int(ring), "linked", int(b))
+        assert (after["signal"], after["key"], after["change"], after["aux"]) == (
+            "KeyChanged", int(ring), "linked", int(b))
         assert after["subscription"] == restarted["subscription"]
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 20) == 0

@@ -115,5 +115,6 @@ class Follower:
         try:
             path = await self._subscribe()
         except self.refused as exc:
-            raise FollowError(f"wqd restarted, but watching {self.source} {self.target!r} again failed: {exc}") from None
+            raise FollowError(f"wqd restarted, but watching {self.source} {self.target!r} again failed: "
+                              f"{exc}") from None
         return Restarted(previous, path)
