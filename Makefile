@@ -15,7 +15,7 @@ setup:
 run: setup
 	scripts/run-dev
 
-# The whole suite: host tiers (unit + bus), then the kernel tier under qemu.
+# The whole suite: host tiers (unit + bus), then the kernel and system tiers under qemu.
 test: setup
 	scripts/test
 

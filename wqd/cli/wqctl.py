@@ -5,9 +5,12 @@
                 [--properties A,B] [--initial] [--json] [--count N]
 
 ``watch`` prints one line per signal (``--json``: one JSON object per line) and
-closes the subscription on Ctrl-C. Exit status: 0 on success or Ctrl-C, 1 when the
-daemon refuses (the error name is printed), 2 on usage errors, 3 when the
-subscription was ended by the daemon (``Removed``).
+closes the subscription on Ctrl-C. When wqd restarts, it says so (events may have
+been missed; ``--json``: a ``Restarted`` record too), subscribes again and goes on
+(wqd/cli/follow.py). Exit status: 0 on success or Ctrl-C, 1 when the daemon
+refuses (the error name is printed), also on re-subscribing, or does not come
+back within ``--restart-wait``, or the bus connection is lost, 2 on usage errors,
+3 when the subscription was ended by the daemon (``Removed``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dbus_fast.aio import MessageBus
 from wqd.bus import connection as bus_connection
 from wqd.bus import names
 from wqd.bus.reach import DEFAULT_TIMEOUT, BusUnreachable, describe, reach, seconds
+from wqd.cli.follow import RETURN_WAIT, FollowError, Follower, Restarted
 
 
 class CliError(Exception):
@@ -60,7 +64,12 @@ async def connect(args) -> MessageBus:
 
 
 async def call(bus, path, iface, member, signature="", body=None) -> list:
-    reply = await bus.call(Message(destination=names.BUS_NAME, path=path, interface=iface, member=member,
+    return (await call_message(bus, path, iface, member, signature, body)).body
+
+
+async def call_message(bus, path, iface, member, signature="", body=None, destination=names.BUS_NAME) -> Message:
+    """The reply (its sender: the unique name that answered), or ``CliError`` naming the error."""
+    reply = await bus.call(Message(destination=destination, path=path, interface=iface, member=member,
                                    signature=signature, body=body or []))
     if reply.message_type == MessageType.ERROR:
         text = reply.body[0] if reply.body else ""
@@ -68,7 +77,7 @@ async def call(bus, path, iface, member, signature="", body=None) -> list:
         if reply.error_name == "org.freedesktop.DBus.Error.ServiceUnknown":
             text = "wqd is not running on this bus (io.wqd.WatchQueue1 has no owner)"
         raise CliError(f"{name}: {text}")
-    return reply.body
+    return reply
 
 
 async def status(bus, args) -> int:
@@ -120,25 +129,8 @@ async def watch(bus, args) -> int:
     if args.initial:
         options["initial"] = Variant("b", True)
     arg_names = signal_args()
-    queue: asyncio.Queue = asyncio.Queue()
-    path_box: list[str] = []
-    early: list[Message] = []
-
-    def on_message(msg: Message):
-        if msg.message_type == MessageType.SIGNAL and msg.interface == names.SUBSCRIPTION_INTERFACE:
-            if path_box:
-                if msg.path == path_box[0]:
-                    queue.put_nowait(msg)
-            else:
-                early.append(msg)  # a signal racing the Watch reply
-
-    bus.add_message_handler(on_message)
-    (path,) = await call(bus, names.MANAGER_PATH, names.MANAGER_INTERFACE, "Watch", "ssa{sv}",
-                         [args.source, args.target, options])
-    path_box.append(path)
-    for msg in early:
-        if msg.path == path:
-            queue.put_nowait(msg)
+    follower = Follower(bus, call_message, CliError, args.source, args.target, options, args.restart_wait)
+    path = await follower.start()
     if not args.json:
         print(f"# watching {args.source} {args.target!r} ({path}); Ctrl-C to stop", file=sys.stderr, flush=True)
     stop = asyncio.Event()
@@ -148,14 +140,24 @@ async def watch(bus, args) -> int:
     seen = 0
     code = 0
     stopper = asyncio.ensure_future(stop.wait())
+    # a bus that goes away (or drops us) ends the watch with an error, not a silent wait
+    gone = asyncio.ensure_future(_disconnected(bus))
     try:
         while args.count is None or seen < args.count:
-            getter = asyncio.ensure_future(queue.get())
-            done, _ = await asyncio.wait([getter, stopper], return_when=asyncio.FIRST_COMPLETED)
+            getter = asyncio.ensure_future(follower.next())
+            done, _ = await asyncio.wait([getter, stopper, gone], return_when=asyncio.FIRST_COMPLETED)
             if getter not in done:
                 getter.cancel()
+                if gone in done:
+                    raise CliError(f"lost the connection to the bus ({describe(args.address, args.system)})")
                 break
-            msg = getter.result()
+            try:
+                msg = getter.result()
+            except FollowError as exc:
+                raise CliError(str(exc)) from None
+            if isinstance(msg, Restarted):
+                path = restarted(msg, args.json)
+                continue
             body = [plain(v) for v in msg.body]
             if args.json:
                 record = {"signal": msg.member, "subscription": path}
@@ -170,12 +172,32 @@ async def watch(bus, args) -> int:
                 seen += 1
     finally:
         stopper.cancel()
-    if code != 3:
+        gone.cancel()
+    if code != 3 and follower.path:  # None: stopped while wqd was away, nothing to close
         try:
-            await call(bus, path, names.SUBSCRIPTION_INTERFACE, "Close")
+            await call(bus, follower.path, names.SUBSCRIPTION_INTERFACE, "Close")
         except CliError:
             pass
     return code
+
+
+async def _disconnected(bus) -> None:
+    """Return when the bus connection ends, however it ended (its error is dbus-fast's
+    own and says no more than "connection lost" does)."""
+    try:
+        await bus.wait_for_disconnect()
+    except Exception:  # noqa: BLE001 - every way of ending is the same news here
+        pass
+
+
+def restarted(event: Restarted, as_json: bool) -> str:
+    """Say that wqd restarted and that events may have been missed; the new path."""
+    print(f"# wqd restarted: events may have been missed; watching again ({event.path})",
+          file=sys.stderr, flush=True)
+    if as_json:  # in-band too, for a consumer that reads only stdout (as it reads Lost)
+        print(json.dumps({"signal": "Restarted", "subscription": event.path, "previous": event.previous}),
+              flush=True)
+    return event.path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -199,6 +221,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     w.add_argument("--initial", action="store_true", help="devices: first an 'add' for every existing match")
     w.add_argument("--json", action="store_true", help="one JSON object per line")
     w.add_argument("--count", type=int, metavar="N", help="exit after N events")
+    w.add_argument("--restart-wait", type=seconds, default=RETURN_WAIT, metavar="SECONDS",
+                   help="when wqd restarts, wait up to SECONDS for it to return, then subscribe again "
+                        f"(default {RETURN_WAIT:g}); exit 1 when it does not")
     return p.parse_args(argv)
 
 
