@@ -14,13 +14,13 @@ import os
 import pickle
 import signal
 import socket
-import struct
 
 from wqd.kernel import errors as kerr
 from wqd.kernel import keyctl
+from wqd.kernel.credentials import FRAME
 from wqd.parse.proc_keys import KeySnapshot, parse_proc_keys
 
-_LEN = struct.Struct("=I")
+_LEN = FRAME  # one framing, wqd.kernel.credentials's
 READY = 0  # the message number of the helper's "ready" (after it took the credentials)
 
 
