@@ -358,21 +358,19 @@ class Lanes:
                 uid = turns[0]
                 lane = lanes[uid]
                 jobs = lane.jobs
-                if lane.steps > LANE_BEHIND:
-                    if hub.reads_none(uid):
-                        lane.parked = True  # nothing it queued could be sent: wait for a reader (``Hub.pause``)
-                        turns.popleft()
-                        continue
-                    work = jobs[0]
-                    if work[2] == 0 and type(work[0]) is Fanout:
-                        need = hub.behind_everywhere(uid, work[1])
-                        if need is not None:
-                            self._wait(uid, lane, need)
-                            continue
+                if lane.steps > LANE_BEHIND and hub.reads_none(uid):
+                    lane.parked = True  # nothing it queued could be sent: wait for a reader (``Hub.pause``)
+                    turns.popleft()
+                    continue
                 quantum = min(QUANTUM, self.budget)
+                need = None
                 while jobs and quantum > 0:
                     work = jobs[0]
                     job, subs, pos = work
+                    if pos == 0 and type(job) is Fanout and lane.steps > LANE_BEHIND:
+                        need = hub.behind_everywhere(uid, subs)  # an event's start: can the outlet take it?
+                        if need is not None:
+                            break
                     stop = min(len(subs), pos + quantum)
                     try:
                         job.apply(hub, subs, pos, stop)
@@ -391,7 +389,9 @@ class Lanes:
                         jobs.popleft()
                     else:
                         work[2] = stop
-                if not jobs:
+                if need is not None:
+                    self._wait(uid, lane, need)
+                elif not jobs:
                     del lanes[uid]
                     turns.popleft()
                 else:
