@@ -426,7 +426,7 @@ class Lanes:
         the uid then turns out to read nothing."""
         self.turns.popleft()
         lane.parked = True
-        lane.need = max(1, need)
+        lane.need = max(1, min(need, LANE_BEHIND))
         self.waiting.add(uid)
         lane.recheck = asyncio.get_running_loop().call_later(LANE_RECHECK, self.unpark, uid, False)
 
