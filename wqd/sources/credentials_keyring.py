@@ -98,7 +98,7 @@ class KeyringCaches:
         for serial in sorted(serials - set(subs)):
             try:
                 target = await self.keys.resolve(peer, str(serial), {})
-                sub = Subscription(next(self.numbers), peer, self.keys.name, target, {})
+                sub = Subscription(next(self.numbers), peer, self.keys.name, target)
                 await self.keys.attach(sub)
             except WqdError as exc:  # gone meanwhile (a kdestroy racing): the next read says so
                 log.debug("KEYRING: key %d not watched: %s", serial, exc)
