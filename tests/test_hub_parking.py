@@ -171,3 +171,101 @@ async def test_a_new_subscription_that_reads_unparks_the_lane():
     await settle(hub)
     assert [i.mount_id for i in reader.queue] == [2]
     assert all([i.mount_id for i in s.queue] == [1, 2] for s in every)  # served, in order
+
+
+class Outlet:
+    """Where the hub hands its queues on. The emitter needs a bus; these tests play
+    its part by hand: ``sent`` is what the emitter does for a subscription it has
+    sent everything (``Hub.take`` until the queue is empty)."""
+
+    def added(self, sub) -> None: ...
+
+    def wake(self, sub) -> None: ...
+
+    def forget(self, sub) -> None: ...
+
+    def peer_gone(self, peer) -> None: ...
+
+
+def sent(hub: Hub, subs: list) -> dict:
+    """Everything queued for *subs*, taken as the emitter takes it: {sub: [mount id or ("lost", n)]}."""
+    got = {}
+    for sub in subs:
+        items = got.setdefault(sub, [])
+        while sub.queue:
+            item = hub.take(sub)
+            items.append(("lost", item.count) if isinstance(item, LostMark) else item.mount_id)
+    return got
+
+
+async def behind_everywhere(source: FilteringMounts) -> tuple[Hub, list, list, object]:
+    """``attacker_and_victim`` with an outlet, and one event (``attached``: every
+    subscription takes it) queued for all that the outlet has not sent yet."""
+    hub, every, attached, victim = await attacker_and_victim(source)
+    hub.outlet = Outlet()
+    hub.dispatch(mount(1))
+    await settle(hub)
+    assert all([i.mount_id for i in s.queue] == [1] for s in every + attached + [victim])
+    return hub, every, attached, victim
+
+
+async def test_a_uid_the_outlet_is_behind_everywhere_waits_in_its_lane_and_gets_every_event_in_order():
+    """The first events of a storm, before the outlet knows a uid reads nothing: while
+    each of its subscriptions still holds something unsent, its lane waits (each event
+    one step, not 2,048), and as the outlet catches up it gets them all, in order."""
+    source = FilteringMounts()
+    events = 8
+    hub, every, attached, victim = await attacker_and_victim(source)
+    every.append(await hub.watch(peer(1, 1000), "mounts", "", {}))  # 2,049: an event ends within a quantum
+    hub.outlet = Outlet()
+    for n in range(1, events + 1):  # a storm: each event comes before the last is done
+        hub.dispatch(mount(n))
+    await settle(hub)
+    assert [i.mount_id for i in victim.queue] == list(range(1, events + 1))  # the other uid: every event
+    assert hub.work.lanes[1000].parked
+    assert all([i.mount_id for i in s.queue] == [1] for s in every + attached)  # the outlet has sent none
+    assert source.asked == len(every + attached) + events  # the rest waits in the lane: not 2,049 steps each
+    assert not hub.congested
+
+    got = {sub: [] for sub in every + attached}
+    for _ in range(4 * events):  # the outlet sends what is queued, the lane goes on
+        for sub, items in sent(hub, every + attached).items():
+            got[sub] += items
+        await settle(hub)
+        if 1000 not in hub.work.lanes and not any(s.queue for s in every + attached):
+            break
+    assert 1000 not in hub.work.lanes
+    for sub in every:
+        assert sub.lost == 0 and got[sub] == list(range(1, events + 1))
+    for sub in attached:
+        assert sub.lost == 0 and got[sub] == [n for n in range(1, events + 1) if n % 3]
+
+
+async def test_a_uid_found_stopped_while_its_lane_waits_is_told_exactly_what_it_lost():
+    """p7's storm: the lane waits behind the outlet, then the outlet finds the uid's
+    peers read nothing (paused, then stalled); a probe lets one go. What waited is
+    tallied, and each subscription is told its own exact loss after what it holds."""
+    source = FilteringMounts()
+    events = lanes.LANE_JOBS + 10  # beyond LANE_JOBS the lane tallies what comes
+    hub, every, attached, victim = await behind_everywhere(source)
+    hub.dispatch(mount(2))
+    await settle(hub)
+    assert hub.work.lanes[1000].parked
+    for sub in every + attached:
+        hub.pause(sub, True)
+        hub.stall(sub, True)
+    await settle(hub)
+    assert hub.work.lanes[1000].parked and not hub.work.turns
+    for n in range(3, events + 1):
+        hub.dispatch(mount(n))
+        await settle(hub)
+    assert len(victim.queue) == events
+    hub.pause(every[0], False)  # the probe window
+    await settle(hub)
+    got = sent(hub, every + attached)
+    want_every = events - 1  # 2 .. events
+    want_attached = sum(1 for n in range(2, events + 1) if n % 3)
+    for sub in every:
+        assert got[sub] == [1, ("lost", want_every)] and sub.lost == want_every
+    for sub in attached:
+        assert got[sub] == [1, ("lost", want_attached)] and sub.lost == want_attached

@@ -41,6 +41,15 @@ stalled, what it holds is tallied first, so each subscription is told one
 property lags behind (at most the stall grace and a probe period). A uid with one
 connection that reads keeps its lane unparked, and costs as before.
 
+A lane that is behind also waits, parked, while the outlet is behind that uid
+everywhere (``behind_everywhere``: every subscription of the uid is paused or
+still holds something unsent when the lane's next event comes up): the first
+events of a storm reach a uid that stopped reading before the outlet knows it,
+and queueing each for thousands of subscriptions that have not been sent the
+last one yet costs the loop a step each for nothing that could go out sooner.
+It is served again, in order, once the outlet has sent that many of them their
+queue (or paused them), or after ``wqd.lanes.LANE_RECHECK`` at most.
+
 The judging is shared: the policy stack's ``decision_key(peer, event)`` says
 what its ``post`` depends on for that event (see ``wqd.policy``), and subscribers
 whose keys are equal get one judged (redacted) copy, judged once per event; a
@@ -455,9 +464,13 @@ class Hub:
             event = item.events.popleft()
             if not item.events:
                 queue.popleft()
+                if not queue and self.work.waiting and sub.owner.uid in self.work.waiting:
+                    self.work.eased(sub.owner.uid)
             sub.delivered += 1
             return event
         item = queue.popleft()
+        if not queue and self.work.waiting and sub.owner.uid in self.work.waiting:
+            self.work.eased(sub.owner.uid)  # its uid's lane waits for the outlet (``Lanes._wait``)
         if isinstance(item, Event):
             n = sub.queued_events
             sub.queued_events = n - 1
@@ -501,10 +514,28 @@ class Hub:
         self._count(self._paused, uid, 1 if paused else -1)
         if not paused:
             self._unpark(uid)
+        elif uid in self.work.waiting:
+            self.work.eased(uid)  # one fewer to wait for: it will not be sent its queue now
 
     def reads_none(self, uid: int) -> bool:
         """Whether every subscription of *uid* is paused (``Lanes`` parks its lane then)."""
         return self._paused.get(uid, 0) >= self._per_uid.get(uid, 1)
+
+    def behind_everywhere(self, uid: int, subs: list[Subscription]) -> int | None:
+        """Whether *subs* are all of *uid*'s subscriptions and each is paused or still
+        holds something for the outlet to send (``Lanes._wait``): then how many are not
+        paused; else None. O(len(subs)) at worst, once per event of a lane that is behind,
+        and it stops at the first that is idle (a uid that reads). Never without an
+        outlet: nothing would drain the queues."""
+        if self.outlet is None or len(subs) < self._per_uid.get(uid, 0):
+            return None
+        waiting = 0
+        for sub in subs:
+            if not sub.paused:
+                if not sub._queue:
+                    return None
+                waiting += 1
+        return waiting
 
     def _unpark(self, uid: int) -> None:
         """*uid*'s lane, if parked and a subscription of the uid is no longer paused (or

@@ -41,6 +41,7 @@ LANE_BEHIND = SLICE  # subscriptions waiting in one uid's lane that make it "beh
 LANE_GRACE = 0.0  # seconds a lane may be behind and still hold the sources back: none (p7, wqd.hub)
 LANE_JOBS = 256  # events a lane behind keeps waiting; beyond, they are lost for it
 LANE_JOBS_MAX = 4096  # ... and with more work than this waiting, it holds the sources back again
+LANE_RECHECK = 0.02  # seconds a lane parked behind the outlet waits at most before it looks again
 
 
 @dataclass(slots=True)
@@ -151,9 +152,14 @@ class Lane:
     *parked*: every subscription of the uid is paused (its peers read nothing) and
     the lane is behind, so it is not served (what it would queue could not be sent
     anyway) and does not hold the sources back; what it cannot keep is tallied
-    (``Tally``). It is served again when one of them reads (``Hub.pause``)."""
+    (``Tally``). It is served again when one of them reads (``Hub.pause``).
 
-    __slots__ = ("jobs", "steps", "behind_since", "told", "parked", "classes")
+    *need*: parked behind the outlet instead (``Hub.behind_everywhere``: every
+    subscription of the uid paused or still holding something to send), the number
+    of them that must be sent their queue (or be paused) before it is served again;
+    *recheck*: the timer after which it is served again anyway."""
+
+    __slots__ = ("jobs", "steps", "behind_since", "told", "parked", "classes", "need", "recheck")
 
     def __init__(self) -> None:
         self.jobs: deque = deque()
@@ -162,6 +168,8 @@ class Lane:
         self.told = False
         self.parked = False
         self.classes: tuple | None = None  # (subscriptions, their classes): ``classes_of``, for the last list
+        self.need = 0
+        self.recheck: asyncio.TimerHandle | None = None
 
     def account(self, now: float) -> None:
         if self.steps > LANE_BEHIND:
@@ -280,6 +288,7 @@ class Lanes:
         self.budget = SLICE  # left for this turn of the loop
         self.tick: asyncio.Handle | None = None
         self.running = False
+        self.waiting: set[int] = set()  # uids whose lane is parked behind the outlet (``eased``)
 
     def now(self, job: Fanout, groups: dict[int, list[Subscription]]) -> bool:
         """Do *job* at once for its one uid if nothing waits and it is small (within a
@@ -354,9 +363,14 @@ class Lanes:
                     turns.popleft()
                     continue
                 quantum = min(QUANTUM, self.budget)
+                need = None
                 while jobs and quantum > 0:
                     work = jobs[0]
                     job, subs, pos = work
+                    if pos == 0 and type(job) is Fanout and lane.steps > LANE_BEHIND:
+                        need = hub.behind_everywhere(uid, subs)  # an event's start: can the outlet take it?
+                        if need is not None:
+                            break
                     stop = min(len(subs), pos + quantum)
                     try:
                         job.apply(hub, subs, pos, stop)
@@ -375,7 +389,9 @@ class Lanes:
                         jobs.popleft()
                     else:
                         work[2] = stop
-                if not jobs:
+                if need is not None:
+                    self._wait(uid, lane, need)
+                elif not jobs:
                     del lanes[uid]
                     turns.popleft()
                 else:
@@ -397,12 +413,45 @@ class Lanes:
         if self.turns:
             self.run()
 
+    def _wait(self, uid: int, lane: Lane, need: int) -> None:
+        """Park *lane*, at the head of the turns, until the outlet has sent *need* of
+        its subscriptions what they hold (``eased``), or ``LANE_RECHECK`` at most.
+
+        Why: the first events of a storm reach a uid that has stopped reading before
+        the outlet knows it (until each connection has its ``PEER_BUDGET`` unread,
+        p7: ~1,700 signals), and queueing event after event for thousands of
+        subscriptions that have not been sent the last one yet costs the loop a step
+        each (p7: ~15 events x 4,096) for nothing that can go out sooner. Waiting in
+        the lane, in order, the events cost one step each, and become a ``Tally`` if
+        the uid then turns out to read nothing."""
+        self.turns.popleft()
+        lane.parked = True
+        lane.need = max(1, min(need, LANE_BEHIND))
+        self.waiting.add(uid)
+        lane.recheck = asyncio.get_running_loop().call_later(LANE_RECHECK, self.unpark, uid, False)
+
+    def eased(self, uid: int) -> None:
+        """A subscription of *uid*, whose lane waits for the outlet, was sent all it
+        held (or paused): one fewer to wait for."""
+        lane = self.lanes.get(uid)
+        if lane is None or not lane.parked or not lane.need:
+            self.waiting.discard(uid)
+            return
+        lane.need -= 1
+        if not lane.need:
+            self.unpark(uid, False)
+
     def unpark(self, uid: int, fold: bool) -> None:
         """Serve *uid*'s parked lane again; with *fold*, tally what it holds first."""
         lane = self.lanes.get(uid)
         if lane is None or not lane.parked:
             return
         lane.parked = False
+        if lane.recheck is not None:
+            lane.recheck.cancel()
+            lane.recheck = None
+        lane.need = 0
+        self.waiting.discard(uid)
         if fold:
             self._fold(lane)
         self.turns.append(uid)
