@@ -421,7 +421,7 @@ def open_source(cfg) -> CredentialsSource:
     try:  # KEYRING: runs on a keys source of its own ([keys] settings): its backend, its helpers
         if cfg.keys_backend == "replay":  # a second reader of the capture would take the keys source's records
             raise ValueError("[keys] backend is replay: no kernel keys to watch")
-        source.keyring = KeyringCaches(keys.open_source(cfg), source._changed)
+        source.keyring = KeyringCaches(keys.open_source(cfg, prestart=False), source._changed)
     except (OSError, ValueError) as exc:
         source.keyring_reason = str(exc)
         log.info("credentials: KEYRING: caches unavailable: %s", exc)

@@ -132,9 +132,14 @@ class KeysSource:
     name = NAME
 
     def __init__(self, backend, *, resolve_keys: bool = True, helper_timeout: float = 5.0,
-                 helpers_max: int = 64, watch_rate: float = 20.0, watch_burst: int = 40) -> None:
+                 helpers_max: int = 64, watch_rate: float = 20.0, watch_burst: int = 40,
+                 prestart: bool = True) -> None:
         self.impl = backend
         self.resolve_keys = resolve_keys  # replay: targets are serials, nothing to ask the kernel
+        # start the daemon's helper at start(): most first Watch calls need it. Not for
+        # a keys source inside another source (credentials), whose helper would sit
+        # unused, and its reaping would wake an idle daemon.
+        self.prestart = prestart
         self.watches: dict[int, KeyWatch] = {}
         self.sink = None
         self.helpers = HelperPool(timeout=helper_timeout, limit=helpers_max,
@@ -150,8 +155,8 @@ class KeysSource:
     async def start(self, sink: Sink) -> None:
         self.sink = sink
         await self.impl.start(self, sink)
-        if self.resolve_keys:
-            self.helpers.prestart(None)  # the daemon's own: most first Watch calls need it
+        if self.resolve_keys and self.prestart:
+            self.helpers.prestart(None)
 
     async def stop(self) -> None:
         for watch in list(self.watches.values()):
@@ -326,11 +331,11 @@ class KeysSource:
         self.sink.dispatch(KeyChanged(key, change, aux))
 
 
-def open_source(cfg) -> KeysSource:
+def open_source(cfg, *, prestart: bool = True) -> KeysSource:
     """The source for this machine from the ``[keys]`` settings (checked when the
-    configuration was read: ``wqd.config``)."""
+    configuration was read: ``wqd.config``); *prestart*: see ``KeysSource``."""
     backend = open_backend(cfg.keys_backend, replay_path=cfg.keys_replay_path,
                            interval=cfg.keys_poll_interval, pages=cfg.keys_queue_pages)
     return KeysSource(backend, resolve_keys=backend.name != "replay", helper_timeout=cfg.keys_helper_timeout,
                       helpers_max=cfg.keys_helpers_max, watch_rate=cfg.keys_watch_rate,
-                      watch_burst=cfg.keys_watch_burst)
+                      watch_burst=cfg.keys_watch_burst, prestart=prestart)
