@@ -115,7 +115,11 @@ def test_the_signal_has_the_same_bytes_as_dbus_fast_writes():
     got = encode(signal_header(":1.5", path, "io.wqd.Subscription1", event.signal, event.signature),
                  marshal_body(event.signature, body), 9)
     assert bytes(got) == bytes(expected)
-    assert event.route == (1000, "FILE:/tmp/krb5cc_1000")
+    assert event.route == (1000, "FILE:/tmp/krb5cc_1000", ())
+    read_by = CredentialsChanged(*[getattr(event, f) for f in ("cache", "change", "principal", "expires",
+                                                              "renew_until", "uid")], reader=(1000, (1000, 27)))
+    assert read_by.route == (1000, "FILE:/tmp/krb5cc_1000", (1000, (1000, 27)))  # its own credential set's
+    assert read_by.body() == body
 
 
 def peer(uid: int) -> PeerCredentials:
@@ -136,7 +140,12 @@ async def test_unix_rules_give_a_uid_its_own_caches_only():
 
 def test_settings_have_defaults_and_name_what_they_refuse():
     assert credentials.check_settings({}) == {"expiring_lead": 300, "kcm_store": "/var/lib/sss/secrets/secrets.ldb",
-                                              "helper_timeout": 10.0}
+                                              "helper_timeout": 10.0, "watch_rate": 20.0, "watch_burst": 40,
+                                              "caches_per_uid": 32, "read_interval": 0.2}
+    for key, bad in (("watch_rate", 0), ("watch_burst", 0), ("caches_per_uid", 0), ("read_interval", -1)):
+        with pytest.raises(SettingError) as caught:
+            credentials.check_settings({key: bad})
+        assert (caught.value.section, caught.value.key) == ("credentials", key)
     with pytest.raises(SettingError) as caught:
         credentials.check_settings({"expiring_lead": -1})
     assert (caught.value.section, caught.value.key) == ("credentials", "expiring_lead")
@@ -168,3 +177,72 @@ def test_keyring_caches_never_share_a_replay_capture_with_the_keys_source(tmp_pa
     assert "keys/" not in source.backend
     assert credentials.open_source(config.parse("", str(tmp_path / "wqd.conf"))).keyring is not None
 
+
+
+@pytest.mark.asyncio
+async def test_paced_reads_run_one_pass_at_a_time_per_uid_and_lose_no_wake():
+    """A uid woken 200 times in 0.5 s (another uid's kinit loop against the KCM
+    store) is read once per ``interval``, never twice at once, and once more
+    after the last wake; another uid's lane is not held up by it."""
+    import asyncio
+
+    from wqd.sources.credentials_reads import PacedReads
+
+    loop = asyncio.get_running_loop()
+    reads: list[tuple[str, float]] = []
+    in_flight = {"n": 0, "most": 0}
+
+    async def read(watch):
+        in_flight["n"] += 1
+        in_flight["most"] = max(in_flight["most"], in_flight["n"])
+        reads.append((watch, loop.time()))
+        await asyncio.sleep(0.01 if watch == "victim" else 0.03)
+        in_flight["n"] -= 1
+
+    paced = PacedReads(0.1, read)
+    start = loop.time()
+    for i in range(200):
+        paced.wake(1001, "attacker-a")
+        paced.wake(1001, "attacker-b")
+        if i == 100:
+            paced.wake(1000, "victim")
+            woken = loop.time()
+        await asyncio.sleep(0.0025)
+    last_wake = loop.time()
+    await asyncio.sleep(0.3)
+    took = last_wake - start
+    attacker = [t for w, t in reads if w == "attacker-a"]
+    assert len(attacker) <= took / 0.1 + 2, attacker  # one pass per interval, not one per wake
+    assert attacker[-1] >= last_wake - 0.001  # the wakes of the last pass were read after them
+    assert all(b - a >= 0.1 - 0.005 for a, b in zip(attacker, attacker[1:]))
+    (victim,) = [t for w, t in reads if w == "victim"]
+    assert victim - woken < 0.05  # its own lane: not behind the attacker's reads
+    assert in_flight["most"] <= 2  # one read per lane at a time: two lanes
+    assert not paced.pending(1001, "attacker-a")
+    paced.wake(1000, "victim")
+    paced.forget(1000, "victim")  # dropped before its pass: not read
+    await asyncio.sleep(0.2)
+    assert [w for w, _ in reads].count("victim") == 1
+    await paced.close()
+
+
+@pytest.mark.asyncio
+async def test_a_read_that_raises_does_not_stop_its_lane(caplog):
+    import asyncio
+
+    from wqd.sources.credentials_reads import PacedReads
+
+    done = []
+
+    async def read(watch):
+        if watch == "bad":
+            raise RuntimeError("a bug")
+        done.append(watch)
+
+    paced = PacedReads(0, read)
+    paced.wake(1000, "bad")
+    paced.wake(1000, "good")
+    await asyncio.sleep(0.05)
+    assert done == ["good"]
+    assert "re-reading a cache" in caplog.text
+    await paced.close()

@@ -198,8 +198,10 @@ class Typed:
 class CredentialsChanged(Event):
     """A watched Kerberos cache changed (``wqd.krb5cache.classify``, or
     ``expiring``). ``principal``/``expires``/``renew_until`` describe the TGT now,
-    or for ``destroyed`` the one that was destroyed. Routed by (uid, cache): the
-    same name read by two uids is two caches (KCM:, a relative default)."""
+    or for ``destroyed`` the one that was destroyed. Routed by (uid, cache,
+    reader): the same name read by two uids is two caches (KCM:, a relative
+    default), and read by one uid with two group lists two reads (``reader``:
+    ``wqd.sources.credentials.reader_of``)."""
 
     source: ClassVar[str] = "credentials"
     signal: ClassVar[str] = "CredentialsChanged"
@@ -211,10 +213,11 @@ class CredentialsChanged(Event):
     expires: int
     renew_until: int
     uid: int
+    reader: tuple = ()
 
     @property
-    def route(self) -> tuple[int, str]:
-        return (self.uid, self.cache)
+    def route(self) -> tuple[int, str, tuple]:
+        return (self.uid, self.cache, self.reader)
 
     def body(self) -> list:
         return [bus_string(self.cache), self.change,

@@ -38,11 +38,12 @@ import asyncio
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 from wqd import krb5cache
-from wqd.errors import AccessDenied, InvalidArgument, NotSupported, WqdError
+from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NotSupported, WqdError
 from wqd.events import CredentialsChanged, Event, TargetGone, TypedTarget
 from wqd.kernel.credentials import Credentials
 from wqd.sources.helper_pool import HelperPool
@@ -52,7 +53,9 @@ from wqd.sources import check_options
 from wqd.sources import keys
 from wqd.sources.credentials_backends import DIRECTORY_MASK, KCM_STORE, DirectoryWatches, KcmStore
 from wqd.sources.credentials_keyring import KeyringCaches
+from wqd.sources.credentials_reads import PacedReads
 from wqd.sources.keys import peer_credentials
+from wqd.sources.token_buckets import TokenBuckets
 from wqd.subscription import Sink
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,10 @@ SCHEMA = {  # [credentials] (wqd.settings)
     "expiring_lead": ((int, float), 300, lambda v: 0 <= v <= 86400, "0..86400 seconds"),
     "kcm_store": (str, KCM_STORE, lambda v: v.startswith("/"), "an absolute path"),
     "helper_timeout": ((int, float), 10.0, lambda v: 0.1 <= v <= 600, "0.1..600 seconds"),
+    "watch_rate": ((int, float), 20.0, lambda v: 0.01 <= v <= 1e6, "0.01..1000000"),  # Watch calls a second ...
+    "watch_burst": (int, 40, lambda v: 1 <= v <= 1_000_000, "1..1000000"),  # ... and at once, per non-root uid
+    "caches_per_uid": (int, 32, lambda v: 1 <= v <= 65536, "1..65536"),  # distinct caches watched, non-root uid
+    "read_interval": ((int, float), 0.2, lambda v: 0 <= v <= 60, "0..60 seconds"),  # between a uid's re-read passes
 }
 
 
@@ -71,30 +78,36 @@ SCHEMA = {  # [credentials] (wqd.settings)
 class CredentialsTarget(TypedTarget):
     """A credentials target: ``cache`` is the watched name (TARGET, or the
     caller's default resolved), ``kind`` its type; ``uid`` (the common field) is
-    whose caches these are: the peer's, whose identity reads them."""
+    whose caches these are: the peer's, whose identity reads them, with
+    ``reader``, the rest of that identity (``reader_of``)."""
 
     cache: str = ""
     kind: str = ""
+    reader: tuple = ()
 
 
 @dataclass(eq=False, slots=True)
 class CacheWatch:
-    """One watched cache of one uid, shared by that uid's subscriptions."""
+    """One watched cache of one credential set, shared by its subscriptions."""
 
-    key: tuple[int, str]  # (uid, cache name): the route of its events
+    key: tuple[int, str, tuple]  # (uid, cache name, reader): the route of its events
     kind: str
-    creds: Credentials | None
+    creds: Credentials | None  # what it is read as: every subscriber's own (``key``)
     subs: set = field(default_factory=set)
-    peer: PeerCredentials | None = None  # the first subscriber: whose identity arms key watches
+    peer: PeerCredentials | None = None  # the first subscriber (of the same credentials): arms key watches
     state: krb5cache.CacheState | None = None
     ready: asyncio.Future | None = None  # done when its first subscriber armed it (or failed to)
-    busy: bool = False  # a read is in flight
-    reading: asyncio.Task | None = None  # the re-reading task, when one runs
-    again: bool = False  # an event arrived while a read was in flight: read once more
     token: int | None = None  # its DirectoryWatches listener (FILE/DIR)
     timer: asyncio.TimerHandle | None = None  # the ``expiring`` timer of its TGT
     warned: str = ""  # the ticket ``expiring`` was sent for
     orphaned: bool = False  # its directory is gone: one last read, then its subscriptions end
+
+
+def reader_of(creds: Credentials | None) -> tuple:
+    """The part of a read's identity besides the uid: ``(gid, groups)``, or ``()``
+    for the daemon's own. File modes look at the groups as much as the uid, so
+    two peers of one uid with other groups never share a watch or its reads."""
+    return () if creds is None else (creds.gid, creds.groups)
 
 
 def parse_cache_name(name: str) -> tuple[str, str | None, str | None]:
@@ -140,10 +153,17 @@ class CredentialsSource:
     name = NAME
 
     def __init__(self, *, expiring_lead: float = 300, kcm_store: str = KCM_STORE,
-                 helper_timeout: float = 10.0, binding_dir: str = "") -> None:
+                 helper_timeout: float = 10.0, binding_dir: str = "", watch_rate: float = 20.0,
+                 watch_burst: int = 40, caches_per_uid: int = 32, read_interval: float = 0.2) -> None:
         self.lead = expiring_lead
         self.binding_dir = binding_dir
-        self.watches: dict[tuple[int, str], CacheWatch] = {}
+        self.watches: dict[tuple[int, str, tuple], CacheWatch] = {}
+        self.kcm_watches: dict[CacheWatch, None] = {}  # the KCM: ones, which every store change wakes
+        self.per_uid: Counter[int] = Counter()  # watched caches of each uid (for caches_per_uid)
+        self.caches_per_uid = caches_per_uid
+        self.rate = TokenBuckets(watch_rate, watch_burst)
+        self.reads = PacedReads(read_interval, self._reread)
+        self.helper_reads: Counter[int] = Counter()  # per uid, since start (logged at debug level)
         self.sink: Sink | None = None
         self.inotify = DirectoryWatches()
         self.kcm = KcmStore(self.inotify, kcm_store)
@@ -181,6 +201,7 @@ class CredentialsSource:
     async def stop(self) -> None:
         for watch in list(self.watches.values()):
             self._drop(watch)
+        await self.reads.close()
         self.kcm.stop()
         self.inotify.stop()
         if self.keyring is not None:
@@ -211,19 +232,35 @@ class CredentialsSource:
             owner = ""
         if owner and not peer.is_root and owner != str(peer.uid):
             raise AccessDenied(f"{kind} caches of another uid")
-        target = CredentialsTarget(NAME, spec, uid=peer.uid, cache=spec, kind=kind)
-        self._judge(await self._read(peer_credentials(peer), target), spec)  # as the peer: may it?
+        self.rate.admit(peer.uid, "credentials Watch")  # before the helper's read
+        creds = peer_credentials(peer)
+        target = CredentialsTarget(NAME, spec, uid=peer.uid, cache=spec, kind=kind, reader=reader_of(creds))
+        self._check_room(self._key(target))
+        self._judge(await self._read(creds, spec, peer.uid), spec)  # as the peer: may it?
         return target
 
+    @staticmethod
+    def _key(target: CredentialsTarget) -> tuple[int, str, tuple]:
+        return (target.uid, target.cache, target.reader)
+
+    def _check_room(self, key: tuple[int, str, tuple]) -> None:
+        """A new watched cache of a non-root uid within ``caches_per_uid``: each
+        is an inotify watch (counted against the daemon's own limit) and a read
+        on each of its wakes; joining one watched already costs neither."""
+        uid = key[0]
+        if uid != 0 and key not in self.watches and self.per_uid[uid] >= self.caches_per_uid:
+            raise LimitsExceeded(f"uid {uid} watches {self.caches_per_uid} credential caches already "
+                                 "([credentials] caches_per_uid)")
+
     def routes(self, sub) -> Iterable[Hashable]:
-        return ((sub.target.uid, sub.target.cache),)
+        return (self._key(sub.target),)
 
     def accepts(self, sub, event: Event) -> bool:
         return True
 
     async def attach(self, sub) -> None:
         target = sub.target
-        key = (target.uid, target.cache)
+        key = self._key(target)
         watch = self.watches.get(key)
         if watch is not None:
             if not watch.ready.done():  # the first subscriber is still arming it: its outcome is ours
@@ -232,17 +269,20 @@ class CredentialsSource:
                 raise NotSupported("the cache's watch ended meanwhile; try again")
             watch.subs.add(sub)
             return
+        self._check_room(key)  # another Watch of this uid may have taken the room since resolve
         watch = self.watches[key] = CacheWatch(key, target.kind, peer_credentials(sub.owner), {sub}, sub.owner)
+        self.per_uid[target.uid] += 1
+        if target.kind == "KCM":
+            self.kcm_watches[watch] = None
         watch.ready = asyncio.get_running_loop().create_future()
         watch.ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen by those who wait
-        watch.busy = True  # the first read: events meanwhile make one more after it
-        try:  # armed before the first read: no change falls between
+        try:  # armed before the first read: no change falls between (a wake meanwhile reads again after it)
             if target.kind == "KEYRING":
                 await self.keyring.refresh(watch, sub.owner, target.uid)
             elif target.kind != "KCM":
                 watch.token = self._watch_directory(target.cache, lambda: self._changed(watch),
                                                     lambda: self._orphaned(watch))
-            watch.state = self._judge(await self._read(watch.creds, target), target.cache)
+            watch.state = self._judge(await self._read(watch.creds, target.cache, target.uid), target.cache)
         except BaseException as exc:
             self._drop(watch)  # nobody else joined: they wait for ``ready``
             if isinstance(exc, Exception):
@@ -250,12 +290,8 @@ class CredentialsSource:
             else:
                 watch.ready.cancel()
             raise
-        finally:
-            watch.busy = False
         watch.ready.set_result(None)
         self._arm_timer(watch)
-        if watch.again:
-            self._changed(watch)
 
     def _watch_directory(self, cache: str, wake, gone) -> int:
         _kind, directory, entry = parse_cache_name(cache)
@@ -266,7 +302,7 @@ class CredentialsSource:
             raise InvalidArgument(f"cannot watch {directory}: {exc.strerror}") from None
 
     def detach(self, sub) -> None:
-        watch = self.watches.get((sub.target.uid, sub.target.cache))
+        watch = self.watches.get(self._key(sub.target))
         if watch is None:
             return
         watch.subs.discard(sub)
@@ -276,6 +312,11 @@ class CredentialsSource:
     def _drop(self, watch: CacheWatch) -> None:
         if self.watches.get(watch.key) is watch:
             del self.watches[watch.key]
+            self.per_uid[watch.key[0]] -= 1
+            if self.per_uid[watch.key[0]] <= 0:
+                del self.per_uid[watch.key[0]]
+        self.kcm_watches.pop(watch, None)
+        self.reads.forget(watch.key[0], watch)  # a read in flight finds it dropped
         if watch.token is not None:
             self.inotify.remove(watch.token)
             watch.token = None
@@ -284,21 +325,20 @@ class CredentialsSource:
             watch.timer = None
         if watch.kind == "KEYRING" and self.keyring is not None:
             self.keyring.forget(watch)
-        if watch.reading is not None and watch.reading is not asyncio.current_task():
-            watch.reading.cancel()
-            watch.reading = None
 
     # -- reading, as the peer ---------------------------------------------
 
-    async def _read(self, creds: Credentials | None, target: CredentialsTarget) -> dict:
+    async def _read(self, creds: Credentials | None, cache: str, uid: int) -> dict:
+        self.helper_reads[uid] += 1  # tests/hostile/test_credentials_storm.py counts these lines
+        log.debug("credentials: helper read %d as uid %d: %s", self.helper_reads[uid], uid, cache)
         try:
             return await self.helpers.run(creds, "krb5_read", self.binding_dir, os.environ.get("KRB5_CONFIG"),
-                                          target.cache, access_probe(target.cache))
+                                          cache, access_probe(cache))
         except WqdError:
             raise
         except Exception as exc:
-            log.warning("reading %s for uid %s: %s", target.cache, target.uid, exc)
-            raise NotSupported(f"cannot read {target.cache}") from None
+            log.warning("reading %s for uid %s: %s", cache, uid, exc)
+            raise NotSupported(f"cannot read {cache}") from None
 
     @staticmethod
     def _judge(reply: dict, cache: str) -> krb5cache.CacheState | None:
@@ -321,56 +361,48 @@ class CredentialsSource:
         self._changed(watch)
 
     def _kcm_changed(self) -> None:
-        for watch in list(self.watches.values()):
-            if watch.kind == "KCM":
-                self._changed(watch)
+        for watch in self.kcm_watches:
+            self._changed(watch)
 
     def _changed(self, watch: CacheWatch) -> None:
-        """A store event for *watch*: one read in flight, the rest coalesced."""
-        if self.watches.get(watch.key) is not watch:
-            return
-        if watch.busy:
-            watch.again = True
-            return
-        watch.busy = True
-        watch.reading = asyncio.get_running_loop().create_task(self._reread(watch))
+        """An event for *watch*: a read in its uid's lane (``PacedReads``)."""
+        if self.watches.get(watch.key) is watch:
+            self.reads.wake(watch.key[0], watch)
 
     async def _reread(self, watch: CacheWatch) -> None:
-        uid, cache = watch.key
-        target = next(iter(watch.subs)).target
+        """One read of *watch* for its lane, and what it changed."""
+        if self.watches.get(watch.key) is not watch:
+            return
+        if not watch.ready.done():  # its first read is in flight: one more after it
+            watch.ready.add_done_callback(lambda _f: self._changed(watch))
+            return
+        uid, cache, _reader = watch.key
         try:
-            while self.watches.get(watch.key) is watch:
-                watch.again = False
-                try:
-                    if watch.kind == "KEYRING":  # follow the collection's keys: new caches, gone ones
-                        await self.keyring.refresh(watch, watch.peer, uid)
-                    new = self._judge(await self._read(watch.creds, target), cache)
-                except AccessDenied:
-                    log.info("uid %d may no longer read %s: its subscriptions end", uid, cache)
-                    self.sink.dispatch(TargetGone(NAME, watch.key, "access revoked"))
-                    return
-                except WqdError as exc:  # no KCM server, a helper that timed out: no news is not "destroyed"
-                    log.warning("re-reading %s for uid %d: %s", cache, uid, exc)
-                    new = watch.state
-                old, watch.state = watch.state, new
-                change = krb5cache.classify(old, new)
-                if change is not None:
-                    self._emit(watch, change, new if new is not None else old)
-                    self._arm_timer(watch)
-                if watch.orphaned and not watch.again:
-                    self.sink.dispatch(TargetGone(NAME, watch.key, "the cache's directory was removed"))
-                    return
-                if not watch.again:
-                    return
-        finally:
-            watch.busy = False
-            if watch.reading is asyncio.current_task():
-                watch.reading = None
+            if watch.kind == "KEYRING":  # follow the collection's keys: new caches, gone ones
+                await self.keyring.refresh(watch, watch.peer, uid)
+            new = self._judge(await self._read(watch.creds, cache, uid), cache)
+        except AccessDenied:
+            if self.watches.get(watch.key) is watch:
+                log.info("uid %d may no longer read %s: its subscriptions end", uid, cache)
+                self.sink.dispatch(TargetGone(NAME, watch.key, "access revoked"))
+            return
+        except WqdError as exc:  # no KCM server, a helper that timed out: no news is not "destroyed"
+            log.warning("re-reading %s for uid %d: %s", cache, uid, exc)
+            new = watch.state
+        if self.watches.get(watch.key) is not watch:  # its last subscriber left meanwhile
+            return
+        old, watch.state = watch.state, new
+        change = krb5cache.classify(old, new)
+        if change is not None:
+            self._emit(watch, change, new if new is not None else old)
+            self._arm_timer(watch)
+        if watch.orphaned and not self.reads.pending(uid, watch):
+            self.sink.dispatch(TargetGone(NAME, watch.key, "the cache's directory was removed"))
 
     def _emit(self, watch: CacheWatch, change: str, state: krb5cache.CacheState) -> None:
-        uid, cache = watch.key
+        uid, cache, reader = watch.key
         self.sink.dispatch(CredentialsChanged(cache, change, state.principal, state.expires,
-                                              state.renew_until, uid))
+                                              state.renew_until, uid, reader))
 
     # -- expiring: one timer per watched TGT ------------------------------
 
@@ -417,7 +449,9 @@ def open_source(cfg) -> CredentialsSource:
     """Raises ImportError (no pykrb5), ValueError (bad settings)."""
     settings = check_settings(cfg.raw.get(NAME, {}))
     source = CredentialsSource(expiring_lead=settings["expiring_lead"], kcm_store=settings["kcm_store"],
-                               helper_timeout=settings["helper_timeout"], binding_dir=binding_directory())
+                               helper_timeout=settings["helper_timeout"], binding_dir=binding_directory(),
+                               watch_rate=settings["watch_rate"], watch_burst=settings["watch_burst"],
+                               caches_per_uid=settings["caches_per_uid"], read_interval=settings["read_interval"])
     try:  # KEYRING: runs on a keys source of its own ([keys] settings): its backend, its helpers
         if cfg.keys_backend == "replay":  # a second reader of the capture would take the keys source's records
             raise ValueError("[keys] backend is replay: no kernel keys to watch")

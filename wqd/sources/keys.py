@@ -26,7 +26,6 @@ import contextlib
 import logging
 import os
 import pwd
-import time
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
@@ -38,6 +37,7 @@ from wqd.peer import PeerCredentials
 from wqd.sources import Strings, check_options
 from wqd.sources.helper_pool import HelperPool
 from wqd.sources.key_backends import open_backend
+from wqd.sources.token_buckets import TokenBuckets
 from wqd.subscription import Sink
 
 log = logging.getLogger(__name__)
@@ -98,34 +98,6 @@ def parse_serial(spec: str) -> int:
     if not 0 < serial < 2**31:
         raise InvalidArgument("key serial out of range")
     return serial
-
-
-class TokenBuckets:
-    """A token bucket per uid: *rate* tokens a second, at most *burst* saved up."""
-
-    MAX_TRACKED = 4096
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, burst
-        self.buckets: dict[int, tuple[float, float]] = {}  # uid -> (tokens, when)
-
-    def take(self, uid: int) -> bool:
-        now = time.monotonic()
-        tokens, when = self.buckets.get(uid, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - when) * self.rate)
-        if tokens < 1:
-            self.buckets[uid] = (tokens, now)
-            return False
-        if len(self.buckets) >= self.MAX_TRACKED and uid not in self.buckets:
-            self._prune(now)
-        self.buckets[uid] = (tokens - 1, now)
-        return True
-
-    def _prune(self, now: float) -> None:
-        """Forget the uids whose buckets are full again (they lose nothing)."""
-        for uid, (tokens, when) in list(self.buckets.items()):
-            if tokens + (now - when) * self.rate >= self.burst:
-                del self.buckets[uid]
 
 
 class KeysSource:
@@ -208,9 +180,7 @@ class KeysSource:
             serial = parse_serial(spec)
         if not self.resolve_keys:
             return KeyTarget(NAME, spec, serial, changes=changes)
-        if peer.uid != 0 and not self.rate.take(peer.uid):
-            raise LimitsExceeded(f"too many keys Watch calls from uid {peer.uid}; "
-                                 f"at most {self.rate.rate:g} a second")
+        self.rate.admit(peer.uid, "keys Watch")
         creds = peer_credentials(peer)
         if spec in SPECIAL_TARGETS:
             try:
