@@ -62,7 +62,8 @@ log = logging.getLogger(__name__)
 
 NAME = "credentials"
 OPTIONS: dict = {}  # Watch options (check_options): none yet
-TYPES = ("FILE", "DIR", "KCM", "KEYRING")  # KEYRING: the persistent collection only
+TYPES = ("FILE", "DIR", "KCM", "KEYRING")
+SETTLE = 0.1  # seconds an initialised, empty cache is given to be filled before it counts as destroyed  # KEYRING: the persistent collection only
 SCHEMA = {  # [credentials] (wqd.settings)
     "expiring_lead": ((int, float), 300, lambda v: 0 <= v <= 86400, "0..86400 seconds"),
     "kcm_store": (str, KCM_STORE, lambda v: v.startswith("/"), "an absolute path"),
@@ -98,6 +99,7 @@ class CacheWatch:
     state: krb5cache.CacheState | None = None
     ready: asyncio.Future | None = None  # done when its first subscriber armed it (or failed to)
     token: int | None = None  # its DirectoryWatches listener (FILE/DIR)
+    settle_until: float | None = None  # loop time: a read found no TGT; "destroyed" only if still so then
     timer: asyncio.TimerHandle | None = None  # the ``expiring`` timer of its TGT
     warned: str = ""  # the ticket ``expiring`` was sent for
     orphaned: bool = False  # its directory is gone: one last read, then its subscriptions end
@@ -391,6 +393,9 @@ class CredentialsSource:
             new = watch.state
         if self.watches.get(watch.key) is not watch:  # its last subscriber left meanwhile
             return
+        if new is None and watch.state is not None and self._settling(watch):
+            return
+        watch.settle_until = None
         old, watch.state = watch.state, new
         change = krb5cache.classify(old, new)
         if change is not None:
@@ -398,6 +403,20 @@ class CredentialsSource:
             self._arm_timer(watch)
         if watch.orphaned and not self.reads.pending(uid, watch):
             self.sink.dispatch(TargetGone(NAME, watch.key, "the cache's directory was removed"))
+
+    def _settling(self, watch: CacheWatch) -> bool:
+        """A read found no TGT where there was one: true (say nothing yet) until
+        SETTLE after the first such read, when one more read decides. A writer
+        may be half-way: kinit -R into KCM:/KEYRING: initialises the cache, then
+        stores the new TGT (a read between finds it empty); sssd-kcm's kdestroy
+        of the primary is a moment without a default before the next cache is
+        made it. A read in between that finds a TGT again ends it."""
+        loop = asyncio.get_running_loop()
+        if watch.settle_until is None:
+            watch.settle_until = loop.time() + SETTLE
+            loop.call_at(watch.settle_until, self._changed, watch)
+            return True
+        return loop.time() < watch.settle_until
 
     def _emit(self, watch: CacheWatch, change: str, state: krb5cache.CacheState) -> None:
         uid, cache, reader = watch.key
