@@ -299,3 +299,40 @@ async def test_an_unprivileged_instance_reads_no_other_uids_caches(tmp_path, rea
             spy.close()
     finally:
         bus.stop()
+
+
+async def test_peers_of_one_uid_with_other_groups_never_share_reads(realm, system_bus, wqd_factory):
+    """Reads are keyed by the whole credential set (uid, gid, groups), not the
+    uid: a cache of root's readable by group 2000 only, watched by two peers of
+    uid 1000, one in group 2000. While the file is also world-readable both
+    may watch it; once it is replaced by a group-only one, the peer outside the
+    group is read as itself, denied, and its subscription ends (Removed) rather
+    than getting the change through the other peer's groups."""
+    shared = realm.directory / "grouped"
+    shared.mkdir(exist_ok=True)
+    shared.chmod(0o755)
+    name = f"FILE:{shared}/krb5cc"
+
+    def install(principal: str, mode: int) -> None:
+        staging = f"{shared}/staging"
+        realm.kinit(0, f"FILE:{staging}", principal=principal)
+        os.chown(staging, 0, 2000)
+        os.chmod(staging, mode)
+        os.rename(staging, f"{shared}/krb5cc")
+
+    install(f"user{OWNER}", 0o644)
+    await start(wqd_factory, system_bus, realm)
+    member = ForeignClient(system_bus.address, OWNER, groups=(2000,))
+    outsider = ForeignClient(system_bus.address, OWNER)
+    try:
+        member_path = await subscribed(member, name)
+        outsider_path = await subscribed(outsider, name)
+        install(f"user{OWNER}/alt", 0o640)
+        got = await signals(member, member_path, 1)
+        assert [(m, b[1], b[2]["principal"]) for m, b in got] == \
+            [("CredentialsChanged", "switched", f"user{OWNER}/alt@WQD.TEST")]
+        assert await signals(outsider, outsider_path, 1) == [("Removed", ["access revoked"])]
+    finally:
+        member.close()
+        outsider.close()
+        realm.kdestroy(0, name)
