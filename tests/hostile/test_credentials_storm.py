@@ -25,7 +25,7 @@ from krb5_support import Realm  # noqa: E402
 from support import PYTHON, ForeignClient  # noqa: E402
 
 from credential_attacker import descendants  # noqa: E402  (tests/hostile: pytest puts it on the path)
-from test_credential_helper import RootProbe, run_as_1000  # noqa: E402
+from test_credential_helper import RootProbe, run_as_1000, sigcont_all  # noqa: E402
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.bus, pytest.mark.root]
 
@@ -288,3 +288,46 @@ async def test_spamming_the_directory_of_a_file_cache_costs_the_owner_bounded_re
     assert reads <= took / INTERVAL + 3 * len(steps) + 2
     assert worst < 1.0, f"root waited {worst:.2f} s"
     assert not probe.failures, probe.failures
+
+
+async def test_nothing_wqd_runs_for_credentials_is_in_reach_of_the_peer(realm, system_bus, wqd_factory,
+                                                                        client_factory):
+    """uid 1000 keeps its credential helper reading (a Watch at a time, each
+    read done with the helper's effective uid 1000) while it tries SIGSTOP,
+    SIGKILL, tgkill, ptrace, /proc/PID/mem, renice and CPU pinning on wqd and
+    every process under it: none works (real and saved uid stay 0), root stays
+    answered, and uid 1001's cache change still arrives."""
+    home = realm.user_dir(VICTIM)
+    theirs = f"FILE:{realm.user_dir(ATTACKER)}/krb5cc-reach"
+    realm.kdestroy(ATTACKER, theirs)
+    wqd = await start(wqd_factory, system_bus, realm, "watch_burst = 100000\nwatch_rate = 100000")
+    root = await client_factory(system_bus.address)
+    attacker, victim = ForeignClient(system_bus.address, VICTIM), ForeignClient(system_bus.address, ATTACKER)
+    probe = RootProbe(root)
+    try:
+        victim_path = await subscribed(victim, theirs)
+        attack = asyncio.get_running_loop().create_task(run_as_1000("credential_attacker.py", str(wqd.proc.pid), "3"))
+        answers = []
+        while not attack.done():
+            out = await attacker.request("watch", source="credentials", target=f"FILE:{home}/reach")
+            answers.append(out.get("error", "ok"))
+            if out["ok"]:
+                await attacker.request("call", path=out["result"][0], iface="io.wqd.Subscription1", member="Close")
+        result = await attack
+        realm.kinit(ATTACKER, theirs)
+        assert await signals_of(victim, victim_path, 1) == [("created", f"user{ATTACKER}@WQD.TEST")]
+    finally:
+        worst = await probe.stop()
+        sigcont_all(wqd.proc.pid)  # had a SIGSTOP landed, the rest would hang, not fail
+        attacker.close()
+        victim.close()
+        realm.kdestroy(ATTACKER, theirs)
+    print(f"attack: {result['tries']} tries on {len(result['seen'])} processes; {len(answers)} Watch calls "
+          f"meanwhile; root worst {worst * 1000:.0f} ms")
+    assert result["won"] == [], result["won"]
+    helpers = [p for p, u in result["seen"].items() if u[3] == VICTIM]
+    assert helpers, f"the attacker never saw its helper: {result['seen']}"
+    assert set(answers) == {"ok"}, answers
+    assert worst < 1.0, f"root waited {worst:.2f} s"
+    assert not probe.failures, probe.failures
+    assert wqd.proc.poll() is None

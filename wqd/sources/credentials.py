@@ -20,10 +20,30 @@ sssd-kcm's ``SO_PEERCRED`` check and the file permissions decide), answers
 AccessDenied when the peer may not read it. A later read that is denied (the
 file's owner changed its mode) ends the subscriptions: fail closed.
 
-Reads never run on the event loop and are bounded: one read in flight per
-watched cache, the events that arrive meanwhile coalesced into one more read
-after it (one kinit is 5-6 store events in ~50 ms). A watched cache is keyed
-by (uid, name): peers of one uid share its reads and its timer.
+Reads never run on the event loop and are bounded per uid, whatever other
+uids do (docs/credentials.md, "Against a hostile user"):
+
+- ``Watch`` of a non-root uid is paced by a token bucket per uid
+  (``[credentials] watch_rate``/``watch_burst``, ``wqd.sources.token_buckets``,
+  as keys is): each costs a read as the peer. Beyond it, ``LimitsExceeded``.
+- A uid watches at most ``[credentials] caches_per_uid`` distinct caches (each
+  an inotify watch of the daemon's, and a read on each wake), refused before
+  any read.
+- Events do not start reads: they wake the watch in its uid's lane
+  (``wqd.sources.credentials_reads.PacedReads``): one pass at a time per uid,
+  passes at least ``[credentials] read_interval`` apart, the wakes during one
+  coalesced into the next. So another uid's kinit loop against sssd-kcm (the
+  store wakes every ``KCM:`` watch) costs a victim at most one read of each of
+  its watches per interval, and never waits behind the attacker's reads.
+- A read that finds no TGT where there was one says ``destroyed`` only if a
+  read ``SETTLE`` later still finds none: kinit -R into ``KCM:``/``KEYRING:``
+  initialises then stores (two writes), and sssd-kcm's kdestroy of the primary
+  passes through a moment without a default; reads back to back found both.
+
+A watched cache is keyed by (uid, name, ``reader_of`` the rest of the
+identity): peers with the same credentials share its reads and its timer;
+peers of one uid with other groups never share (file modes read the groups as
+much as the uid, so one's access must not stand in for the other's).
 
 ``KEYRING:persistent:UID`` caches wake on key watches: a ``keys`` source of
 this source's own (``wqd.sources.credentials_keyring``), on whatever backend

@@ -13,10 +13,14 @@ watched").
   committed transactions end with ``utime()`` (``IN_ATTRIB`` on the file, and
   nothing on reads); the directory is watched too, for the store being made or
   replaced. The event does not say whose cache changed: every watched ``KCM:``
-  cache is re-read, each as its peer.
+  cache is re-read, each as its peer, in its uid's paced lane
+  (``wqd.sources.credentials_reads``): any uid's kinit wakes them all.
 
 An inotify queue overflow (``IN_Q_OVERFLOW``) wakes every watcher: the reads
-find what changed, nothing is lost but the order of events in between.
+find what changed, nothing is lost but the order of events in between. A user
+spamming files in ``/tmp`` wakes no ``FILE:`` watch but of its cache's own
+name (the listeners filter by name); it can only make the kernel queue
+overflow, whose wakes are paced like any other.
 """
 
 from __future__ import annotations
