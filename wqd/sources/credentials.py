@@ -283,14 +283,17 @@ class CredentialsSource:
     async def attach(self, sub) -> None:
         target = sub.target
         key = self._key(target)
-        watch = self.watches.get(key)
-        if watch is not None:
+        while (watch := self.watches.get(key)) is not None:
             if not watch.ready.done():  # the first subscriber is still arming it: its outcome is ours
-                await asyncio.shield(watch.ready)
-            if self.watches.get(key) is not watch:
-                raise NotSupported("the cache's watch ended meanwhile; try again")
-            watch.subs.add(sub)
-            return
+                try:
+                    await asyncio.shield(watch.ready)
+                except asyncio.CancelledError:
+                    if not watch.ready.cancelled() or asyncio.current_task().cancelling():
+                        raise  # this call was cancelled, not the first one
+            if self.watches.get(key) is watch:
+                watch.subs.add(sub)
+                return
+            # it ended meanwhile (its subscribers left, or the first one's call went): arm one anew
         self._check_room(key)  # another Watch of this uid may have taken the room since resolve
         watch = self.watches[key] = CacheWatch(key, target.kind, peer_credentials(sub.owner), {sub}, sub.owner)
         self.per_uid[target.uid] += 1
