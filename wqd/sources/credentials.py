@@ -82,8 +82,8 @@ log = logging.getLogger(__name__)
 
 NAME = "credentials"
 OPTIONS: dict = {}  # Watch options (check_options): none yet
-TYPES = ("FILE", "DIR", "KCM", "KEYRING")
-SETTLE = 0.1  # seconds an initialised, empty cache is given to be filled before it counts as destroyed  # KEYRING: the persistent collection only
+TYPES = ("FILE", "DIR", "KCM", "KEYRING")  # KEYRING: the persistent collection only
+SETTLE = 0.1  # seconds a cache found without its TGT has to get one back before it counts as destroyed
 SCHEMA = {  # [credentials] (wqd.settings)
     "expiring_lead": ((int, float), 300, lambda v: 0 <= v <= 86400, "0..86400 seconds"),
     "kcm_store": (str, KCM_STORE, lambda v: v.startswith("/"), "an absolute path"),
