@@ -155,10 +155,12 @@ async def test_one_uid_watches_at_most_caches_per_uid_distinct_caches(realm, sys
 async def test_a_kinit_loop_of_another_uid_does_not_amplify_kcm_reads(interval, kcm, system_bus, wqd_factory):
     """sssd-kcm's store is one file: every kinit of any uid wakes every KCM:
     watch. uid 1001 runs kinit/kdestroy against sssd_kcm in a loop while
-    watching KCM: itself; uid 1000 watches KCM: and goes through its own
-    sequence. uid 1000 gets exactly its changes, each within a bound of its
-    command, and wqd reads uid 1000's cache at most once per read_interval
-    (plus once per own change), not once per store event.
+    watching KCM: and 16 other KCM: names of its own; uid 1000 watches KCM: and
+    goes through its own sequence. uid 1000 gets exactly its changes, each
+    within a bound of its command; wqd reads uid 1000's cache at most once per
+    read_interval (plus once per own change), not once per store event, and
+    uid 1001's 17 watches at most once per interval together, not 17 times
+    (each read is work for sssd_kcm, which serves every uid).
 
     With ``read_interval = 0`` (reads back to back, as before the pacing) the
     attack makes the victim's cache be read ~20 times a second, so reads land
@@ -173,12 +175,14 @@ async def test_a_kinit_loop_of_another_uid_does_not_amplify_kcm_reads(interval, 
     loop_proc = None
     try:
         path = await subscribed(victim, "KCM:")
-        await subscribed(attacker, "KCM:")
+        for name in ["KCM:", *(f"KCM:{ATTACKER}:wqd{i}" for i in range(16))]:
+            await subscribed(attacker, name)
         loop_proc = as_uid(realm, ATTACKER, f"n=0; while :; do echo {realm.password(f'user{ATTACKER}')} | "
                            f"kinit -l 10m user{ATTACKER} >/dev/null && kdestroy; n=$((n+1)); echo $n; done",
                            "KCM:")
         await asyncio.sleep(1)  # the loop going
         start_reads, t0 = helper_reads(wqd, VICTIM), time.monotonic()
+        start_attacker = helper_reads(wqd, ATTACKER)
         me, alt = f"user{VICTIM}@WQD.TEST", f"user{VICTIM}/alt@WQD.TEST"
         steps = [
             (lambda: realm.kinit(VICTIM, "KCM:"), ("created", me)),
@@ -200,6 +204,7 @@ async def test_a_kinit_loop_of_another_uid_does_not_amplify_kcm_reads(interval, 
         assert await signals_of(victim, path, 0, wait=0) == expected
         took = time.monotonic() - t0
         reads = helper_reads(wqd, VICTIM) - start_reads
+        attacker_reads = helper_reads(wqd, ATTACKER) - start_attacker
     finally:
         out, _err = stop(loop_proc) if loop_proc is not None else ("", "")
         victim.close()
@@ -207,7 +212,6 @@ async def test_a_kinit_loop_of_another_uid_does_not_amplify_kcm_reads(interval, 
         realm.kdestroy(VICTIM, "KCM:", all_caches=True)
         realm.kdestroy(ATTACKER, "KCM:", all_caches=True)
     kinits = int(out.split()[-1]) if out.split() else 0
-    attacker_reads = helper_reads(wqd, ATTACKER)
     print(f"uid {ATTACKER}: {kinits} kinit+kdestroy in {took:.1f} s; uid {VICTIM}: {reads} helper reads "
           f"(bound {took / (interval or INTERVAL) + len(steps) + 2:.0f}), delays {[round(d, 2) for d in delays]} s; "
           f"uid {ATTACKER}: {attacker_reads} helper reads")
@@ -215,6 +219,7 @@ async def test_a_kinit_loop_of_another_uid_does_not_amplify_kcm_reads(interval, 
     assert max(delays) < INTERVAL + 3.0  # the pace, plus a loaded machine's read and bus round trip
     if interval:
         assert reads <= took / interval + len(steps) + 2  # one pass per interval (a pass: its one KCM: watch)
+        assert attacker_reads <= took / interval + 17  # a read per interval, the first pass all 17 at once
 
 
 async def test_spamming_the_directory_of_a_file_cache_costs_the_owner_bounded_reads(realm, system_bus,

@@ -31,10 +31,11 @@ uids do (docs/credentials.md, "Against a hostile user"):
   any read.
 - Events do not start reads: they wake the watch in its uid's lane
   (``wqd.sources.credentials_reads.PacedReads``): one pass at a time per uid,
-  passes at least ``[credentials] read_interval`` apart, the wakes during one
-  coalesced into the next. So another uid's kinit loop against sssd-kcm (the
-  store wakes every ``KCM:`` watch) costs a victim at most one read of each of
-  its watches per interval, and never waits behind the attacker's reads.
+  the next at least ``[credentials] read_interval`` per read of the last one
+  after it, the wakes during one coalesced into the next. So another uid's
+  kinit loop against sssd-kcm (the store wakes every ``KCM:`` watch) costs any
+  uid at most one read per interval on average, and a victim never waits
+  behind the attacker's reads.
 - A read that finds no TGT where there was one says ``destroyed`` only if a
   read ``SETTLE`` later still finds none: kinit -R into ``KCM:``/``KEYRING:``
   initialises then stores (two writes), and sssd-kcm's kdestroy of the primary

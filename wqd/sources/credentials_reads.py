@@ -8,15 +8,19 @@ inotify queue overflow (a user spamming files in ``/tmp``, where ``FILE:``
 caches live) wakes every watch. So wakes do not start reads; they mark the
 watch pending in its uid's ``ReadLane``, and each lane runs **one pass at a
 time**: it reads the watches pending when the pass starts, one after another,
-and starts its next pass no sooner than ``interval`` seconds after the last one
-started (``[credentials] read_interval``). Wakes that come during a pass make
-(at most) one more pass. Nothing is dropped: a watch woken is read again, after
-the wake, within about ``interval`` plus its lane's reads.
+and starts its next pass no sooner than ``interval`` seconds per read of the
+last pass after that pass started (``[credentials] read_interval``). Wakes that
+come during a pass make (at most) one more pass. Nothing is dropped: a watch
+woken is read again, after the wake, within about ``interval`` times the reads
+of its lane's last pass, plus its own pass.
 
 What this bounds, whatever other uids do: a uid's helper reads come to at most
-its watched caches (``[credentials] caches_per_uid``) per ``interval``, and the
-lanes of different uids never wait for each other, so a victim's own change is
-read at most ``interval`` plus its own pending reads after its last event.
+one per ``interval`` on average, however many caches it watches (a user with
+``caches_per_uid`` ``KCM:`` names cannot make wqd load sssd-kcm, which serves
+every uid from one process, with a pass of all of them each ``interval``), and
+the lanes of different uids never wait for each other, so a victim's own
+change is read at most ``interval`` times its own woken watches after its last
+event.
 """
 
 from __future__ import annotations
@@ -31,12 +35,12 @@ log = logging.getLogger(__name__)
 class ReadLane:
     """The pending re-reads of one uid's watches and the task reading them."""
 
-    __slots__ = ("pending", "task", "last")
+    __slots__ = ("pending", "task", "next")
 
     def __init__(self) -> None:
         self.pending: dict[object, None] = {}  # watches to read, in the order woken
         self.task: asyncio.Task | None = None
-        self.last = float("-inf")  # loop time the last pass started
+        self.next = float("-inf")  # loop time the next pass may start
 
 
 class PacedReads:
@@ -73,24 +77,24 @@ class PacedReads:
         loop = asyncio.get_running_loop()
         try:
             while lane.pending:
-                wait = lane.last + self.interval - loop.time()
+                wait = lane.next - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
-                lane.last = loop.time()
                 batch, lane.pending = lane.pending, {}
+                lane.next = loop.time() + self.interval * len(batch)
                 for watch in batch:
                     try:
                         await self.read(watch)
                     except Exception:  # noqa: BLE001 - one read's bug must not stop the lane
                         log.exception("re-reading a cache")
         finally:
-            lane.task = None  # the lane stays, with the time of its last pass: the pace holds
+            lane.task = None  # the lane stays, with the time of its next pass: the pace holds
 
     def _prune(self) -> None:
         """Forget the lanes with nothing to do whose pace has run out."""
         now = asyncio.get_running_loop().time()
         for uid, lane in list(self.lanes.items()):
-            if lane.task is None and not lane.pending and lane.last + self.interval <= now:
+            if lane.task is None and not lane.pending and lane.next <= now:
                 del self.lanes[uid]
 
     async def close(self) -> None:
