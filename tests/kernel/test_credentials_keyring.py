@@ -42,7 +42,7 @@ async def test_keyring_caches_on_the_notification_pipe(watch_queue_kernel, realm
     try:
         (sources,) = (await owner.request("get", path="/io/wqd/WatchQueue1", iface="io.wqd.WatchQueue1",
                                           prop="Sources"))["result"]
-        assert sources["credentials"] == ("inotify+keys/watch_queue",)  # no polling backend
+        assert sources["credentials"] == "inotify+keys/watch_queue"  # no polling backend
         assert (await spy.request("match", rule="type='signal'"))["ok"]
         denied = await watch(spy, mine)
         assert denied.get("error") == "io.wqd.WatchQueue1.Error.AccessDenied", denied
