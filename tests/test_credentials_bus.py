@@ -19,6 +19,7 @@ import time
 import pytest
 
 from krb5_support import Realm
+from mounts_support import in_namespace_of
 from support import ForeignClient
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.bus, pytest.mark.root]
@@ -336,3 +337,47 @@ async def test_peers_of_one_uid_with_other_groups_never_share_reads(realm, syste
         member.close()
         outsider.close()
         realm.kdestroy(0, name)
+
+
+#: wqd as its unit runs it: a mount namespace of its own (a slave copy, as
+#: ProtectSystem=/PrivateTmp= make) and no CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH
+#: (the unit's CapabilityBoundingSet= keeps neither).
+UNIT_LIKE = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search",
+             "unshare", "-m", "--propagation", "slave")
+
+
+async def test_a_sandboxed_wqd_watches_the_callers_paths(realm, system_bus, wqd_factory):
+    """Under its unit wqd's /tmp is PrivateTmp='s and /home, /run/user are hidden:
+    a FILE:/DIR: path looked up in wqd's own namespace is another directory (an
+    empty tmpfs over the caller's here) and, without CAP_DAC_*, root cannot
+    search the caller's 0700 directory. The caller still gets its changes: the
+    helper looks the path up from the host's root, and adds the directory's
+    inotify watch as the caller. Fails with paths of wqd's own namespace
+    (the watch is refused: no such directory) or a watch added as root."""
+    home = realm.user_dir(OWNER)
+    mine = {"FILE": f"FILE:{home}/krb5cc-sandboxed", "DIR": f"DIR:{home}/dir-sandboxed"}
+    for name in mine.values():
+        clean(realm, OWNER, name)
+    wqd = await wqd_factory(system_bus, config(realm), env={"KRB5_CONFIG": str(realm.krb5_conf)},
+                            wrapper=UNIT_LIKE)
+    in_namespace_of(wqd.proc.pid, "mount", "-t", "tmpfs", "-o", "size=1m", "wqd-private-view", str(home))
+    owner, spy = ForeignClient(system_bus.address, OWNER), ForeignClient(system_bus.address, OTHER)
+    try:
+        paths = {kind: await subscribed(owner, name) for kind, name in mine.items()}
+        seen = 0  # signals of both subscriptions so far (``signals`` waits for that many in all)
+        for kind, name in mine.items():
+            denied = await watch(spy, name)  # the other uid still may not: the kernel says so, as it
+            assert denied.get("error") == "io.wqd.WatchQueue1.Error.AccessDenied", (kind, denied)
+            realm.kinit(OWNER, name)
+            got = await signals(owner, paths[kind], seen + 1)
+            assert [(b[0], b[1], b[2]["principal"]) for _, b in got] == \
+                [(name, "created", f"user{OWNER}@WQD.TEST")], kind
+            realm.kdestroy(OWNER, name)
+            got = await signals(owner, paths[kind], seen + 2)
+            assert [b[1] for _, b in got] == ["created", "destroyed"], kind
+            seen += 2
+    finally:
+        owner.close()
+        spy.close()
+        for name in mine.values():
+            clean(realm, OWNER, name)

@@ -16,7 +16,7 @@ import signal
 import socket
 
 from wqd.kernel import errors as kerr
-from wqd.kernel import keyctl
+from wqd.kernel import inotify, keyctl
 from wqd.kernel.credentials import FRAME
 from wqd.parse.proc_keys import KeySnapshot, parse_proc_keys
 
@@ -179,6 +179,7 @@ def op_krb5_read(binding_dir: str, krb5_config: str | None, name: str, path: str
         _libc.setfsgid(fsgid)
         _libc.setfsuid(fsuid)
 
+    name, path = host_relative(name), None if path is None else path.lstrip("/") or "."
     with _EffectiveIds():
         try:
             if path is not None:
@@ -193,7 +194,41 @@ def op_krb5_read(binding_dir: str, krb5_config: str | None, name: str, path: str
             return {"error": "denied", "message": str(exc), "code": exc.code}
         except krb5cache.CacheError as exc:
             return {"error": "failed", "message": str(exc), "code": exc.code}
+    if state is not None:
+        state = dataclasses.replace(state, name=host_absolute(state.name))
     return {"state": None if state is None else dataclasses.asdict(state)}
+
+
+def host_relative(name: str) -> str:
+    """A ``FILE:``/``DIR:`` cache name with its path relative (``FILE:tmp/x``,
+    ``DIR::run/user/1000/krb5cc/tkt``): looked up from the helper's working
+    directory, the host's root, not from wqd's own (under its unit another
+    namespace: its /tmp is PrivateTmp='s, /home and /run/user are hidden).
+    Other types unchanged."""
+    kind, sep, residual = name.partition(":")
+    if kind.upper() not in ("FILE", "DIR") or not sep:
+        return name
+    colon = ":" if residual.startswith(":") else ""
+    return f"{kind}:{colon}{residual[len(colon):].lstrip('/') or '.'}"
+
+
+def host_absolute(name: str) -> str:
+    """``host_relative`` undone: the name as the peer knows it."""
+    kind, sep, residual = name.partition(":")
+    if kind.upper() not in ("FILE", "DIR") or not sep:
+        return name
+    colon = ":" if residual.startswith(":") else ""
+    path = residual[len(colon):]
+    return name if path.startswith("/") else f"{kind}:{colon}/{path}"
+
+
+def op_inotify_add(fd: int, path: str, mask: int) -> int:
+    """``inotify_add_watch`` on the daemon's inotify *fd* (passed to the helper at
+    start), with the peer's fs ids: the kernel checks the peer's read permission
+    on the directory (and search on the way), and the path (relative: the host's,
+    see ``host_relative``) is the peer's view. The watch descriptor is the
+    daemon's: events are read, and the watch removed, by the daemon."""
+    return inotify.add_watch(fd, path.lstrip("/") or ".", mask)
 
 
 def op_krb5_keyring_keys(uid: int) -> list[int]:
@@ -245,7 +280,7 @@ class _EffectiveIds:
 
 OPS = {"resolve": op_resolve, "describe": op_describe, "exists": op_exists,
        "snapshot": op_snapshot, "watch_key": op_watch_key, "krb5_read": op_krb5_read,
-       "krb5_keyring_keys": op_krb5_keyring_keys}
+       "krb5_keyring_keys": op_krb5_keyring_keys, "inotify_add": op_inotify_add}
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -312,8 +347,12 @@ class _RealUid:
 
 
 def helper_main(argv: list[str]) -> None:  # pragma: no cover - runs in the helper process
-    """``fd uid gid groups|- self|peer``: serve requests until the socket closes."""
+    """``fd uid gid groups|- self|peer [rootfd]``: serve requests until the socket
+    closes. *rootfd* (>= 0): the host's root directory (``HelperPool(root_fd=)``),
+    made the working directory before the peer's ids are taken, so that the
+    relative paths of ``krb5_read`` and ``inotify_add`` are the host's."""
     fd, uid, gid, groups, mode = int(argv[0]), int(argv[1]), int(argv[2]), argv[3], argv[4]
+    root_fd = int(argv[5]) if len(argv) > 5 else -1
     for sig in signal.valid_signals():
         if sig not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
             try:
@@ -324,6 +363,9 @@ def helper_main(argv: list[str]) -> None:  # pragma: no cover - runs in the help
     if os.getppid() == 1:
         os._exit(0)
     sock = socket.socket(fileno=fd)
+    if root_fd >= 0:
+        os.fchdir(root_fd)
+        os.close(root_fd)
     peer = mode == "peer"
     if peer:
         # A fresh anonymous session keyring: possess nothing of the daemon's.

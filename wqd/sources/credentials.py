@@ -41,6 +41,16 @@ uids do (docs/credentials.md, "Against a hostile user"):
   initialises then stores (two writes), and sssd-kcm's kdestroy of the primary
   passes through a moment without a default; reads back to back found both.
 
+Paths are the peer's, not wqd's: under its unit wqd has a mount namespace of
+its own (PrivateTmp=: another /tmp; ProtectHome=: no /home, /run/user), so a
+``FILE:/tmp/krb5cc_1000`` looked up there is another file, or none. The
+helpers' working directory is the host's root (``mounts.open_host_root``, the
+namespace wqd was started from) and they look ``FILE:``/``DIR:`` paths up
+relative to it (``cred_helper.host_relative``); they also add the directory's
+inotify watch to this source's fd themselves, as the peer, so the kernel
+checks the peer's permission on the directory (wqd's unit keeps no CAP_DAC_*:
+as root it could not search a 0700 /run/user/UID, and would not lend that).
+
 A watched cache is keyed by (uid, name, ``reader_of`` the rest of the
 identity): peers with the same credentials share its reads and its timer;
 peers of one uid with other groups never share (file modes read the groups as
@@ -66,6 +76,8 @@ from dataclasses import dataclass, field
 from wqd import krb5cache
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NotSupported, WqdError
 from wqd.events import CredentialsChanged, Event, TargetGone, TypedTarget
+from wqd.kernel import errors as kerr
+from wqd.kernel import inotify
 from wqd.kernel.credentials import Credentials
 from wqd.sources.helper_pool import HelperPool
 from wqd.peer import PeerCredentials
@@ -76,6 +88,7 @@ from wqd.sources.credentials_backends import DIRECTORY_MASK, KCM_STORE, Director
 from wqd.sources.credentials_keyring import KeyringCaches
 from wqd.sources.credentials_reads import PacedReads
 from wqd.sources.keys import peer_credentials
+from wqd.sources.mounts import open_host_root
 from wqd.sources.token_buckets import TokenBuckets
 from wqd.subscription import Sink
 
@@ -209,6 +222,14 @@ class CredentialsSource:
     async def start(self, sink: Sink) -> None:
         self.sink = sink
         self.inotify.start(sink)
+        # The helpers look FILE:/DIR: paths up from the host's root and add the
+        # inotify watches to this fd themselves, as the peer (module docstring).
+        self.helpers.pass_fds = (self.inotify.fd,)
+        try:
+            self.helpers.root_fd = open_host_root()
+        except OSError as exc:
+            log.warning("credentials: cannot open the host's root (%s): FILE:/DIR: paths are looked up "
+                        "in wqd's own mount namespace", exc.strerror)
         if self.kcm_reason is None:
             try:
                 self.kcm.start(self._kcm_changed)
@@ -230,6 +251,9 @@ class CredentialsSource:
         if self.keyring is not None:
             await self.keyring.stop()
         await self.helpers.close()
+        if self.helpers.root_fd >= 0:
+            os.close(self.helpers.root_fd)
+            self.helpers.root_fd = -1
 
     # -- Watch() ----------------------------------------------------------
 
@@ -306,8 +330,8 @@ class CredentialsSource:
             if target.kind == "KEYRING":
                 await self.keyring.refresh(watch, sub.owner, target.uid)
             elif target.kind != "KCM":
-                watch.token = self._watch_directory(target.cache, lambda: self._changed(watch),
-                                                    lambda: self._orphaned(watch))
+                watch.token = await self._watch_directory(watch.creds, target.cache, lambda: self._changed(watch),
+                                                          lambda: self._orphaned(watch))
             watch.state = self._judge(await self._read(watch.creds, target.cache, target.uid), target.cache)
         except BaseException as exc:
             self._drop(watch)  # nobody else joined: they wait for ``ready``
@@ -319,13 +343,21 @@ class CredentialsSource:
         watch.ready.set_result(None)
         self._arm_timer(watch)
 
-    def _watch_directory(self, cache: str, wake, gone) -> int:
+    async def _watch_directory(self, creds: Credentials | None, cache: str, wake, gone) -> int:
+        """The cache's directory watched on this source's inotify fd by a helper
+        with *creds*: the path is the host's (not wqd's private /tmp), and the
+        kernel checks that the peer may read the directory (wqd keeps no
+        CAP_DAC_* under its unit, and would not lend them)."""
         _kind, directory, entry = parse_cache_name(cache)
         names = None if entry is None else frozenset({entry})
         try:
-            return self.inotify.add(directory, DIRECTORY_MASK, names, wake, gone)
+            wd = await self.helpers.run(creds, "inotify_add", self.inotify.fd, directory,
+                                        DIRECTORY_MASK | inotify.IN_MASK_ADD)
+        except kerr.PermissionDenied as exc:
+            raise AccessDenied(f"the caller may not watch {directory}: {exc.strerror}") from None
         except OSError as exc:
             raise InvalidArgument(f"cannot watch {directory}: {exc.strerror}") from None
+        return self.inotify.listen(directory, wd, names, wake, gone)
 
     def detach(self, sub) -> None:
         watch = self.watches.get(self._key(sub.target))

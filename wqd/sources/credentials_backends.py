@@ -99,10 +99,25 @@ class DirectoryWatches:
                 wd = inotify.add_watch(self.fd, path, mask)
             except OSError as exc:
                 raise kerr.typed(exc, f"inotify_add_watch {path}") from None
-            watched = self.by_wd.get(wd)  # another path to the same inode
-            if watched is None:
-                watched = self.by_wd[wd] = _Watched(path, wd)
+            watched = self._watched(path, wd)
             self.by_path[path] = watched
+        return self._listen(watched, names, wake, gone)
+
+    def listen(self, path: str, wd: int, names: frozenset[str] | None, wake: Wake, gone: Wake = _nothing) -> int:
+        """``add`` for a watch descriptor someone else added to this fd (a
+        credential helper, as the peer: ``cred_helper.op_inotify_add``); *path*
+        only names it in logs. Not found by path: the same path in wqd's own
+        namespace may be another directory."""
+        log.debug("inotify: wd %d is %s", wd, path)
+        return self._listen(self._watched(path, wd), names, wake, gone)
+
+    def _watched(self, path: str, wd: int) -> _Watched:
+        watched = self.by_wd.get(wd)  # another path to the same inode
+        if watched is None:
+            watched = self.by_wd[wd] = _Watched(path, wd)
+        return watched
+
+    def _listen(self, watched: _Watched, names, wake: Wake, gone: Wake) -> int:
         token, self.next = self.next, self.next + 1
         watched.listeners[token] = (names, wake, gone)
         self.tokens[token] = watched

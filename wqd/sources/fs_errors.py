@@ -48,7 +48,7 @@ from wqd.parse.mountinfo import parse_mountinfo
 from wqd.peer import PeerCredentials
 from wqd.sources import Sink, check_options, read_settings
 from wqd.sources.mount_backends import FanotifyReader, read_mountinfo
-from wqd.sources.mounts import HostNamespace, host_namespace, own_namespace
+from wqd.sources.mounts import HostNamespace, host_namespace, open_host_root, own_namespace
 from wqd.sources.reader import MountinfoWaiter
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class FsErrorsSource:
         host = host_namespace()
         # the host's root: mount points are opened through it, in the host's namespace
         try:
-            self.root_fd = os.open(f"{host.proc}/root", _ROOT)
+            self.root_fd = open_host_root(host)
         except OSError as exc:
             log.warning("cannot open %s/root (%s): fs-errors serves wqd's own mount namespace", host.proc, exc)
             host = HostNamespace(own_namespace(), "/proc/self")

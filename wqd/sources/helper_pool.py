@@ -95,10 +95,12 @@ class HelperFailed(WqdError):
 class Helper:
     """One helper process and the calls waiting on it."""
 
-    def __init__(self, creds: Credentials | None, timeout: float, pass_fds: Iterable[int]) -> None:
+    def __init__(self, creds: Credentials | None, timeout: float, pass_fds: Iterable[int],
+                 root_fd: int = -1) -> None:
         self.creds = creds
         self.timeout = timeout
         self.pass_fds = tuple(pass_fds)
+        self.root_fd = root_fd
         self.proc: asyncio.subprocess.Process | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.pending: dict[int, asyncio.Future] = {}
@@ -128,9 +130,10 @@ class Helper:
             code = ("import sys; sys.path.insert(0, sys.argv[1]); "
                     "from wqd.kernel.cred_helper import helper_main; helper_main(sys.argv[2:])")
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-I", "-S", "-c", code, root, str(child.fileno()), *ids,
+                sys.executable, "-I", "-S", "-c", code, root, str(child.fileno()), *ids, str(self.root_fd),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                pass_fds=(child.fileno(), *self.pass_fds), env=SPAWN_ENV, cwd="/")
+                pass_fds=(child.fileno(), *self.pass_fds, *([self.root_fd] if self.root_fd >= 0 else [])),
+                env=SPAWN_ENV, cwd="/")
         finally:
             child.close()
         reader, self.writer = await asyncio.open_unix_connection(sock=parent)
@@ -234,10 +237,12 @@ class Helper:
 class HelperPool:
     """Helpers by credential set (``None``: the daemon's own), bounded and reaped."""
 
-    def __init__(self, *, timeout: float = 5.0, limit: int = 64, pass_fds: Iterable[int] = ()) -> None:
+    def __init__(self, *, timeout: float = 5.0, limit: int = 64, pass_fds: Iterable[int] = (),
+                 root_fd: int = -1) -> None:
         self.timeout = timeout
         self.limit = limit
         self.pass_fds = tuple(pass_fds)
+        self.root_fd = root_fd  # >= 0: the helpers' working directory (relative paths: the host's)
         self.helpers: dict[Credentials | None, Helper] = {}
         self._reaper: asyncio.TimerHandle | None = None
 
@@ -252,7 +257,7 @@ class HelperPool:
                 self._evict(same_uid, f"uid {creds.uid} has {PER_UID} credential sets in use")
         if len(self.helpers) >= self.limit:
             self._evict(list(self.helpers.values()), "too many credential sets in use")
-        helper = self.helpers[creds] = Helper(creds, self.timeout, self.pass_fds)
+        helper = self.helpers[creds] = Helper(creds, self.timeout, self.pass_fds, self.root_fd)
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().call_later(IDLE / 2, self._reap)
         return helper

@@ -139,6 +139,15 @@ def host_namespace() -> HostNamespace:
     return _HOST
 
 
+def open_host_root(host: HostNamespace | None = None) -> int:
+    """An ``O_PATH`` fd of the root directory of *host* (``host_namespace()``):
+    paths looked up from it (``dir_fd=``, or a helper's working directory) walk
+    the host's mounts, not the private /tmp, /home of wqd's own namespace.
+    Raises OSError (``/proc/PID/root`` needs ptrace access to that process)."""
+    host = host or host_namespace()
+    return os.open(f"{host.proc}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
 def _find_host_namespace() -> HostNamespace:
     own = own_namespace()
     ppid = os.getppid()
