@@ -129,7 +129,7 @@ class CollectionState:
 
 def _require_binding() -> None:
     if krb5 is None:
-        raise CacheError("the krb5 binding is not installed (pip install 'wqd[credentials]')")
+        raise CacheError("the krb5 binding is not installed (pip install 'wqd[credentials]'; Debian: /usr/share/doc/wqd/README.Debian)")
 
 
 def _error(exc: Exception, name: str) -> CacheError:

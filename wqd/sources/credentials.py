@@ -511,7 +511,7 @@ def binding_directory() -> str:
     """The directory holding the ``krb5`` package, for the helper's path; it must
     be root's and writable by nobody else (the helper runs code from it as root)."""
     if krb5cache.krb5 is None:
-        raise ImportError("the krb5 binding is not installed (pip install 'wqd[credentials]')")
+        raise ImportError("the krb5 binding is not installed (pip install 'wqd[credentials]'; Debian: /usr/share/doc/wqd/README.Debian)")
     directory = os.path.dirname(os.path.dirname(os.path.abspath(krb5cache.krb5.__file__)))
     for path in (directory, os.path.dirname(os.path.abspath(krb5cache.krb5.__file__))):
         st = os.stat(path)
