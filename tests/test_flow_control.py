@@ -250,13 +250,15 @@ async def test_a_uid_that_stalled_gets_no_grace(tmp_path, wqd_factory, quota_bus
             paths[peer] = (await peer.request("watch", source="devices", target="mem"))["result"][0]
             names[peer] = (await peer.request("unique_name"))["result"]
         generated = {first: 0, second: 0}
+        marks = {}  # where the log was when each was stopped (the second paused briefly before, reading)
         for peer in (first, second):
+            marks[peer] = len(wqd.log_text())
             os.kill(peer.proc.pid, signal.SIGSTOP)
             for _ in range(100):  # ~400 bytes a signal: past the 256 KiB budget soon
                 await asyncio.to_thread(trigger, NULL_DEVPATH, "change", 100)
                 for p in generated:
                     generated[p] += 100
-                if f"{names[peer]} stopped reading its signals" in wqd.log_text():
+                if f"{names[peer]} stopped reading its signals" in wqd.log_text()[marks[peer]:]:
                     break
                 await asyncio.sleep(0.05)
             else:
@@ -269,14 +271,14 @@ async def test_a_uid_that_stalled_gets_no_grace(tmp_path, wqd_factory, quota_bus
         paused = "{} has".format
         stalled = "{} stopped reading".format
         # the first had its grace: paused, then (2 s later) stalled; the second stalled at once
-        # (its last pause: it read the first's phase, paused briefly at each doubling of its budget)
-        assert log.index(paused(names[first])) < log.index(stalled(names[first]))
-        assert log.index(stalled(names[second])) < log.rindex(paused(names[second]))
+        # (since it was stopped: it read the first's phase, paused briefly at each doubling of its budget)
+        assert log.index(paused(names[first]), marks[first]) < log.index(stalled(names[first]), marks[first])
+        assert log.index(stalled(names[second]), marks[second]) < log.index(paused(names[second]), marks[second])
         for peer in (first, second):
             os.kill(peer.proc.pid, signal.SIGCONT)
         for peer in (first, second):
             d, lost, got = await accounted(peer, paths[peer], generated[peer])
-            assert d + lost == generated[peer] and lost > 0
+            assert d + lost == generated[peer] and lost > 0, (names[peer], d, lost, generated[peer])
             assert sum(s[2][0] for s in got if s[1] == "Lost") == lost
     finally:
         first.close()
