@@ -250,13 +250,15 @@ async def test_a_uid_that_stalled_gets_no_grace(tmp_path, wqd_factory, quota_bus
             paths[peer] = (await peer.request("watch", source="devices", target="mem"))["result"][0]
             names[peer] = (await peer.request("unique_name"))["result"]
         generated = {first: 0, second: 0}
+        marks = {}  # where the log was when each was stopped (the second paused briefly before, reading)
         for peer in (first, second):
+            marks[peer] = len(wqd.log_text())
             os.kill(peer.proc.pid, signal.SIGSTOP)
             for _ in range(100):  # ~400 bytes a signal: past the 256 KiB budget soon
                 await asyncio.to_thread(trigger, NULL_DEVPATH, "change", 100)
                 for p in generated:
                     generated[p] += 100
-                if f"{names[peer]} stopped reading its signals" in wqd.log_text():
+                if f"{names[peer]} stopped reading its signals" in wqd.log_text()[marks[peer]:]:
                     break
                 await asyncio.sleep(0.05)
             else:
@@ -269,13 +271,14 @@ async def test_a_uid_that_stalled_gets_no_grace(tmp_path, wqd_factory, quota_bus
         paused = "{} has".format
         stalled = "{} stopped reading".format
         # the first had its grace: paused, then (2 s later) stalled; the second stalled at once
-        assert log.index(paused(names[first])) < log.index(stalled(names[first]))
-        assert log.index(stalled(names[second])) < log.index(paused(names[second]))
+        # (since it was stopped: it read the first's phase, paused briefly at each doubling of its budget)
+        assert log.index(paused(names[first]), marks[first]) < log.index(stalled(names[first]), marks[first])
+        assert log.index(stalled(names[second]), marks[second]) < log.index(paused(names[second]), marks[second])
         for peer in (first, second):
             os.kill(peer.proc.pid, signal.SIGCONT)
         for peer in (first, second):
             d, lost, got = await accounted(peer, paths[peer], generated[peer])
-            assert d + lost == generated[peer] and lost > 0
+            assert d + lost == generated[peer] and lost > 0, (names[peer], d, lost, generated[peer])
             assert sum(s[2][0] for s in got if s[1] == "Lost") == lost
     finally:
         first.close()
@@ -420,4 +423,53 @@ async def test_what_a_stopped_peer_makes_the_bus_hold_is_bounded(session_bus, wq
     finally:
         os.kill(stopped.proc.pid, signal.SIGCONT)
         observer.close()
+        stopped.close()
+
+
+def pauses_of(log: str, name: str) -> list[int]:
+    """The unread bytes wqd logged each time it paused connection *name*."""
+    import re
+
+    return [int(n) for n in re.findall(re.escape(name) + r" has (\d+) bytes of signals unread", log)]
+
+
+async def test_a_new_peer_starts_with_a_small_budget_that_grows_as_it_answers(session_bus, wqd_factory, tmp_path):
+    """Slow start: a connection that never reads is paused once it has START_BUDGET unread
+    (not PEER_BUDGET: that much less sent to a peer that will not read it); one that reads
+    and answers its Pings earns up to PEER_BUDGET, so a reader that then stops briefly is
+    paused only after PEER_BUDGET. The unread bytes are wqd's own log line at each pause."""
+    from wqd.bus.credit import PEER_BUDGET, START_BUDGET
+
+    fifo = tmp_path / "replay"
+    os.mkfifo(fifo)
+    wqd = await wqd_factory(session_bus, config=replay_config(fifo))
+    stopped = ForeignClient(session_bus.address, 0)
+    reader = ForeignClient(session_bus.address, 0)
+    try:
+        await stopped.request("watch", source="keys", target=str(KEY))
+        path = (await reader.request("watch", source="keys", target=str(KEY)))["result"][0]
+        stopped_name = (await stopped.request("unique_name"))["result"]
+        reader_name = (await reader.request("unique_name"))["result"]
+        os.kill(stopped.proc.pid, signal.SIGSTOP)
+        await asyncio.to_thread(feed_from, fifo, 0, 5000)  # ~1 MB each: the reader answers its Pings
+        d, lost, _ = await accounted(reader, path, 5000)
+        assert (d, lost) == (5000, 0)
+        first = pauses_of(wqd.log_text(), stopped_name)
+        assert first and START_BUDGET <= first[0] < START_BUDGET + 1024, first  # one signal over at most
+
+        before = len(pauses_of(wqd.log_text(), reader_name))
+        os.kill(reader.proc.pid, signal.SIGSTOP)
+        try:
+            await asyncio.to_thread(feed_from, fifo, 5000, 3000)
+            await asyncio.sleep(0.5)  # < STALL_AFTER: it holds the sources back, loses nothing
+        finally:
+            os.kill(reader.proc.pid, signal.SIGCONT)
+        grown = pauses_of(wqd.log_text(), reader_name)[before:]
+        print(f"paused with {first} bytes unread (never read), {grown} (read, then stopped)")
+        assert grown and grown[0] >= PEER_BUDGET, grown
+        d, lost, _ = await accounted(reader, path, 8000)
+        assert (d, lost) == (8000, 0)
+    finally:
+        os.kill(stopped.proc.pid, signal.SIGCONT)
+        reader.close()
         stopped.close()

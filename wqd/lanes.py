@@ -418,7 +418,7 @@ class Lanes:
         its subscriptions what they hold (``eased``), or ``LANE_RECHECK`` at most.
 
         Why: the first events of a storm reach a uid that has stopped reading before
-        the outlet knows it (until each connection has its ``PEER_BUDGET`` unread,
+        the outlet knows it (until each connection has its budget, ``START_BUDGET`` at first, unread;
         p7: ~1,700 signals), and queueing event after event for thousands of
         subscriptions that have not been sent the last one yet costs the loop a step
         each (p7: ~15 events x 4,096) for nothing that can go out sooner. Waiting in

@@ -10,7 +10,8 @@ Measured in order positions on the wire, not in time: a root monitor
 (``BecomeMonitor``) sees every message wqd sends, in the order the bus got them.
 uid 1000 holds ``SUBS`` ``devices "mem"`` subscriptions on several connections
 and either reads (a legitimate heavy user: it answers wqd's Pings, so it is not
-paused) or is stopped (SIGSTOP: each connection gets its 256 KiB and is paused);
+paused) or is stopped (SIGSTOP, after reading ``WARM`` events: each connection
+gets its 256 KiB and is paused);
 root writes ``change`` to ``/dev/null``'s uevent ``EVENTS`` times, which queues
 ``SUBS`` x ``EVENTS`` signals for it. While those are being sent, uid 1001 makes
 one ``devices "mem"`` Watch with ``"initial"``: its snapshot is queued when the
@@ -44,6 +45,7 @@ SUBS = 4096
 CONNECTIONS = 16  # each peer is paused at 256 KiB unread: many connections keep the attacker's share flowing
 EVENTS = 40  # change uevents: SUBS x EVENTS signals for the attacker, a backlog of several seconds
 BOUND = 8  # signals another uid's one subscription may wait behind (one of the attacker's, and slack)
+WARM = 4  # events a stopped attacker reads first, its budgets growing to 256 KiB
 WINDOW = 64  # signals after the victim's first in which the attacker's must still be flowing
 CONFIG = f"""
 [daemon]
@@ -157,12 +159,20 @@ async def test_one_subscription_of_another_uid_waits_behind_one_signal_per_uid(s
         assert line, attacker.stderr.read()
         assert json.loads(line) == {"made": SUBS, "errors": {}}, line
         await monitor.start(system_bus.address, owner)
-        if not attacker_reads:  # SIGSTOP: it reads nothing, each connection gets 256 KiB and is paused
+        if not attacker_reads:
+            # It reads a few events first (answering Pings: each connection's budget grows from
+            # START_BUDGET to PEER_BUDGET, slow start), then SIGSTOP: it reads nothing, each
+            # connection gets 256 KiB and is paused.
+            for _ in range(WARM):
+                trigger(NULL_DEVPATH, "change")
+            await monitor.wait(lambda: monitor.signals >= WARM * SUBS, 60)
+            await asyncio.sleep(1)
             os.kill(attacker.pid, signal.SIGSTOP)
+        base = monitor.signals
         for _ in range(EVENTS):
             trigger(NULL_DEVPATH, "change")
         # Until the attacker's backlog is being sent (and is far from done).
-        await monitor.wait(lambda: monitor.signals >= 2 * SUBS, 60)
+        await monitor.wait(lambda: monitor.signals >= base + 2 * SUBS, 60)
         out = await victim.request("watch", source="devices", target="mem", options={"initial": ["b", True]})
         assert out["ok"], out
         path = out["result"][0]

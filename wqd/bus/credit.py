@@ -7,14 +7,23 @@ reading would, given enough events, make the bus stop reading from wqd, and
 every other peer would wait with it. So wqd keeps account per peer: after
 ``PING_EVERY`` bytes of signals it sends the peer ``org.freedesktop.DBus.Peer.Ping``
 (an answer *from the peer* proves it read what came before, since the bus keeps
-order). A peer with ``PEER_BUDGET`` bytes unacknowledged, or whose uid's peers
+order). A peer with its budget of bytes unacknowledged, or whose uid's peers
 have ``UID_BUDGET``, is *paused*: nothing more is sent to it until it answers.
+The budget starts small (*slow start*): a new peer may leave ``START_BUDGET``
+unread, doubled each time it answers a Ping, up to ``PEER_BUDGET`` (and while it
+is under ``2 * PING_EVERY`` the Ping goes out at half of it, so a peer that reads
+answers before it is paused). A connection that never reads is paused after
+``START_BUDGET``, not ``PEER_BUDGET``: that much less for wqd to marshal and the
+bus to relay to a peer that will not read it.
 Its queues still hold the sources back (``Hub``'s back-pressure), so a slow
 reader loses nothing; but a peer paused for ``STALL_AFTER`` seconds is
 *stalled*: its queues stop holding the sources back, fill, and count ``Lost``
 like any full queue. A uid that had a peer stalled in the last
 ``GRACE_COOLDOWN`` seconds gets no grace: its paused peers stall at once (so
-opening connection after connection cannot keep the sources waiting).
+opening connection after connection cannot keep the sources waiting), or after
+``SLOW_GRACE`` if still in slow start: a peer that reads is paused at each doubling
+of its budget during a burst (the outlet sends a batch before the Ping's answer can
+come in), and must not lose for it.
 
 Not every library answers Ping (jeepney does not; GDBus answers from a worker
 thread), and no other sign of a peer's progress works on every bus (dbus-daemon's
@@ -59,10 +68,12 @@ log = logging.getLogger(__name__)
 
 PING_EVERY = 32 << 10  # bytes of signals to one peer between acknowledgements asked for
 PEER_BUDGET = 256 << 10  # bytes one peer may leave unread before its signals wait
+START_BUDGET = 16 << 10  # ... a new peer's, doubled per Ping it answers up to PEER_BUDGET (slow start)
 UID_BUDGET = 8 << 20  # the same, for all the connections of one uid together
 RETRY = 1.0  # seconds before asking again when the bus refused to pass a Ping on
 STALL_AFTER = 2.0  # seconds a paused peer's queues may hold the sources back
-GRACE_COOLDOWN = 60.0  # seconds after a stall during which the uid's peers get no grace
+GRACE_COOLDOWN = 60.0  # seconds after a stall during which the uid's peers get no grace ...
+SLOW_GRACE = 0.25  # ... but this much while in slow start (under PEER_BUDGET): time for its Ping's answer
 PROBE_EVERY = 1.0  # seconds between the windows a stalled peer gets
 PROBE_WINDOW = 16 << 10  # bytes of signals in one window
 PROBE_LIMIT = 2 << 20  # unanswered bytes past which a stalled peer gets no more windows
@@ -85,6 +96,7 @@ class Credit:
     paused: bool = False
     stalled: bool = False
     window: int = 0  # bytes left in the open probe window (stalled peers only)
+    budget: int = START_BUDGET  # bytes it may leave unread: START_BUDGET, doubled per answered Ping
     capped: bool = False  # past PROBE_LIMIT: said so in the log
     subs: set | None = None  # the subscriptions paused for it, ended ones included
     retry: asyncio.TimerHandle | None = None
@@ -156,8 +168,10 @@ class Credits:
                 self._pause_sub(credit, sub)
             return
         unacked = credit.unacked
-        over = unacked >= PEER_BUDGET or uid_unacked >= UID_BUDGET
-        if credit.ping is None and (unacked >= PING_EVERY or over):
+        budget = credit.budget
+        over = unacked >= budget or uid_unacked >= UID_BUDGET
+        # Ask by half the budget while it is small, so a peer that reads answers before it is paused.
+        if credit.ping is None and (unacked >= PING_EVERY or unacked >= budget >> 1 or over):
             self._ping(credit)
         if over:
             self._pause(credit)
@@ -204,6 +218,8 @@ class Credits:
         uid_was_over = self._uid_unacked.get(credit.uid, 0) >= UID_BUDGET
         if reply is not None and reply.sender == credit.peer:
             self._settle(credit, mark)  # answered (even with an error): it read all before the Ping
+            if credit.budget < PEER_BUDGET:  # slow start: it reads, so it may have more unread
+                credit.budget = min(credit.budget << 1, PEER_BUDGET)
         elif reply is not None and reply.message_type == MessageType.ERROR and reply.sender == BUS:
             if reply.error_name == "org.freedesktop.DBus.Error.AccessDenied":
                 log.warning("the bus policy does not let wqd ping its subscribers (install the shipped "
@@ -219,13 +235,13 @@ class Credits:
             return
         else:
             return  # the connection is closing
-        if credit.paused and credit.unacked < PEER_BUDGET and self._uid_unacked.get(credit.uid, 0) < UID_BUDGET:
+        if credit.paused and credit.unacked < credit.budget and self._uid_unacked.get(credit.uid, 0) < UID_BUDGET:
             self._resume(credit)
-        elif credit.unacked >= PING_EVERY and credit.ping is None:
+        elif credit.ping is None and (credit.unacked >= PING_EVERY or credit.unacked >= credit.budget >> 1):
             self._ping(credit)
         if uid_was_over and self._uid_unacked.get(credit.uid, 0) < UID_BUDGET:
             for other in list(self._credit.values()):  # paused for the uid's total, not their own
-                if other.paused and other.uid == credit.uid and other.unacked < PEER_BUDGET:
+                if other.paused and other.uid == credit.uid and other.unacked < other.budget:
                     self._resume(other)
 
     def _retry(self, credit: Credit) -> None:
@@ -253,7 +269,10 @@ class Credits:
             self._pause_sub(credit, sub)
         uid = credit.uid
         if uid != 0 and self.loop.time() - self._uid_stalled.get(uid, -GRACE_COOLDOWN) < GRACE_COOLDOWN:
-            self._stall(credit)  # no grace: a peer of this uid stalled a moment ago
+            if credit.budget < PEER_BUDGET:  # in slow start: a reader is paused at each doubling in a burst
+                credit.stall_timer = self.loop.call_later(SLOW_GRACE, self._stall, credit)
+            else:
+                self._stall(credit)  # no grace: a peer of this uid stalled a moment ago
         else:
             credit.stall_timer = self.loop.call_later(STALL_AFTER, self._stall, credit)
         log.info("%s has %d bytes of signals unread: nothing more goes to it until it reads",

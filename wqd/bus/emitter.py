@@ -40,8 +40,8 @@ from wqd.hub import EndMark, Hub, LostMark, Subscription
 log = logging.getLogger(__name__)
 
 HIGH_WATER = 64  # messages waiting in the connection's writer
-BATCH = 256  # signals per loop iteration before yielding
-SKIPS = 1024  # ... or paused subscriptions taken out of the rings (a paused peer's thousands)
+BATCH = 64  # signals per loop iteration before yielding
+SKIPS = 512  # ... or paused subscriptions taken out of the rings (a paused peer's thousands)
 _LOST_ONE = marshal_body("t", [1])
 
 
