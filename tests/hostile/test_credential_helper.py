@@ -95,10 +95,14 @@ class RootProbe:
         self.client = client
         self.latencies: list[float] = []
         self.failures: list[str] = []
+        self._stopping = False
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        while True:
+        # Not only cancelled: Python 3.11's wait_for swallows a cancel that comes as
+        # the call it waits for completes, and the loop went on for ever (the test
+        # then hung in stop() until pytest's timeout, ~1 run in 6).
+        while not self._stopping:
             for member, path, iface, sig, body in (
                     ("Get", MANAGER, "org.freedesktop.DBus.Properties", "ss", [IFACE, "Version"]),
                     ("ListSubscriptions", MANAGER, IFACE, "", [])):
@@ -113,6 +117,7 @@ class RootProbe:
             await asyncio.sleep(0.02)
 
     async def stop(self) -> float:
+        self._stopping = True
         self._task.cancel()
         try:
             await self._task
