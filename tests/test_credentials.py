@@ -140,7 +140,7 @@ async def test_unix_rules_give_a_uid_its_own_caches_only():
 
 def test_settings_have_defaults_and_name_what_they_refuse():
     assert credentials.check_settings({}) == {"expiring_lead": 300, "kcm_store": "/var/lib/sss/secrets/secrets.ldb",
-                                              "helper_timeout": 10.0, "watch_rate": 20.0, "watch_burst": 40,
+                                              "helper_timeout": 30.0, "watch_rate": 20.0, "watch_burst": 40,
                                               "caches_per_uid": 32, "read_interval": 0.2}
     for key, bad in (("watch_rate", 0), ("watch_burst", 0), ("caches_per_uid", 0), ("read_interval", -1)):
         with pytest.raises(SettingError) as caught:

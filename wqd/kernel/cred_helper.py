@@ -165,19 +165,11 @@ def op_krb5_read(binding_dir: str, krb5_config: str | None, name: str, path: str
     holds the daemon's ``krb5`` package, is added (the daemon checks its owner)
     and imported from with the daemon's fs ids (the peer may not read it).
     """
-    import sys
-    if binding_dir and binding_dir not in sys.path:
-        sys.path.append(binding_dir)
     if krb5_config is None:
         os.environ.pop("KRB5_CONFIG", None)
     else:
         os.environ["KRB5_CONFIG"] = krb5_config
-    fsuid, fsgid = _libc.setfsuid(0), _libc.setfsgid(0)  # the daemon's files, read as the daemon
-    try:
-        from wqd import krb5cache  # imports krb5: only now is it on the path
-    finally:
-        _libc.setfsgid(fsgid)
-        _libc.setfsuid(fsuid)
+    krb5cache = _import_binding(binding_dir)
 
     name, path = host_relative(name), None if path is None else path.lstrip("/") or "."
     with _EffectiveIds():
@@ -197,6 +189,23 @@ def op_krb5_read(binding_dir: str, krb5_config: str | None, name: str, path: str
     if state is not None:
         state = dataclasses.replace(state, name=host_absolute(state.name))
     return {"state": None if state is None else dataclasses.asdict(state)}
+
+
+def _import_binding(binding_dir: str):
+    """``wqd.krb5cache`` with the krb5 binding from *binding_dir* (root's), imported
+    with the daemon's fs ids (the peer may not read a 0700 venv). Done at start by
+    the credentials source's helpers (``HelperPool(preload=)``): under a slow
+    machine the import must not eat the first read's deadline."""
+    import sys
+    if binding_dir and binding_dir not in sys.path:
+        sys.path.append(binding_dir)
+    fsuid, fsgid = _libc.setfsuid(0), _libc.setfsgid(0)  # the daemon's files, read as the daemon
+    try:
+        from wqd import krb5cache  # imports krb5: only now is it on the path
+    finally:
+        _libc.setfsgid(fsgid)
+        _libc.setfsuid(fsuid)
+    return krb5cache
 
 
 def host_relative(name: str) -> str:
@@ -347,12 +356,13 @@ class _RealUid:
 
 
 def helper_main(argv: list[str]) -> None:  # pragma: no cover - runs in the helper process
-    """``fd uid gid groups|- self|peer [rootfd]``: serve requests until the socket
+    """``fd uid gid groups|- self|peer [rootfd [bindingdir|-]]``: serve requests until the socket
     closes. *rootfd* (>= 0): the host's root directory (``HelperPool(root_fd=)``),
     made the working directory before the peer's ids are taken, so that the
     relative paths of ``krb5_read`` and ``inotify_add`` are the host's."""
     fd, uid, gid, groups, mode = int(argv[0]), int(argv[1]), int(argv[2]), argv[3], argv[4]
     root_fd = int(argv[5]) if len(argv) > 5 else -1
+    preload = argv[6] if len(argv) > 6 and argv[6] != "-" else ""
     for sig in signal.valid_signals():
         if sig not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
             try:
@@ -373,6 +383,11 @@ def helper_main(argv: list[str]) -> None:  # pragma: no cover - runs in the help
         keyctl.get_keyring_id(keyctl.KEY_SPEC_PROCESS_KEYRING, True)  # root's, made before dropping
         _drop_to(uid, gid, tuple(int(g) for g in groups.split(",")) if groups != "-" else ())
     _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    if preload:
+        try:
+            _import_binding(preload)
+        except ImportError:
+            pass  # the read says so, as it would without the preload
     ready = pickle.dumps((READY, True, os.getpid()))
     sock.sendall(_LEN.pack(len(ready)) + ready)
     while True:

@@ -101,7 +101,8 @@ SETTLE = 0.1  # seconds a cache found without its TGT has to get one back before
 SCHEMA = {  # [credentials] (wqd.settings)
     "expiring_lead": ((int, float), 300, lambda v: 0 <= v <= 86400, "0..86400 seconds"),
     "kcm_store": (str, KCM_STORE, lambda v: v.startswith("/"), "an absolute path"),
-    "helper_timeout": ((int, float), 10.0, lambda v: 0.1 <= v <= 600, "0.1..600 seconds"),
+    # a read's deadline: the first KCM: read may socket-activate sssd-kcm (6.6 s under qemu TCG)
+    "helper_timeout": ((int, float), 30.0, lambda v: 0.1 <= v <= 600, "0.1..600 seconds"),
     "watch_rate": ((int, float), 20.0, lambda v: 0.01 <= v <= 1e6, "0.01..1000000"),  # Watch calls a second ...
     "watch_burst": (int, 40, lambda v: 1 <= v <= 1_000_000, "1..1000000"),  # ... and at once, per non-root uid
     "caches_per_uid": (int, 32, lambda v: 1 <= v <= 65536, "1..65536"),  # distinct caches watched, non-root uid
@@ -189,7 +190,7 @@ class CredentialsSource:
     name = NAME
 
     def __init__(self, *, expiring_lead: float = 300, kcm_store: str = KCM_STORE,
-                 helper_timeout: float = 10.0, binding_dir: str = "", watch_rate: float = 20.0,
+                 helper_timeout: float = 30.0, binding_dir: str = "", watch_rate: float = 20.0,
                  watch_burst: int = 40, caches_per_uid: int = 32, read_interval: float = 0.2) -> None:
         self.lead = expiring_lead
         self.binding_dir = binding_dir
@@ -204,7 +205,7 @@ class CredentialsSource:
         self.inotify = DirectoryWatches()
         self.kcm = KcmStore(self.inotify, kcm_store)
         self.kcm_reason = self.kcm.available()
-        self.helpers = HelperPool(timeout=helper_timeout)
+        self.helpers = HelperPool(timeout=helper_timeout, preload=binding_dir)
         self.keyring: KeyringCaches | None = None  # set by open_source when the keys machinery runs here
         self.keyring_reason = "the keys source cannot run here"
 

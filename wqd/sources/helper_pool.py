@@ -96,11 +96,12 @@ class Helper:
     """One helper process and the calls waiting on it."""
 
     def __init__(self, creds: Credentials | None, timeout: float, pass_fds: Iterable[int],
-                 root_fd: int = -1) -> None:
+                 root_fd: int = -1, preload: str = "") -> None:
         self.creds = creds
         self.timeout = timeout
         self.pass_fds = tuple(pass_fds)
         self.root_fd = root_fd
+        self.preload = preload
         self.proc: asyncio.subprocess.Process | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.pending: dict[int, asyncio.Future] = {}
@@ -130,7 +131,7 @@ class Helper:
             code = ("import sys; sys.path.insert(0, sys.argv[1]); "
                     "from wqd.kernel.cred_helper import helper_main; helper_main(sys.argv[2:])")
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-I", "-S", "-c", code, root, str(child.fileno()), *ids, str(self.root_fd),
+                sys.executable, "-I", "-S", "-c", code, root, str(child.fileno()), *ids, str(self.root_fd), self.preload or "-",
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 pass_fds=(child.fileno(), *self.pass_fds, *([self.root_fd] if self.root_fd >= 0 else [])),
                 env=SPAWN_ENV, cwd="/")
@@ -203,7 +204,7 @@ class Helper:
             log.warning("credential helper %s for %s did not answer %s within %.1f s: replaced",
                         self.pid, self.creds or "the daemon", op, self.timeout)
             self.kill(f"the credential helper did not answer within {self.timeout:g} s")
-            raise HelperFailed(f"key operation timed out after {self.timeout:g} s") from None
+            raise HelperFailed(f"the credential helper did not answer {op} within {self.timeout:g} s") from None
         except OSError as exc:
             if isinstance(exc, kerr.KernelError) or fut.done():
                 raise
@@ -238,11 +239,13 @@ class HelperPool:
     """Helpers by credential set (``None``: the daemon's own), bounded and reaped."""
 
     def __init__(self, *, timeout: float = 5.0, limit: int = 64, pass_fds: Iterable[int] = (),
-                 root_fd: int = -1) -> None:
+                 root_fd: int = -1, preload: str = "") -> None:
         self.timeout = timeout
         self.limit = limit
         self.pass_fds = tuple(pass_fds)
         self.root_fd = root_fd  # >= 0: the helpers' working directory (relative paths: the host's)
+        # the krb5 binding's directory: imported at start (SPAWN_TIMEOUT), not in a call's deadline
+        self.preload = preload
         self.helpers: dict[Credentials | None, Helper] = {}
         self._reaper: asyncio.TimerHandle | None = None
 
@@ -257,7 +260,7 @@ class HelperPool:
                 self._evict(same_uid, f"uid {creds.uid} has {PER_UID} credential sets in use")
         if len(self.helpers) >= self.limit:
             self._evict(list(self.helpers.values()), "too many credential sets in use")
-        helper = self.helpers[creds] = Helper(creds, self.timeout, self.pass_fds, self.root_fd)
+        helper = self.helpers[creds] = Helper(creds, self.timeout, self.pass_fds, self.root_fd, self.preload)
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().call_later(IDLE / 2, self._reap)
         return helper
