@@ -208,27 +208,36 @@ def _import_binding(binding_dir: str):
     return krb5cache
 
 
+def _path_name(name: str) -> tuple[str, str, str] | None:
+    """``(type, ":" or "", path)`` of a ``FILE:``/``DIR:`` name (``DIR::p``
+    names one cache of a collection), None for other types."""
+    kind, sep, residual = name.partition(":")
+    if kind.upper() not in ("FILE", "DIR") or not sep:
+        return None
+    colon = ":" if residual.startswith(":") else ""
+    return kind, colon, residual[len(colon):]
+
+
 def host_relative(name: str) -> str:
     """A ``FILE:``/``DIR:`` cache name with its path relative (``FILE:tmp/x``,
     ``DIR::run/user/1000/krb5cc/tkt``): looked up from the helper's working
     directory, the host's root, not from wqd's own (under its unit another
     namespace: its /tmp is PrivateTmp='s, /home and /run/user are hidden).
     Other types unchanged."""
-    kind, sep, residual = name.partition(":")
-    if kind.upper() not in ("FILE", "DIR") or not sep:
+    parts = _path_name(name)
+    if parts is None:
         return name
-    colon = ":" if residual.startswith(":") else ""
-    return f"{kind}:{colon}{residual[len(colon):].lstrip('/') or '.'}"
+    kind, colon, path = parts
+    return f"{kind}:{colon}{path.lstrip('/') or '.'}"
 
 
 def host_absolute(name: str) -> str:
     """``host_relative`` undone: the name as the peer knows it."""
-    kind, sep, residual = name.partition(":")
-    if kind.upper() not in ("FILE", "DIR") or not sep:
+    parts = _path_name(name)
+    if parts is None or parts[2].startswith("/"):
         return name
-    colon = ":" if residual.startswith(":") else ""
-    path = residual[len(colon):]
-    return name if path.startswith("/") else f"{kind}:{colon}/{path}"
+    kind, colon, path = parts
+    return f"{kind}:{colon}/{path}"
 
 
 def op_inotify_add(fd: int, path: str, mask: int) -> int:
@@ -359,7 +368,9 @@ def helper_main(argv: list[str]) -> None:  # pragma: no cover - runs in the help
     """``fd uid gid groups|- self|peer [rootfd [bindingdir|-]]``: serve requests until the socket
     closes. *rootfd* (>= 0): the host's root directory (``HelperPool(root_fd=)``),
     made the working directory before the peer's ids are taken, so that the
-    relative paths of ``krb5_read`` and ``inotify_add`` are the host's."""
+    relative paths of ``krb5_read`` and ``inotify_add`` are the host's.
+    *bindingdir*: the krb5 binding's directory, imported before "ready"
+    (``HelperPool(preload=)``)."""
     fd, uid, gid, groups, mode = int(argv[0]), int(argv[1]), int(argv[2]), argv[3], argv[4]
     root_fd = int(argv[5]) if len(argv) > 5 else -1
     preload = argv[6] if len(argv) > 6 and argv[6] != "-" else ""
