@@ -126,7 +126,17 @@ async def test_forget_reaches_plugins_that_have_it():
     assert c.forgotten == [":1.9"]
 
 
-async def test_builtins_load_through_the_entry_point_group():
+async def test_builtins_load_without_the_entry_point_scan_and_match_pyproject():
+    """wqd's own plugins are found by ``BUILTIN`` (no importlib.metadata at start);
+    the table and pyproject.toml's entry points are the same registrations."""
+    import tomllib
+
+    from support import REPO
+    from wqd.policy import BUILTIN
+
+    with open(REPO / "pyproject.toml", "rb") as f:
+        registered = tomllib.load(f)["project"]["entry-points"]["wqd.policy"]
+    assert registered == BUILTIN
     stack = load_stack(["unix", "namespace", "sandbox", "rules", "polkit"], {"rules": []})
     assert stack.names == ["unix", "namespace", "sandbox", "rules", "polkit"]
     with pytest.raises(UnknownPolicy, match="no policy plugin named 'nope'"):

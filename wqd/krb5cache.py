@@ -29,15 +29,17 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import importlib.util
 import os
 import pwd
 import re
 from collections.abc import Iterable, Sequence
 
-try:  # the `credentials` extra; without it the source is unavailable
-    import krb5
-except ImportError:  # pragma: no cover - exercised where the extra is absent
-    krb5 = None
+# The binding (pykrb5, the `credentials` extra; without it the source is
+# unavailable) is imported by the first read (``_require_binding``), not here: the
+# daemon never reads a cache itself (its credential helpers do, as the peer), and
+# the import is ~0.8 s of the daemon's start under TCG (tests/system/README "Times").
+krb5 = None
 
 __all__ = [
     "AVAILABLE",
@@ -53,7 +55,7 @@ __all__ = [
     "read_cache",
 ]
 
-AVAILABLE = krb5 is not None
+AVAILABLE = importlib.util.find_spec("krb5") is not None
 
 #: The values of ``CredentialsChanged``'s ``change`` argument that a diff of two
 #: cache states can give (``expiring`` comes from a timer, not from a diff).
@@ -128,8 +130,14 @@ class CollectionState:
 
 
 def _require_binding() -> None:
+    global krb5
     if krb5 is None:
-        raise CacheError("the krb5 binding is not installed (pip install 'wqd[credentials]'; Debian: /usr/share/doc/wqd/README.Debian)")
+        try:
+            import krb5 as binding
+        except ImportError:
+            raise CacheError("the krb5 binding is not installed (pip install 'wqd[credentials]'; "
+                             "Debian: /usr/share/doc/wqd/README.Debian)") from None
+        krb5 = binding
 
 
 def _error(exc: Exception, name: str) -> CacheError:

@@ -201,7 +201,8 @@ def _import_binding(binding_dir: str):
         sys.path.append(binding_dir)
     fsuid, fsgid = _libc.setfsuid(0), _libc.setfsgid(0)  # the daemon's files, read as the daemon
     try:
-        from wqd import krb5cache  # imports krb5: only now is it on the path
+        from wqd import krb5cache
+        krb5cache._require_binding()  # imports krb5: only now is it on the path
     finally:
         _libc.setfsgid(fsgid)
         _libc.setfsuid(fsuid)

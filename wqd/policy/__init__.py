@@ -30,11 +30,11 @@ group; it is called with a :class:`PluginContext`. See docs/policy-plugins.md.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
 
 from wqd.events import Event, WatchTarget
@@ -43,6 +43,32 @@ from wqd.peer import PeerCredentials
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "wqd.policy"
+# wqd's own plugins, as pyproject.toml registers them (tests/test_units.py compares):
+# found here without importlib.metadata, whose import and scan of every installed
+# distribution cost ~0.6 s of each start under TCG; and a third-party distribution
+# cannot take one of these names.
+BUILTIN = {
+    "unix": "wqd.policy.unix:UnixPolicy",
+    "namespace": "wqd.policy.namespace:NamespacePolicy",
+    "sandbox": "wqd.policy.sandbox:SandboxPolicy",
+    "rules": "wqd.policy.rules:RulesPolicy",
+    "polkit": "wqd.policy.polkit:PolkitPolicy",
+}
+
+
+def _factories(name: str):
+    """``(value, load)`` of each registration of *name*: the built-in one, else the
+    ``wqd.policy`` entry points'."""
+    if name in BUILTIN:
+        value = BUILTIN[name]
+        module, _, attr = value.partition(":")
+        yield value, lambda: getattr(importlib.import_module(module), attr)
+        return
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            yield ep.value, ep.load
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +228,8 @@ class PolicyStack:
 
 
 def load_plugin(name: str, context: PluginContext | Mapping | None = None) -> Policy:
-    """Instantiate the plugin registered as *name* in the ``wqd.policy`` group.
+    """Instantiate the plugin registered as *name*: one of wqd's own (``BUILTIN``) or
+    one registered in the ``wqd.policy`` entry-point group.
 
     Its ``probe()``, if any, is asked whether it can run here; if not, an
     ``UnavailablePlugin`` that denies everything takes its place.
@@ -211,26 +238,25 @@ def load_plugin(name: str, context: PluginContext | Mapping | None = None) -> Po
         policy = dict(context or {})
         settings = policy.get(name, {})
         context = PluginContext(name, settings if isinstance(settings, Mapping) else {}, policy)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name == name:
-            try:
-                factory = ep.load()
-            except Exception as exc:
-                raise PluginError(f"policy plugin {name!r} ({ep.value}) cannot be loaded: {exc}") from exc
-            try:
-                plugin = factory(context)
-            except PluginError:
-                raise
-            except Exception as exc:
-                raise PluginError(f"policy plugin {name!r}: {exc}") from exc
-            if not isinstance(plugin, Policy):
-                raise PluginError(f"policy plugin {name!r} ({ep.value}) lacks watch/post")
-            probe = getattr(plugin, "probe", None)
-            why = probe() if callable(probe) else None
-            if why:
-                log.error("policy %s cannot run here (%s): it denies every Watch", name, why)
-                return UnavailablePlugin(name, why)
-            return plugin
+    for value, load in _factories(name):
+        try:
+            factory = load()
+        except Exception as exc:
+            raise PluginError(f"policy plugin {name!r} ({value}) cannot be loaded: {exc}") from exc
+        try:
+            plugin = factory(context)
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"policy plugin {name!r}: {exc}") from exc
+        if not isinstance(plugin, Policy):
+            raise PluginError(f"policy plugin {name!r} ({value}) lacks watch/post")
+        probe = getattr(plugin, "probe", None)
+        why = probe() if callable(probe) else None
+        if why:
+            log.error("policy %s cannot run here (%s): it denies every Watch", name, why)
+            return UnavailablePlugin(name, why)
+        return plugin
     raise UnknownPolicy(f"no policy plugin named {name!r} (entry-point group {ENTRY_POINT_GROUP})")
 
 

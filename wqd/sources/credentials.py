@@ -66,6 +66,7 @@ are the peer process's own keyrings, which wqd cannot see: ``NotSupported``.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 import time
@@ -511,10 +512,12 @@ def check_settings(table: dict) -> dict:
 def binding_directory() -> str:
     """The directory holding the ``krb5`` package, for the helper's path; it must
     be root's and writable by nobody else (the helper runs code from it as root)."""
-    if krb5cache.krb5 is None:
+    spec = importlib.util.find_spec("krb5")  # found, not imported: the helpers import it
+    if spec is None or not spec.origin:
         raise ImportError("the krb5 binding is not installed (pip install 'wqd[credentials]'; Debian: /usr/share/doc/wqd/README.Debian)")
-    directory = os.path.dirname(os.path.dirname(os.path.abspath(krb5cache.krb5.__file__)))
-    for path in (directory, os.path.dirname(os.path.abspath(krb5cache.krb5.__file__))):
+    package = os.path.dirname(os.path.abspath(spec.origin))
+    directory = os.path.dirname(package)
+    for path in (directory, package):
         st = os.stat(path)
         if os.geteuid() == 0 and (st.st_uid != 0 or st.st_mode & 0o022):
             raise OSError(f"{path} is not root's alone: the credential helper will not import from it")
