@@ -517,6 +517,11 @@ class Hub:
         elif uid in self.work.waiting:
             self.work.eased(uid)  # one fewer to wait for: it will not be sent its queue now
 
+    def has_work(self, uid: int) -> bool:
+        """Whether *uid*'s lane holds work not done yet (parked or not)."""
+        lane = self.work.lanes.get(uid)
+        return lane is not None and lane.steps > 0
+
     def reads_none(self, uid: int) -> bool:
         """Whether every subscription of *uid* is paused (``Lanes`` parks its lane then)."""
         return self._paused.get(uid, 0) >= self._per_uid.get(uid, 1)
