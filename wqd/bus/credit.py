@@ -334,8 +334,8 @@ class Credits:
             self._probing.pop(uid, None)
             return
         self._probe_timers[uid] = self.loop.call_later(PROBE_EVERY, self._probe, uid)
-        for credit in stalled:
-            self._probe_peer(credit)
+        for credit in stalled:  # one a turn of the loop: each lets go up to PROBE_SLICE subscriptions
+            self.loop.call_soon(self._probe_peer, credit)
 
     def _unprobe(self, credit: Credit) -> None:
         """*credit*'s peer is no longer stalled (it reads, or left): no more windows for it."""
@@ -348,6 +348,8 @@ class Credits:
 
     def _probe_peer(self, credit: Credit) -> None:
         """*credit*'s stalled peer: its Lost, then a window."""
+        if not credit.stalled or self._credit.get(credit.peer) is not credit:
+            return
         if (credit.unacked >= PROBE_LIMIT or self._uid_unacked.get(credit.uid, 0) >= UID_BUDGET
                 or self._unacked >= PROBE_TOTAL):
             if credit.window > 0:
