@@ -278,9 +278,7 @@ class Credits:
 
     def _pause(self, credit: Credit) -> None:
         credit.paused = True
-        credit.subs = set()
-        for sub in self.hub.owned_by(credit.peer):
-            self._pause_sub(credit, sub)
+        credit.subs = set(self.hub.pause_all(credit.peer))  # (not stalled yet: it has just been paused)
         uid = credit.uid
         if uid != 0 and self.loop.time() - self._uid_stalled.get(uid, -GRACE_COOLDOWN) < GRACE_COOLDOWN:
             if credit.budget < PEER_BUDGET:  # in slow start: a reader is paused at each doubling in a burst
@@ -309,8 +307,7 @@ class Credits:
         uid = credit.uid
         self._uid_stalled[uid] = self.loop.time()
         credit.ring = deque(credit.subs)
-        for sub in credit.subs:
-            self.hub.stall(sub, True)
+        self.hub.stall_all(credit.subs)
         self._probing.setdefault(uid, {})[credit.peer] = credit
         if uid not in self._probe_timers:  # else probed with the uid's other stalled peers, at most a period on
             self._probe_timers[uid] = self.loop.call_later(PROBE_EVERY, self._probe, uid)
