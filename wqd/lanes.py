@@ -318,11 +318,14 @@ class Lanes:
             if lane is None:
                 lane = lanes[uid] = Lane()
                 turns.append(uid)
-            if isinstance(job, Fanout) and lane.parked and self.hub.stalls_all(uid):
-                # Parked and every subscription stalled: unparked, the lane would tally it
-                # (``unpark``'s *fold*); tallied now, O(classes) as it comes, instead of the
-                # second's worth of events at once when a probe lets the lane go (p7: ~200
-                # events x 5 classes, judged, in one 8 ms turn of the loop).
+            if (isinstance(job, Fanout) and (lane.parked or lane.steps > LANE_BEHIND)
+                    and self.hub.stalls_all(uid)):
+                # Parked or behind, and every subscription stalled: unparked, the lane would
+                # tally it (``unpark``'s *fold*); tallied now, O(classes) as it comes, instead
+                # of the second's worth of events at once when a probe lets the lane go (p7:
+                # ~200 events x 5 classes, judged, in one 8 ms turn of the loop), or of a
+                # step per subscription for an event that comes while a probe window has
+                # the lane unparked (16,384 enqueues, ~55 ms of the loop an event).
                 self._tally(lane, subs, job)
                 continue
             if isinstance(job, Fanout) and len(lane.jobs) >= LANE_JOBS and lane.hogging(now):
