@@ -38,9 +38,10 @@ order, when one of them may be sent to (its peer reads, a probe window, a new
 subscription that is not paused, or the last one ends); if every one of them is
 stalled, what it holds is tallied first, so each subscription is told one
 ``Lost`` with its own exact count, and while every one of them is stalled an event
-that reaches the parked lane is tallied as it comes (O(classes) an event, not the
-probe period's worth at once when a probe lets the lane go: p7, 200 events x 5
-classes judged in one 8 ms turn of the loop). Pausing and stalling a connection's
+that reaches the lane, parked or behind, is tallied as it comes (O(classes) an
+event, not the probe period's worth at once when a probe lets the lane go: p7, 200
+events x 5 classes judged in one 8 ms turn of the loop; nor a step per
+subscription for each event that comes while a probe window has it unparked). Pausing and stalling a connection's
 subscriptions is one step for all of them (``pause_all``, ``stall_all``). Until then a parked subscription's ``Lost``
 property lags behind (at most the stall grace and a probe period). A uid with one
 connection that reads keeps its lane unparked, and costs as before.
