@@ -473,3 +473,58 @@ async def test_a_new_peer_starts_with_a_small_budget_that_grows_as_it_answers(se
         os.kill(stopped.proc.pid, signal.SIGCONT)
         reader.close()
         stopped.close()
+
+
+async def test_a_uids_stopped_connections_of_many_subscriptions_get_bounded_windows_in_turn(
+        session_bus, wqd_factory, tmp_path):
+    """One uid's two stopped connections of 300 subscriptions each (more than a window lets
+    go, ``PROBE_SUBS``): each is probed once a period, the uid's together; what the bus holds
+    for each grows by about a window a period, never more; and when they read again, every
+    event is delivered or counted Lost on every subscription (the windows let the
+    subscriptions go in turn: none is left behind). Measured by the bus itself."""
+    from wqd.bus.credit import PEER_BUDGET, PROBE_EVERY, PROBE_SUBS, PROBE_WINDOW
+
+    fifo = tmp_path / "replay"
+    os.mkfifo(fifo)
+    wqd = await wqd_factory(session_bus, config=replay_config(fifo))
+    stopped = [ForeignClient(session_bus.address, 0) for _ in range(2)]
+    observer = await Client.connect(session_bus.address)
+    per = 300
+    assert per > PROBE_SUBS
+    try:
+        paths, names = [], []
+        for peer in stopped:
+            paths.append([(await peer.request("watch", source="keys", target=str(KEY)))["result"][0]
+                          for _ in range(per)])
+            names.append((await peer.request("unique_name"))["result"])
+        for peer in stopped:
+            os.kill(peer.proc.pid, signal.SIGSTOP)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        held = [[], []]
+        rounds, burst = 5, 200
+        for round_ in range(rounds):  # every queue overflows: each window has a Lost for each sub it lets go
+            await asyncio.to_thread(feed_from, fifo, round_ * burst, burst)
+            await asyncio.sleep(1)
+            for i, name in enumerate(names):
+                held[i].append(await held_for(observer, name))
+        elapsed = loop.time() - started
+        bound = PEER_BUDGET + (elapsed / PROBE_EVERY + 1) * (PROBE_WINDOW + 1024)
+        print(f"two stopped connections of {per} subscriptions: the bus holds {held} bytes (bound {bound:.0f})")
+        for mine in held:
+            assert max(mine) <= bound
+            assert mine[-1] > mine[0], "each connection got windows while stalled"
+        assert "stopped reading its signals" in wqd.log_text()
+    finally:
+        for peer in stopped:
+            os.kill(peer.proc.pid, signal.SIGCONT)
+    try:
+        generated = rounds * burst
+        for peer, mine in zip(stopped, paths):
+            for path in mine[:: per // 10] + mine[-1:]:  # a sample, the last let go included
+                d, lost, _ = await accounted(peer, path, generated)
+                assert d + lost == generated, (path, d, lost)
+    finally:
+        observer.close()
+        for peer in stopped:
+            peer.close()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections import deque
 
 from wqd.bus import dbus_fast_internals as internals
@@ -43,6 +44,39 @@ HIGH_WATER = 64  # messages waiting in the connection's writer
 BATCH = 64  # signals per loop iteration before yielding
 SKIPS = 512  # ... or paused subscriptions taken out of the rings (a paused peer's thousands)
 _LOST_ONE = marshal_body("t", [1])
+_U32 = struct.Struct("<I")
+
+
+class HeaderTemplates:
+    """Signal headers from a template per (destination, member, signature): only the
+    path differs between one peer's subscriptions, and it is the first header field,
+    so the fields after it (each 8-aligned) are the same bytes whatever its length.
+    ``signal_header`` marshals all of them (~40 us); a probe window or a storm's first
+    contact with a uid of thousands of subscriptions needs a header for each of them
+    (p7: hundreds a window), in the loop's time. Equal to ``signal_header``'s bytes
+    (tests/test_flow_headers.py)."""
+
+    def __init__(self) -> None:
+        self._tails: dict[tuple[str, str, str], tuple[bytes, bytes]] = {}  # -> (fixed part, later fields)
+
+    def header(self, destination: str, path: str, member: str, signature: str) -> bytes:
+        key = (destination, member, signature)
+        cached = self._tails.get(key)
+        if cached is None:
+            ref = signal_header(destination, "/", SUBSCRIPTION_INTERFACE, member, signature)
+            # "/" ends the path field at 26, padded to 32; the array's length is at 12
+            end = 16 + _U32.unpack_from(ref, 12)[0]
+            cached = self._tails[key] = (ref[:12], ref[32:end])
+        fixed, tail = cached
+        data = path.encode()
+        field = b"\x01\x01o\0" + _U32.pack(len(data)) + data + b"\0"
+        field += b"\0" * (-len(field) % 8)
+        fields = len(field) + len(tail)
+        return b"".join((fixed, _U32.pack(fields), field, tail, b"\0" * (-fields % 8)))
+
+    def forget(self, destination: str) -> None:
+        for key in [k for k in self._tails if k[0] == destination]:
+            del self._tails[key]
 
 
 class _PeerTurn:
@@ -78,6 +112,7 @@ class SignalEmitter:
         self._scheduled = False
         self._waiting: asyncio.Task | None = None
         self._headers: dict[Subscription, dict[str, bytes]] = {}  # marshalled once per member
+        self._templates = HeaderTemplates()
         self.credits = Credits(bus, hub, self.wake)  # peers that do not read (wqd.bus.credit)
         self.unmarshallable = 0  # events that could not be marshalled (each cost Lost(1))
         hub.outlet = self
@@ -105,6 +140,7 @@ class SignalEmitter:
             self.loop.call_soon(self._drain)
 
     def peer_gone(self, peer: str) -> None:
+        self._templates.forget(peer)
         self.credits.peer_gone(peer)
 
     def forget(self, sub: Subscription) -> None:
@@ -160,7 +196,7 @@ class SignalEmitter:
 
     def _drain_into(self, bus, writer) -> None:
         ready, hub, take, credits = self._ready, self.hub, self.hub.take, self.credits
-        queue, next_serial, headers = writer.queue, bus.next_serial, self._headers
+        queue, next_serial, headers, template = writer.queue, bus.next_serial, self._headers, self._templates.header
         bodies: dict[int, tuple] = {}  # id(event) -> (event, body): one marshalling per event
         sent = skipped = 0
         while ready:
@@ -217,8 +253,7 @@ class SignalEmitter:
                 mine = headers[sub] = {}
             header = mine.get(member)
             if header is None:
-                header = mine[member] = signal_header(sub.peer, subscription_path(sub.number),
-                                                      SUBSCRIPTION_INTERFACE, member, signature)
+                header = mine[member] = template(sub.peer, subscription_path(sub.number), member, signature)
             message = encode(header, body, next_serial())
             queue(message)
             sent += 1
