@@ -57,16 +57,21 @@ class HeaderTemplates:
     (tests/test_flow_headers.py)."""
 
     def __init__(self) -> None:
-        self._tails: dict[tuple[str, str, str], tuple[bytes, bytes]] = {}  # -> (fixed part, later fields)
+        # destination -> (member, signature) -> (fixed part, later fields); per destination,
+        # so that forgetting a peer is one pop, not a scan of every peer's templates (a uid
+        # opening and closing connections by the thousand)
+        self._tails: dict[str, dict[tuple[str, str], tuple[bytes, bytes]]] = {}
 
     def header(self, destination: str, path: str, member: str, signature: str) -> bytes:
-        key = (destination, member, signature)
-        cached = self._tails.get(key)
+        mine = self._tails.get(destination)
+        if mine is None:
+            mine = self._tails[destination] = {}
+        cached = mine.get((member, signature))
         if cached is None:
             ref = signal_header(destination, "/", SUBSCRIPTION_INTERFACE, member, signature)
             # "/" ends the path field at 26, padded to 32; the array's length is at 12
             end = 16 + _U32.unpack_from(ref, 12)[0]
-            cached = self._tails[key] = (ref[:12], ref[32:end])
+            cached = mine[(member, signature)] = (ref[:12], ref[32:end])
         fixed, tail = cached
         data = path.encode()
         field = b"\x01\x01o\0" + _U32.pack(len(data)) + data + b"\0"
@@ -75,8 +80,7 @@ class HeaderTemplates:
         return b"".join((fixed, _U32.pack(fields), field, tail, b"\0" * (-fields % 8)))
 
     def forget(self, destination: str) -> None:
-        for key in [k for k in self._tails if k[0] == destination]:
-            del self._tails[key]
+        self._tails.pop(destination, None)
 
 
 class _PeerTurn:

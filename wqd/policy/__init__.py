@@ -43,7 +43,7 @@ from wqd.peer import PeerCredentials
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "wqd.policy"
-# wqd's own plugins, as pyproject.toml registers them (tests/test_units.py compares):
+# wqd's own plugins, as pyproject.toml registers them (tests/test_policy_stack.py compares):
 # found here without importlib.metadata, whose import and scan of every installed
 # distribution cost ~0.6 s of each start under TCG; and a third-party distribution
 # cannot take one of these names.
