@@ -244,7 +244,12 @@ async def test_a_uid_that_stalled_gets_no_grace(tmp_path, wqd_factory, quota_bus
     bus = quota_bus()
     wqd = await wqd_factory(bus, config='[devices]\nbackend = "uevent"\n')
     first, second = ForeignClient(bus.address, 1000), ForeignClient(bus.address, 1000)
+    # root reads every event: when its subscription has taken them all, the daemon has
+    # dispatched them to uid 1000's too (a loaded host can leave the daemon thousands of
+    # uevents behind the trigger, and a peer let go before they are dispatched gets them)
+    observer = await Client.connect(bus.address)
     try:
+        seen = await observer.watch("devices", "mem")
         paths, names = {}, {}
         for peer in (first, second):
             paths[peer] = (await peer.request("watch", source="devices", target="mem"))["result"][0]
@@ -267,6 +272,7 @@ async def test_a_uid_that_stalled_gets_no_grace(tmp_path, wqd_factory, quota_bus
             await asyncio.to_thread(trigger, NULL_DEVPATH, "change", 4000)
             for p in generated:
                 generated[p] += 4000
+            await taken(observer, seen, generated[peer])
         log = wqd.log_text()
         paused = "{} has".format
         stalled = "{} stopped reading".format
@@ -283,6 +289,19 @@ async def test_a_uid_that_stalled_gets_no_grace(tmp_path, wqd_factory, quota_bus
     finally:
         first.close()
         second.close()
+        observer.close()
+
+
+async def taken(client: Client, path: str, n: int, timeout: float = 120.0) -> None:
+    """Wait until *path*'s subscription has taken *n* events (delivered or lost)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        count = await client.get(path, SUB_IFACE, "Delivered") + await client.get(path, SUB_IFACE, "Lost")
+        if count >= n:
+            return
+        assert loop.time() < deadline, f"the daemon took {count} of {n} events in {timeout} s"
+        await asyncio.sleep(0.05)
 
 
 async def jeepney_peer(address: str):
