@@ -37,7 +37,10 @@ log = logging.getLogger("wqd.hub")  # what the lanes log is the hub's (journal f
 
 QUANTUM = 64  # subscriptions of one uid's lane served before the next uid's turn
 SLICE = 1024  # subscriptions judged and queued per turn of the event loop (wqd.hub)
-LANE_BEHIND = SLICE  # subscriptions waiting in one uid's lane that make it "behind"
+TURN = 0.0005  # ... or this many seconds of it, whichever comes first: a slice of cheap steps
+# (a count per full queue, ~0.2 us) or of dear ones (a first enqueue, ~4 us) is
+# then the same short wait for the next uid's event, or a method call (p7)
+LANE_BEHIND = 1024  # subscriptions waiting in one uid's lane that make it "behind"
 LANE_GRACE = 0.0  # seconds a lane may be behind and still hold the sources back: none (p7, wqd.hub)
 LANE_JOBS = 256  # events a lane behind keeps waiting; beyond, they are lost for it
 LANE_JOBS_MAX = 4096  # ... and with more work than this waiting, it holds the sources back again
@@ -286,6 +289,7 @@ class Lanes:
         self.turns: deque[int] = deque()  # uids with an unparked lane, in round-robin order
         self.backlog = 0  # subscriptions waiting in the lanes
         self.budget = SLICE  # left for this turn of the loop
+        self.started: float | None = None  # when this turn's first step was taken
         self.tick: asyncio.Handle | None = None
         self.running = False
         self.waiting: set[int] = set()  # uids whose lane is parked behind the outlet (``eased``)
@@ -363,6 +367,9 @@ class Lanes:
             return  # called back from within (a source dispatching while detaching, ...)
         self.running = True
         hub, lanes, turns = self.hub, self.lanes, self.turns
+        started = self.started
+        if started is None and turns:
+            started = self.started = time.monotonic()
         try:
             while turns and self.budget > 0:
                 uid = turns[0]
@@ -407,6 +414,8 @@ class Lanes:
                 else:
                     lane.account(time.monotonic())
                     turns.rotate(-1)
+                if time.monotonic() - started >= TURN:
+                    self.budget = 0
         finally:
             self.running = False
         if turns or self.budget < SLICE:
@@ -420,6 +429,7 @@ class Lanes:
     def _next_turn(self) -> None:
         self.tick = None
         self.budget = SLICE
+        self.started = None
         if self.turns:
             self.run()
 
