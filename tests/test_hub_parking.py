@@ -3,9 +3,11 @@ subscriptions is still told exactly what it lost.
 
 When every subscription of a uid is paused (the outlet holds its signals back) and
 its lane is behind, the lane is parked: the events wait in it, and what it cannot
-keep is tallied per class of equal subscriptions (``wqd.lanes.Tally``). Let go by a
-probe of a stalled peer, the lane is tallied whole and each subscription gets one
-``Lost`` with its own count; let go by a peer that reads again, it is delivered.
+keep is tallied per class of equal subscriptions (``wqd.lanes.Tally``). A subscription
+that a probe window of a stalled peer lets go is told its own count at once, alone,
+and the lane stays parked (``Lanes.settle``); let go by a peer that reads again, the
+lane is served: each subscription gets one ``Lost`` with its own count, less what it
+was told, or what it held is delivered.
 
 The policy is the real ``unix`` plugin in a real ``PolicyStack``; the source is the
 least a source is, with a real filter (``actions``), counting how often it is asked.
@@ -111,21 +113,44 @@ async def test_a_stalled_uid_costs_o1_per_event_and_each_subscription_is_told_it
     assert all(s.queued_events == 0 and s.lost == 0 for s in every + attached)  # nothing done for them yet
     assert not hub.congested  # and they hold nobody back
 
-    hub.pause(every[0], False)  # a probe lets one go: the lane is tallied whole, then told
+    def told(sub):
+        return [(type(i), i.count) for i in sub.queue]
+
+    gone = attached.pop()
+    hub.end(gone)  # the table changes: the lane's list of them is not the table's any more (Tally.where)
+    assert hub.work.lanes[1000].parked and not gone.queue
+    probed = every[0]
+    hub.pause(probed, False)  # a probe window lets one go: it alone is told its loss so far
     await settle(hub)
     want_every, want_attached = events, sum(1 for n in range(events) if n % 3)
-    for sub in every:
-        assert sub.lost == want_every and [(type(i), i.count) for i in sub.queue] == [(LostMark, want_every)]
-    for sub in attached:
-        assert sub.lost == want_attached and [(type(i), i.count) for i in sub.queue] == [(LostMark, want_attached)]
+    assert probed.lost == want_every and told(probed) == [(LostMark, want_every)]
+    assert all(s.lost == 0 and not s.queue for s in every[1:] + attached)  # the rest: not one step each
+    assert hub.work.lanes[1000].parked and source.asked <= events * (1 + 4)
+
+    hub.pause(probed, False)  # told twice? no: a second window before anything new adds nothing
+    hub.pause(probed, True)  # the window closes; two more events (the first detached, the second attached)
+    for n in (events, events + 1):
+        hub.dispatch(mount(n))
+        await settle(hub)
+        got += [hub.take(victim).mount_id for _ in range(victim.queued_events)]
+    hub.pause(probed, False)  # the next window: only what was counted since, in the same Lost (not sent yet)
+    await settle(hub)
+    assert probed.lost == want_every + 2 and told(probed) == [(LostMark, want_every + 2)]
 
     for sub in every + attached:  # its peers read again: from now on every event is queued for each
         hub.stall(sub, False)
         hub.pause(sub, False)
-    hub.dispatch(mount(events + 1))
+    await settle(hub)
+    assert not hub.work.lanes  # served: each of the others told its own count, the probed one nothing more
+    assert probed.lost == want_every + 2 and told(probed) == [(LostMark, want_every + 2)]
+    for sub in every[1:]:
+        assert sub.lost == want_every + 2 and told(sub) == [(LostMark, want_every + 2)]
+    for sub in attached:
+        assert sub.lost == want_attached + 1 and told(sub) == [(LostMark, want_attached + 1)]
+    hub.dispatch(mount(events + 2))  # (attached: every subscription takes it)
     await settle(hub)
     assert all(s.queued_events == 1 and isinstance(s.queue[-1], MountChanged) for s in every + attached)
-    assert got == list(range(events)) and victim.queued_events == 1 and victim.lost == 0
+    assert got == list(range(events + 2)) and victim.queued_events == 1 and victim.lost == 0
 
 
 async def test_a_paused_uid_that_reads_again_gets_what_its_parked_lane_held():
@@ -260,12 +285,38 @@ async def test_a_uid_found_stopped_while_its_lane_waits_is_told_exactly_what_it_
         hub.dispatch(mount(n))
         await settle(hub)
     assert len(victim.queue) == events
-    hub.pause(every[0], False)  # the probe window
-    await settle(hub)
-    got = sent(hub, every + attached)
     want_every = events - 1  # 2 .. events
     want_attached = sum(1 for n in range(2, events + 1) if n % 3)
+    hub.pause(every[0], False)  # the probe window: it alone is told, after what it holds
+    await settle(hub)
+    first = sent(hub, every + attached)
+    assert first[every[0]] == [1, ("lost", want_every)] and every[0].lost == want_every
+    assert all(items == [1] and sub.lost == 0 for sub, items in first.items() if sub is not every[0])
+    for sub in every + attached:  # its peers read again: each of the others is told its own
+        hub.stall(sub, False)
+        hub.pause(sub, False)
+    await settle(hub)
+    got = {sub: first[sub] + items for sub, items in sent(hub, every + attached).items()}
     for sub in every:
         assert got[sub] == [1, ("lost", want_every)] and sub.lost == want_every
     for sub in attached:
         assert got[sub] == [1, ("lost", want_attached)] and sub.lost == want_attached
+
+
+async def test_equal_subscriptions_share_one_class_that_goes_with_the_last_of_them():
+    """``wqd.lanes.Kinds``: one class per connection, option set and target, shared by
+    the subscriptions that are equal (what a ``Tally`` counts once), and none left
+    when they end: a uid that subscribes and closes by the thousand leaves nothing."""
+    hub, every, attached, victim = await attacker_and_victim(FilteringMounts())
+    assert len(hub.kinds) == 2 * 2 + 1  # 2 connections x 2 option sets, and the victim's
+    assert len({id(s.kind) for s in every}) == 2 and every[0].kind is every[1].kind  # one connection's
+    assert every[0].kind is not attached[0].kind and every[0].kind is not every[-1].kind  # options, connection
+    for _ in range(3):
+        extra = [await hub.watch(peer(3, 1000), "mounts", "", {"actions": (a,)}) for a in ("attached", "detached")]
+        assert len(hub.kinds) == 5 + 2
+        for sub in extra:
+            hub.end(sub)
+        assert len(hub.kinds) == 5 and all(s.kind is None for s in extra)
+    for sub in every + attached + [victim]:
+        hub.end(sub)
+    assert len(hub.kinds) == 0

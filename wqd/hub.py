@@ -11,7 +11,7 @@ Fan-out (what one event costs). ``dispatch`` does not judge and queue per
 subscriber on the spot. The subscriptions on the event's route are taken as they
 are (per uid: the route table is kept per uid), and the work is queued in one
 *lane* per uid. Lanes are served round-robin, ``QUANTUM`` subscriptions a turn and
-at most ``SLICE`` per turn of the event loop, so method calls are answered during
+at most ``SLICE`` (or ``TURN`` seconds of them) per turn of the event loop, so method calls are answered during
 any fan-out, and one uid's thousands of subscriptions cannot starve another uid's
 one: that one waits for at most one quantum of each other uid per event. The work
 in each lane stays in order, so each subscription still gets its events in order,
@@ -34,16 +34,21 @@ not served, not holding the sources back; its events wait in it and, beyond
 ``LANE_JOBS``, are tallied per class of equal subscriptions (``wqd.lanes.Tally``),
 O(classes) an event instead of a step per subscription (p7: 4,096 stopped
 subscriptions made each event cost ~16 ms of the loop). It is served again, in
-order, when one of them may be sent to (its peer reads, a probe window, a new
-subscription that is not paused, or the last one ends); if every one of them is
-stalled, what it holds is tallied first, so each subscription is told one
-``Lost`` with its own exact count, and while every one of them is stalled an event
+order, when one of them may be sent to (its peer reads, a new subscription that
+is not paused, or the last one ends); what it holds when every one of them is
+stalled is tallied, so each subscription is told one ``Lost`` with its own exact
+count. A probe window (of a uid whose every subscription is stalled) does not let
+the lane go: each subscription the window lets go is told its count so far, alone
+(``settle``, O(the lane's jobs)), and the rest theirs in their turn or when the
+uid reads again (p7: applying the tallies to all 16,384 subscriptions at each probe
+was ~16 turns of the loop a second that the other uids' events waited behind).
+While every one of them is stalled an event
 that reaches the lane, parked or behind, is tallied as it comes (O(classes) an
 event, not the probe period's worth at once when a probe lets the lane go: p7, 200
 events x 5 classes judged in one 8 ms turn of the loop; nor a step per
 subscription for each event that comes while a probe window has it unparked). Pausing and stalling a connection's
 subscriptions is one step for all of them (``pause_all``, ``stall_all``). Until then a parked subscription's ``Lost``
-property lags behind (at most the stall grace and a probe period). A uid with one
+counts lag behind (its ``Lost`` property, read, is settled first). A uid with one
 connection that reads keeps its lane unparked, and costs as before.
 
 A lane that is behind also waits, parked, while the outlet is behind that uid
@@ -84,7 +89,7 @@ from wqd import journal
 from wqd.budgets import SUBSCRIPTION_BYTES, Budgets
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NoSuchObject, NotSupported
 from wqd.events import Event, SourceLoss, TargetGone
-from wqd.lanes import End, Fanout, Lanes, Lose, LostMark, kit_of
+from wqd.lanes import End, Fanout, Kinds, Lanes, Lose, LostMark, kit_of
 from wqd.peer import PeerCredentials
 from wqd.policy import PolicyStack
 from wqd.subscription import ANY, Source, Subscription
@@ -146,6 +151,7 @@ class Hub:
         self._paused: dict[int, int] = {}  # ... of them paused by the outlet (``pause``)
         self._stalled: dict[int, int] = {}  # ... and stalled (``stall``)
         self.budgets = Budgets(self.limits.bytes_per_uid)
+        self.kinds = Kinds()  # the classes of equal subscriptions (wqd.lanes.Tally)
         self._pressured = 0  # subscriptions not stalled with a queue more than half full
         self._relief: list = []
         self.work = Lanes(self)  # the fan-out work not done yet, per uid (wqd.lanes)
@@ -195,6 +201,7 @@ class Hub:
                 source.detach(sub)
                 raise
         sub.options_key, sub.charge = self.budgets.hold(peer.uid, pooled), charge
+        sub.kind = self.kinds.hold(sub)
         self.subscriptions[sub.number] = sub
         self._by_owner.setdefault(peer.unique_name, set()).add(sub)
         self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
@@ -244,6 +251,8 @@ class Hub:
         """
         if not sub.active:
             return
+        if reason is not None:
+            self.settle(sub)  # what a parked lane counted for it comes before its Removed
         sub.active = False
         uid = sub.owner.uid
         for route in sub.routes:
@@ -276,6 +285,8 @@ class Hub:
         sub.charge = 0
         self.budgets.release(uid, sub.options_key)
         sub.options_key = None
+        self.kinds.release(sub.kind)
+        sub.kind = None
         try:
             self.sources[sub.source].detach(sub)
         except Exception:
@@ -371,6 +382,15 @@ class Hub:
                 else:
                     have.extend(subs)
         return out
+
+    def snapshot_of(self, subs: list, source: str, route: Hashable, uid: int) -> Hashable | None:
+        """The route (*route* or ``ANY``) of *source* whose kept list of *uid*'s subscriptions
+        *subs* still is (nothing was added to or removed from that table since), or None."""
+        for key in ((source, route), (source, ANY)):
+            snaps = self._snaps.get(key)
+            if snaps is not None and snaps.get(uid) is subs:
+                return key[1]
+        return None
 
     def _changed(self, key: tuple, uid: int) -> None:
         snaps = self._snaps.get(key)
@@ -496,6 +516,8 @@ class Hub:
         sub.stalled = stalled
         if sub.active:
             self._count(self._stalled, sub.owner.uid, 1 if stalled else -1)
+            if not stalled:
+                self._unpark(sub.owner.uid)  # (its peer reads while a probe window has it let go)
         if sub.queued_events > self.limits.queue_length // 2:
             if stalled:
                 self._unpressure()
@@ -508,8 +530,9 @@ class Hub:
         is behind, is parked (``Lane``): the events wait there (and beyond
         ``LANE_JOBS`` are tallied) instead of costing a step per subscription each.
         The first of them to be let go unparks it; if every one of them is stalled
-        (stopped reading long ago), what the lane holds is tallied first, so the
-        probe that let it go costs O(subscriptions) once, not per event."""
+        (stopped reading long ago: a probe window lets it go), what the lane holds is
+        tallied, and only the one let go is told its part (``settle``); the lane is
+        served again when one of them reads."""
         if sub.paused == paused:
             return
         sub.paused = paused
@@ -518,7 +541,8 @@ class Hub:
         uid = sub.owner.uid
         self._count(self._paused, uid, 1 if paused else -1)
         if not paused:
-            self._unpark(uid)
+            if not self.settle(sub):  # (a probe window: only this one is told, the lane stays parked)
+                self._unpark(uid)
         elif uid in self.work.waiting:
             self.work.eased(uid)  # one fewer to wait for: it will not be sent its queue now
 
@@ -564,6 +588,13 @@ class Hub:
         """Whether every subscription of *uid* is stalled (``Lanes`` tallies what its parked lane gets)."""
         n = self._per_uid.get(uid, 0)
         return bool(n) and self._stalled.get(uid, 0) >= n
+
+    def settle(self, sub: Subscription) -> bool:
+        """If every subscription of *sub*'s uid is stalled and its lane is parked holding
+        only counts, tell *sub* alone its part of them (``Lanes.settle``); returns whether
+        it did (else what the lane holds reaches *sub* only when the lane is served)."""
+        uid = sub.owner.uid
+        return self.stalls_all(uid) and self.work.settle(uid, sub)
 
     def has_work(self, uid: int) -> bool:
         """Whether *uid*'s lane holds work not done yet (parked or not)."""

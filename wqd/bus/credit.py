@@ -319,8 +319,9 @@ class Credits:
     def _probe(self, uid: int) -> None:
         """Every PROBE_EVERY seconds while *uid* has stalled peers: a window for each of them,
         together (``_probe_peer``). One probe per uid, not per peer: each probe costs the
-        loop its fixed part (the uid's parked lane is let go once, ``Hub.pause``, and parks
-        again when the windows close), and a uid that spreads its subscriptions over many
+        loop its fixed part (the uid's lane, if it holds other work than counts, is let go
+        once, ``Hub.pause``; counts are told only to what the windows let go, ``Hub.settle``),
+        and a uid that spreads its subscriptions over many
         connections must not make the others' events wait behind one probe per connection
         a period (p7: 5 connections, event p99 4.5x the quiet figure, the worst events a
         second apart)."""
@@ -385,7 +386,9 @@ class Credits:
                 continue  # forgotten meanwhile: out of the ring too
             ring.append(sub)
             looked += 1
-            if not sub.queue and not backlog:
+            # Its part of what its uid's parked lane counted is told now (``Hub.settle``); only
+            # a lane that holds other work must be let go to reach it.
+            if not sub.queue and (not backlog or (hub.settle(sub) and not sub.queue)):
                 continue
             work += self._fold(sub)
             hub.pause(sub, False)

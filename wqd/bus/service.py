@@ -306,6 +306,7 @@ class WatchQueueService:
         await self.peers.get(msg.sender)
         sub = self.hub.get(number, msg.sender)  # NoSuchObject / AccessDenied
         if iface == names.PROPERTIES_INTERFACE:
+            self.hub.settle(sub)  # what its stalled uid's parked lane counted for it (Hub.settle)
             return self._properties(msg, names.SUBSCRIPTION_INTERFACE, lambda: {
                 "Source": Variant("s", sub.source),
                 "Target": Variant("s", sub.target.spec),
