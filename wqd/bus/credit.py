@@ -39,7 +39,8 @@ together, once a period: a probe costs the loop a fixed part (the uid's parked l
 is let go, ``wqd.hub``), and letting go all of a peer's thousands of subscriptions,
 once per connection, made the other uids' events wait behind it (p7: 5 connections
 of 4,096 stopped subscriptions, the victim's worst events exactly a second apart;
-event p99 4.5-7x the quiet figure, 2.6x with this). A peer that answers resumes fully. A peer that never
+event p99 4.5-7x the quiet figure, 2.6x with this). A peer that answers resumes fully
+(``RESUME_SLICE`` subscriptions a loop iteration). A peer that never
 answers gets a ``PROBE_WINDOW`` a period for as long as its unanswered bytes stay
 under ``PROBE_LIMIT`` (its uid's under ``UID_BUDGET``, everyone's under
 ``PROBE_TOTAL``): that bounds what stopped peers can make the bus hold, per
@@ -90,6 +91,7 @@ PROBE_TOTAL = 32 << 20  # ... and all peers together (a quarter of a system bus'
 PROBE_SUBS = PROBE_WINDOW // 128  # subscriptions one window lets go at most (each has a signal of >= 128 bytes)
 PROBE_SLICE = 256  # a stalled peer's subscriptions looked at per loop iteration ...
 FOLD_SLICE = 4096  # ... or this many queued items folded (a few ms), whichever comes first
+RESUME_SLICE = 256  # a peer's subscriptions let go per loop iteration when it reads again
 BUS = "org.freedesktop.DBus"
 
 
@@ -438,21 +440,38 @@ class Credits:
         if credit.ping is None:
             self._ping(credit)
 
-    def _resume(self, credit: Credit) -> None:
+    def _resume(self, credit: Credit, sliced: bool = True) -> None:
         self._cancel_timers(credit)
         self._unprobe(credit)
         was_stalled = credit.stalled
         credit.paused = credit.stalled = credit.capped = False
         credit.window = 0
         credit.ring = credit.open = None
-        subs, credit.subs = credit.subs or (), None
-        for sub in subs:
-            self.hub.stall(sub, False)  # first: what a parked lane holds is delivered, not tallied (Hub.pause)
-            self.hub.pause(sub, False)
-            if sub.queue:
-                self.wake(sub)
+        subs, credit.subs = list(credit.subs or ()), None
+        self._resume_slice(credit, subs, 0, RESUME_SLICE if sliced else len(subs))
         if was_stalled:
             log.info("%s reads again: delivering to it", credit.peer)
+
+    def _resume_slice(self, credit: Credit, subs: list[Subscription], start: int, size: int) -> None:
+        """Let *credit*'s subscriptions go again, *size* of them a loop iteration: one
+        peer holds up to ``subscriptions_per_peer`` of them, and letting 16,384 go at
+        once (p7's attacker, sent SIGCONT) was one ~200 ms turn of the loop, which an
+        attacker could repeat with each stop and start. Stops if the peer left or is
+        paused again meanwhile: ``_pause`` holds them all again (``Hub.pause_all``), and
+        those not let go yet are still stalled, as they would be again at once (its uid
+        stalled within ``GRACE_COOLDOWN``), until ``_resume`` lets them go."""
+        if start and (self._credit.get(credit.peer) is not credit or credit.paused):
+            return
+        stop = min(len(subs), start + size)
+        hub, wake = self.hub, self.wake
+        for i in range(start, stop):
+            sub = subs[i]
+            hub.stall(sub, False)  # first: what a parked lane holds is delivered, not tallied (Hub.pause)
+            hub.pause(sub, False)
+            if sub.queue:
+                wake(sub)
+        if stop < len(subs):
+            self.loop.call_soon(self._resume_slice, credit, subs, stop, size)
 
     def _cancel_timers(self, credit: Credit) -> None:
         for timer in (credit.retry, credit.stall_timer):
@@ -464,7 +483,7 @@ class Credits:
         self.pinging = False
         for credit in list(self._credit.values()):
             if credit.paused:
-                self._resume(credit)
+                self._resume(credit, sliced=False)  # (its account is dropped next: no later slices)
             self._cancel_timers(credit)
         for timer in self._probe_timers.values():
             timer.cancel()
