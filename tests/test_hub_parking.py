@@ -301,22 +301,3 @@ async def test_a_uid_found_stopped_while_its_lane_waits_is_told_exactly_what_it_
         assert got[sub] == [1, ("lost", want_every)] and sub.lost == want_every
     for sub in attached:
         assert got[sub] == [1, ("lost", want_attached)] and sub.lost == want_attached
-
-
-async def test_equal_subscriptions_share_one_class_that_goes_with_the_last_of_them():
-    """``wqd.lanes.Kinds``: one class per connection, option set and target, shared by
-    the subscriptions that are equal (what a ``Tally`` counts once), and none left
-    when they end: a uid that subscribes and closes by the thousand leaves nothing."""
-    hub, every, attached, victim = await attacker_and_victim(FilteringMounts())
-    assert len(hub.kinds) == 2 * 2 + 1  # 2 connections x 2 option sets, and the victim's
-    assert len({id(s.kind) for s in every}) == 2 and every[0].kind is every[1].kind  # one connection's
-    assert every[0].kind is not attached[0].kind and every[0].kind is not every[-1].kind  # options, connection
-    for _ in range(3):
-        extra = [await hub.watch(peer(3, 1000), "mounts", "", {"actions": (a,)}) for a in ("attached", "detached")]
-        assert len(hub.kinds) == 5 + 2
-        for sub in extra:
-            hub.end(sub)
-        assert len(hub.kinds) == 5 and all(s.kind is None for s in extra)
-    for sub in every + attached + [victim]:
-        hub.end(sub)
-    assert len(hub.kinds) == 0

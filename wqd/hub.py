@@ -89,7 +89,7 @@ from wqd import journal
 from wqd.budgets import SUBSCRIPTION_BYTES, Budgets
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NoSuchObject, NotSupported
 from wqd.events import Event, SourceLoss, TargetGone
-from wqd.lanes import End, Fanout, Kinds, Lanes, Lose, LostMark, kit_of
+from wqd.lanes import End, Fanout, Lanes, Lose, LostMark, kit_of
 from wqd.peer import PeerCredentials
 from wqd.policy import PolicyStack
 from wqd.subscription import ANY, Source, Subscription
@@ -151,7 +151,6 @@ class Hub:
         self._paused: dict[int, int] = {}  # ... of them paused by the outlet (``pause``)
         self._stalled: dict[int, int] = {}  # ... and stalled (``stall``)
         self.budgets = Budgets(self.limits.bytes_per_uid)
-        self.kinds = Kinds()  # the classes of equal subscriptions (wqd.lanes.Tally)
         self._pressured = 0  # subscriptions not stalled with a queue more than half full
         self._relief: list = []
         self.work = Lanes(self)  # the fan-out work not done yet, per uid (wqd.lanes)
@@ -201,7 +200,6 @@ class Hub:
                 source.detach(sub)
                 raise
         sub.options_key, sub.charge = self.budgets.hold(peer.uid, pooled), charge
-        sub.kind = self.kinds.hold(sub)
         self.subscriptions[sub.number] = sub
         self._by_owner.setdefault(peer.unique_name, set()).add(sub)
         self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
@@ -285,8 +283,6 @@ class Hub:
         sub.charge = 0
         self.budgets.release(uid, sub.options_key)
         sub.options_key = None
-        self.kinds.release(sub.kind)
-        sub.kind = None
         try:
             self.sources[sub.source].detach(sub)
         except Exception:

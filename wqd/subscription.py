@@ -34,7 +34,6 @@ class Subscription:
     state: dict = field(default_factory=dict)  # the source's per-subscription data
     charge: int = 0  # bytes charged to the owner's uid for the subscription itself (Hub budgets)
     options_key: tuple | None = None  # its entry in the hub's pool of option sets
-    kind: object | None = None  # its class of equal subscriptions, shared with them (wqd.lanes.Kinds)
 
     @property
     def peer(self) -> str:
