@@ -307,3 +307,31 @@ async def test_a_typed_targets_fields_are_pooled_and_charged_like_extra():
     assert all(s.target.properties is first.target.properties for s in same)  # the pool's one copy
     assert first.target.details() == {"subsystem": None, "actions": None, "properties": big["properties"],
                                       "initial": False}
+
+
+async def test_what_a_connection_that_leaves_had_queued_is_given_back_a_slice_a_turn():
+    """When a connection leaves, what its subscriptions had queued is given back to
+    its uid's budget RELEASE_SLICE entries a turn of the loop, not in the turn it left
+    (4,096 subscriptions of 300 entries each were one 2-5 s turn), and all of it."""
+    hub = Hub({"mounts": MountsSource()}, PolicyStack([CountingUnix()]),
+              Limits(subscriptions_per_peer=10_000, queue_length=100_000))
+    owner = peer(1, 1000)
+    subs = await subscribe(hub, [owner], 8)
+    events = 2 * budgets.RELEASE_SLICE  # 8 x that many entries
+    for n in range(events):
+        hub.dispatch(mount(n))
+        if n % 64 == 0:
+            await settle(hub)
+    await settle(hub)
+    assert all(s.queued_events == events for s in subs)
+    queued = hub.held_by(1000)
+    assert queued >= 8 * events * budgets.QUEUE_ENTRY_BYTES
+    hub.drop_owner(owner.unique_name)
+    assert hub.held_by(1000) >= 8 * events * budgets.QUEUE_ENTRY_BYTES  # none given back in this turn
+    turns = 0
+    while hub.held_by(1000):
+        await asyncio.sleep(0)
+        turns += 1
+        assert turns < 100
+    assert turns >= 8 * events // budgets.RELEASE_SLICE  # a slice a turn, and then nothing left
+    assert not hub.releases.pending and not hub.budgets._copies

@@ -22,11 +22,15 @@ only keeps the accounts (it knows no subscriptions, lanes or policies).
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
+
 from wqd.errors import LimitsExceeded
-from wqd.events import WatchTarget
+from wqd.events import Event, WatchTarget
 
 SUBSCRIPTION_BYTES = 2048  # what a subscription costs besides its target and options (measured: p5)
 QUEUE_ENTRY_BYTES = 16  # a queued entry (a deque slot and its share of the block), besides the event itself
+RELEASE_SLICE = 4096  # queued entries of ended subscriptions given back per turn of the loop (``Releases``)
 
 
 class Budgets:
@@ -145,6 +149,48 @@ class Budgets:
             del self._copies[key]
             freed += copy[1]
         self.charge(uid, -freed)
+
+
+class Releases:
+    """The queues of ended subscriptions, given back to their uids' budgets
+    ``RELEASE_SLICE`` entries a turn of the loop (``Hub.forget``). A uid may hold
+    millions of entries (``QUEUE_ENTRY_BYTES`` of its ``bytes_per_uid`` each), and
+    giving back 4,096 subscriptions of 300 entries each at once, when the connection
+    that held them left, was one 2-5 s turn of the loop for everyone. Until then the
+    uid is still charged for them (what it left behind is its own to wait for), and
+    the events are kept, so that each ``unqueue`` finds its copy."""
+
+    def __init__(self, budgets: Budgets) -> None:
+        self.budgets = budgets
+        self.pending: deque[tuple[int, deque]] = deque()  # (uid, the queue it left)
+        self.handle: asyncio.Handle | None = None
+
+    def add(self, uid: int, queue: deque) -> None:
+        self.pending.append((uid, queue))
+        if self.handle is None:
+            try:
+                self.handle = asyncio.get_running_loop().call_soon(self.run)
+            except RuntimeError:  # no loop running (a synchronous caller): at once
+                while self.pending:
+                    self.run()
+
+    def run(self) -> None:
+        self.handle = None
+        unqueue, pending, left = self.budgets.unqueue, self.pending, RELEASE_SLICE
+        while pending and left > 0:
+            uid, queue = pending[0]
+            while queue and left > 0:
+                item = queue.popleft()
+                left -= 1
+                if isinstance(item, Event):  # (a LostMark, a Preload or an EndMark cost nothing)
+                    unqueue(uid, item)
+            if not queue:
+                pending.popleft()
+        if pending:
+            try:
+                self.handle = asyncio.get_running_loop().call_soon(self.run)
+            except RuntimeError:
+                pass  # ``add``'s loop goes on
 
 
 # -- sizes and sharing ------------------------------------------------------------

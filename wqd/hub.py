@@ -86,7 +86,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from wqd import journal
-from wqd.budgets import SUBSCRIPTION_BYTES, Budgets
+from wqd.budgets import SUBSCRIPTION_BYTES, Budgets, Releases
 from wqd.errors import AccessDenied, InvalidArgument, LimitsExceeded, NoSuchObject, NotSupported
 from wqd.events import Event, SourceLoss, TargetGone
 from wqd.lanes import End, Fanout, Lanes, Lose, LostMark, kit_of
@@ -151,6 +151,7 @@ class Hub:
         self._paused: dict[int, int] = {}  # ... of them paused by the outlet (``pause``)
         self._stalled: dict[int, int] = {}  # ... and stalled (``stall``)
         self.budgets = Budgets(self.limits.bytes_per_uid)
+        self.releases = Releases(self.budgets)  # what ended subscriptions had queued, given back
         self._pressured = 0  # subscriptions not stalled with a queue more than half full
         self._relief: list = []
         self.work = Lanes(self)  # the fan-out work not done yet, per uid (wqd.lanes)
@@ -300,10 +301,9 @@ class Hub:
             self._unpressure()
         uid = sub.owner.uid
         if uid and sub.queued_events:
-            for item in sub.queue:
-                if isinstance(item, Event):
-                    self.budgets.unqueue(uid, item)
-        sub.queue.clear()
+            self.releases.add(uid, sub._queue)  # given back a slice a turn of the loop (wqd.budgets.Releases)
+        elif sub._queue:
+            sub._queue.clear()
         sub._queue = None
         sub.queued_events = 0
         self.subscriptions.pop(sub.number, None)
