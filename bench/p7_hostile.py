@@ -18,6 +18,9 @@ storm's), on the shipped system-bus policy:
 
 Figures (ms): root's call p50/p99 and the victim's event p50/p99 in each phase;
 the targets are p99 <= 50 ms under attack and <= 3x the quiet figure of the same run.
+``WQD_BENCH_P7_DUMP=FILE`` appends, per storm, ``[phase, storm, [[mount, mount(2)
+returned, received or null], ...]]`` (CLOCK_MONOTONIC seconds) as a JSON line: which
+events were the worst, and when, to set against a trace of the daemon.
 """
 
 from __future__ import annotations
@@ -174,6 +177,11 @@ async def run(directory: Path, quick: bool) -> Result:
                     caller.request(op="stop")
                     calls = [ms for _begun, ms in (await caller.read())["calls"]]
                     lat = [(got[p] - t) * 1000 for p, t in mounted.items() if p in got]
+                    dump_to = os.environ.get("WQD_BENCH_P7_DUMP")  # FILE: each mount's times, a JSON line a storm
+                    if dump_to:
+                        with open(dump_to, "a") as dump:
+                            times = [[i, t, got.get(p)] for i, (p, t) in enumerate(mounted.items())]
+                            dump.write(json.dumps([phase, k, times]) + "\n")
                     worst = sorted(((ms, i) for i, ms in enumerate(lat)), reverse=True)[:5]
                     calls_ms += calls
                     latencies_ms += lat
