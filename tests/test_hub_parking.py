@@ -338,3 +338,29 @@ async def test_a_lane_on_its_way_to_a_tally_classifies_a_slice_a_turn_before_it_
         assert sub.queued_events + sub.lost == events
     for sub in attached:
         assert sub.queued_events + sub.lost == sum(1 for n in range(events) if n % 3)
+
+
+async def test_a_stalled_lane_with_tallies_of_two_lists_is_served_when_a_probe_lets_one_go():
+    """A uid whose table changed between its tallied events holds a Tally per list; a
+    probe window then serves the lane instead of settling one subscription (a map of
+    positions per list would cost O(subscriptions) of memory each, one per change), and
+    each subscription is still told its own exact count."""
+    hub, every, attached, _victim = await attacker_and_victim(FilteringMounts())
+    for sub in every + attached:
+        hub.pause(sub, True)
+        hub.stall(sub, True)
+    hub.dispatch(mount(1))
+    await settle(hub)
+    hub.end(attached.pop())  # the table changes: the next events are tallied for a new list
+    hub.dispatch(mount(2))
+    await settle(hub)
+    lane = hub.work.lanes[1000]
+    assert lane.parked and len({id(work[1]) for work in lane.jobs}) == 2
+    assert not hub.settle(every[0])
+    hub.pause(every[0], False)  # the probe window: the lane is served
+    await settle(hub)
+    assert 1000 not in hub.work.lanes
+    for sub in every:
+        assert sub.lost == 2 and [(type(i), i.count) for i in sub.queue] == [(LostMark, 2)]
+    for sub in attached:
+        assert sub.lost == 2 and [(type(i), i.count) for i in sub.queue] == [(LostMark, 2)]

@@ -163,7 +163,8 @@ class Lane:
     of them that must be sent their queue (or be paused) before it is served again;
     *recheck*: the timer after which it is served again anyway."""
 
-    __slots__ = ("jobs", "steps", "behind_since", "told", "parked", "classes", "classifying", "need", "recheck")
+    __slots__ = ("jobs", "steps", "behind_since", "told", "parked", "classes", "classifying", "where", "need",
+                 "recheck")
 
     def __init__(self) -> None:
         self.jobs: deque = deque()
@@ -173,6 +174,7 @@ class Lane:
         self.parked = False
         self.classes: tuple | None = None  # (subscriptions, their classes): ``classes_of``, for the last list
         self.classifying: list | None = None  # ``classify`` under way: [subscriptions, index, of, reps, done]
+        self.where: tuple | None = None  # (subscriptions, id(subscription) -> class): ``class_in``, one list
         self.need = 0
         self.recheck: asyncio.TimerHandle | None = None
 
@@ -232,6 +234,21 @@ class Lane:
         self.classifying = None
         return True
 
+    def class_in(self, hub: Hub, tally: Tally, subs: list, sub: Subscription) -> int | None:
+        """*sub*'s class in *tally* of *subs*, or None if it is not one of them."""
+        route = hub.snapshot_of(subs, tally.source, tally.route, sub.owner.uid)
+        if route is not None:
+            # *subs* is still the route table's list, so it holds every active subscription
+            # of the uid on that route: O(1), not a map of 16,384 positions (p7).
+            if sub.source != tally.source or route not in sub.routes:
+                return None
+            return tally.index.get(class_key(sub))
+        where = self.where  # the table changed since: a map, once per list (one list a lane: ``Lanes.settle``)
+        if where is None or where[0] is not subs:
+            of = tally.of
+            where = self.where = (subs, {id(s): of[i] for i, s in enumerate(subs)})
+        return where[1].get(id(sub))
+
 
 def class_key(sub: Subscription):
     """What makes subscriptions equal for a ``Tally``: one connection, one pooled option
@@ -268,7 +285,7 @@ class Tally:
     in its place in the queue; *settled* (``Lanes.settle``), one subscription
     loses its count so far at once, alone, and later only what was counted since."""
 
-    __slots__ = ("of", "reps", "index", "source", "route", "counts", "settled", "where")
+    __slots__ = ("of", "reps", "index", "source", "route", "counts", "settled")
 
     def __init__(self, of: list[int], reps: list, index: dict, source: str, route) -> None:
         self.of = of
@@ -277,7 +294,6 @@ class Tally:
         self.source, self.route = source, route  # of the events: where the subscriptions came from
         self.counts = [0] * len(reps)
         self.settled: dict[int, int] | None = None  # id(subscription) -> what it has been told of
-        self.where: dict[int, int] | None = None  # id(subscription) -> its class, when the table changed
 
     def add(self, fanout: Fanout) -> None:
         event, accepts, counts = fanout.event, fanout.source.accepts, self.counts
@@ -300,26 +316,9 @@ class Tally:
                         continue
                 hub.lose(subs[i], n)
 
-    def settle(self, hub: Hub, subs: list[Subscription], sub: Subscription) -> None:
-        """Tell *sub*, if it is one of *subs* (none of which this has been applied to yet),
-        its count so far, less what it was told before."""
-        if not sub.active:
-            return
-        route = hub.snapshot_of(subs, self.source, self.route, sub.owner.uid)
-        if route is not None:
-            # *subs* is still the route table's list, so it holds every active subscription
-            # of the uid on that route: O(1), not a map of 16,384 positions (p7).
-            if sub.source != self.source or route not in sub.routes:
-                return
-            n = self.index.get(class_key(sub))
-        else:  # the table changed since: where each one is, once per tally that needs it
-            where = self.where
-            if where is None:
-                of = self.of
-                where = self.where = {id(s): of[i] for i, s in enumerate(subs)}
-            n = where.get(id(sub))
-        if n is None:
-            return
+    def settle(self, hub: Hub, sub: Subscription, n: int) -> None:
+        """Tell *sub*, of class *n* (``Lane.class_in``), its count so far, less what it was
+        told before."""
         count = self.counts[n]
         settled = self.settled
         if settled is None:
@@ -550,8 +549,10 @@ class Lanes:
     def settle(self, uid: int, sub: Subscription) -> bool:
         """*sub*, one of *uid*'s whose parked lane holds only counts (``Tally``; events
         not begun are tallied first, as ``unpark``'s *fold* does), is told its part of
-        them at once, alone; the lane stays parked. False, doing nothing, when the lane
-        is not parked or holds other work (then it must be served, ``unpark``).
+        them at once, alone; the lane stays parked. False when the lane is not parked,
+        or holds other work or tallies of more than one list (then it must be served,
+        ``unpark``: each list's map would be O(subscriptions) of memory, and a uid that
+        changes its table between events would make one per event).
 
         Why: a probe window lets go ``PROBE_SUBS`` of a stalled peer's subscriptions a
         period (``wqd.bus.credit``); unparking the lane for them applied its tallies to
@@ -570,9 +571,16 @@ class Lanes:
                 if any(type(work[0]) is not Tally or work[2] for work in jobs):
                     return False
                 break
+        if not jobs or not sub.active:
+            return True
+        subs = jobs[0][1]
+        if any(work[1] is not subs for work in jobs):
+            return False
         hub = self.hub
-        for job, subs, _pos in jobs:
-            job.settle(hub, subs, sub)
+        n = lane.class_in(hub, jobs[0][0], subs, sub)
+        if n is not None:
+            for job, _subs, _pos in jobs:
+                job.settle(hub, sub, n)
         return True
 
     def unpark(self, uid: int, fold: bool) -> None:
